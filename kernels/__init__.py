@@ -1,0 +1,5 @@
+"""Triton kernels for the GPT-2 hot paths.
+
+Importing this package needs triton but no GPU: kernels compile on first launch. On a CPU, set
+``TRITON_INTERPRET=1`` before triton is imported to run them in Triton's interpreter.
+"""

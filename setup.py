@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tinygpt-kit",
+    version="0.1.0",
+    description="A from-scratch GPT-2 trained on TinyStories, with Triton attention and LayerNorm kernels",
+    packages=find_packages(include=["gpt", "gpt.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy",
+        "transformers",
+        "datasets",
+        "tiktoken",
+        "matplotlib",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+)
