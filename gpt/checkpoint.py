@@ -1,0 +1,75 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import GPTConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt, or not one of ours. The message is one line for the user."""
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` atomically: a temp file in the same directory, then a rename.
+
+    A crash or Ctrl-C mid-write leaves the previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load one of our checkpoints safely (no code runs: ``weights_only=True``) and check its shape.
+
+    Returns the dict with ``model_state_dict`` and ``config`` (a plain dict), plus whatever else was
+    saved. Raises ``CheckpointError`` with a one-line message on any problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}; train one first with `python train.py`")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
+            AttributeError, TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a loadable checkpoint (corrupt, or not a weights-only file): {first}") from None
+    if not isinstance(obj, dict) or "model_state_dict" not in obj or "config" not in obj:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model_state_dict/config)")
+    try:
+        GPTConfig.from_dict(obj["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid model config: {e}") from None
+    return obj
+
+
+def load_model(path: str | os.PathLike, map_location="cpu", impl: str = "auto"):
+    """A ``GPT2Model`` with the weights of checkpoint ``path``."""
+    from .model import GPT2Model
+
+    ckpt = load_checkpoint(path, map_location)
+    model = GPT2Model(GPTConfig.from_dict(ckpt["config"]), impl=impl)
+    try:
+        model.load_state_dict(ckpt["model_state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the stored config: {str(e).splitlines()[0]}") from None
+    return model.to(map_location)

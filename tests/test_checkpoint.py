@@ -1,0 +1,63 @@
+"""Checkpoints: atomic writes, weights-only loading, one-line errors for bad files."""
+
+import os
+
+import pytest
+import torch
+
+from gpt import GPT2Model, GPTConfig
+from gpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+
+SMALL = GPTConfig(vocab_size=50, max_seq_length=8, num_layers=1, num_heads=2, d_model=16, d_ff=32)
+
+
+def test_round_trip(tmp_path):
+    model = GPT2Model(SMALL)
+    save_checkpoint({"model_state_dict": model.state_dict(), "config": SMALL.to_dict()}, tmp_path / "c.pt")
+    again = load_model(tmp_path / "c.pt")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model_state_dict": {}, "config": SMALL.to_dict()}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint({"bad": lambda: 0}, path)  # unpicklable: fails mid-write
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "not a loadable"),
+    (b"garbage" * 10, "not a loadable"),
+])
+def test_corrupt_files(tmp_path, content, match):
+    (tmp_path / "c.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_code_running_pickle_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model_state_dict": _Evil(), "config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_foreign_and_missing(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="python train.py"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"model_state_dict": {}, "config": {"d_model": 5, "num_heads": 2}}, tmp_path / "badcfg.pt")
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        load_checkpoint(tmp_path / "badcfg.pt")
