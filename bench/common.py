@@ -1,0 +1,64 @@
+"""What the benchmarks share: the CUDA skip marker, device peaks, and roofline bookkeeping."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels at speed)")
+
+# Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) from NVIDIA's SXM data sheets.
+PEAKS = {
+    "H100": {"bf16_tflops": 989.0, "hbm_gbs": 3350.0},
+    "H200": {"bf16_tflops": 989.0, "hbm_gbs": 4800.0},
+}
+
+
+def device_peaks() -> dict:
+    """Data-sheet peaks of the current CUDA device, or {} when unknown (or on a CPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAKS.items() if k in name), {})
+
+
+@functools.lru_cache(maxsize=None)
+def measured_copy_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), the practical memory roofline."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
+    """Median-free mean time of fn() in ms on the current stream, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def record(benchmark, **info) -> None:
+    """Put units and roofline figures into pytest-benchmark's extra_info (shown in the JSON and report)."""
+    peaks = device_peaks()
+    if "tflops" in info and "bf16_tflops" in peaks:
+        info["pct_peak_tflops"] = round(100 * info["tflops"] / peaks["bf16_tflops"], 1)
+    if "gbs" in info and "hbm_gbs" in peaks:
+        info["pct_peak_gbs"] = round(100 * info["gbs"] / peaks["hbm_gbs"], 1)
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    benchmark.extra_info.update(info)
