@@ -3,3 +3,4 @@
 Importing this package needs triton but no GPU: kernels compile on first launch. On a CPU, set
 ``TRITON_INTERPRET=1`` before triton is imported to run them in Triton's interpreter.
 """
+from .layernorm import add_layer_norm, layer_norm

@@ -1,0 +1,332 @@
+"""Fused LayerNorm, and the pre-LN block's residual add fused with the next LayerNorm, forward and backward.
+
+Each direction is one pass over the activations: the forward reads x (and the residual) once and
+writes y (and x + residual) once; the backward reads x and dy (and d(x + residual)) once and writes
+dx once. Statistics are fp32 whatever the input dtype; mean and 1/std are saved for the backward.
+dweight and dbias are accumulated per program in fp32 over a fixed block of rows and the partials
+summed by ``torch.sum`` -- no atomics, so they are bitwise reproducible run to run.
+
+Layering: ``@triton.jit`` kernels; launchers that validate input and pick BLOCK_N / num_warps;
+``torch.library`` custom ops (``tinygpt::layer_norm_fwd`` ...) with fake implementations so that
+``torch.compile`` traces through them; ``autograd.Function``s; the public ``layer_norm`` and
+``add_layer_norm``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # pointer to the input rows (M, N), row stride stride_x, unit column stride
+    R,  # pointer to the residual rows (M, N), row stride stride_r; read only when HAS_RESIDUAL
+    S,  # pointer to the output X + R (M, N), contiguous; written only when HAS_RESIDUAL
+    Y,  # pointer to the normalized output (M, N), contiguous
+    W,  # pointer to the weight (N,)
+    B,  # pointer to the bias (N,)
+    Mean,  # pointer to the per-row mean (M,), fp32
+    Rstd,  # pointer to the per-row 1 / sqrt(var + eps) (M,), fp32
+    stride_x,
+    stride_r,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program per row: y = (x - mean) * rstd * w + b, with x replaced by x + r when fused."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)  # rounded like torch's x + r, and normalized as stored
+        tl.store(S + row * N + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # pointer to the forward's normalized input rows (M, N) (x + r when fused), row stride stride_x
+    DY,  # pointer to the upstream grad of the normalized output (M, N), row stride stride_dy
+    DS,  # pointer to the upstream grad of the sum output (M, N), row stride stride_ds; read only when HAS_DS
+    DX,  # pointer to the grad wrt the normalized input (M, N), contiguous, in X's dtype
+    W,  # pointer to the weight (N,)
+    Mean,  # pointer to the per-row mean saved by the forward (M,), fp32
+    Rstd,  # pointer to the per-row 1 / sqrt(var + eps) saved by the forward (M,), fp32
+    DW,  # pointer to this launch's per-program partial weight grads (P, N), fp32
+    DB,  # pointer to this launch's per-program partial bias grads (P, N), fp32
+    stride_x,
+    stride_dy,
+    stride_ds,
+    M,
+    N,
+    rows_per_program,
+    HAS_DS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program p handles rows [p * rows_per_program, ...) in order: dx per row, dw / db summed in fp32.
+
+    With xhat = (x - mean) * rstd and g = w * dy:
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) (+ ds), dw = sum_rows dy * xhat, db = sum_rows dy.
+    """
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = w * dy
+        c1 = tl.sum(xhat * g, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        dx = (g - (xhat * c1 + c2)) * rstd
+        if HAS_DS:
+            dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(DW + pid * N + cols, dw, mask=mask)
+    tl.store(DB + pid * N + cols, db, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: validate, flatten to (M, N) rows, pick block sizes, launch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_and_warps(N: int) -> tuple[int, int]:
+    """A power-of-two block covering the row, and enough warps for about 8-16 values per thread."""
+    block = triton.next_power_of_2(N)
+    return block, min(max(block // 256, 1), 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (M, N) rows with unit column stride (a view when possible, else a contiguous copy)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
+    if x.dim() == 0:
+        raise ValueError(f"{name}: input must have at least 1 dim, got a scalar")
+    N = x.shape[-1]
+    if not 1 <= N <= MAX_N:
+        raise ValueError(f"{name}: normalized size {N} outside the supported range [1, {MAX_N}]")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: input dtype {x.dtype} not supported (float32, float16, bfloat16)")
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p.shape != (N,):
+            raise ValueError(f"{name}: {pname} must have shape ({N},) to match the input's last dim, "
+                             f"got {tuple(p.shape)}")
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"{name}: {pname} dtype {p.dtype} not supported (float32, float16, bfloat16)")
+        if p.device != x.device:
+            raise ValueError(f"{name}: {pname} is on {p.device} but the input is on {x.device}")
+    return N
+
+
+def _forward(x, residual, weight, bias, eps: float):
+    """Launch the forward on x (or x + residual): returns (y, s or None, mean, rstd)."""
+    N = x.shape[-1]
+    x2 = _rows(x)  # (M, N)
+    M = x2.shape[0]
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(x.shape, dtype=s_dtype, device=x.device)
+    s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if M > 0:
+        r2 = x2 if residual is None else _rows(residual)
+        block, warps = _block_and_warps(N)
+        _layer_norm_fwd_kernel[(M,)](
+            x2, r2, y if s is None else s, y, weight, bias, mean, rstd,
+            x2.stride(0), r2.stride(0), N, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps,
+        )
+    return y, s, mean, rstd
+
+
+def _backward(dy, ds, x, weight, mean, rstd):
+    """Launch the backward: returns (dx in x's dtype, dweight fp32, dbias fp32)."""
+    N = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)  # (M, N)
+    ds2 = dy2 if ds is None else _rows(ds)
+    M = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block, warps = _block_and_warps(N)
+    # Enough programs to fill the GPU several times over (fewer rows per program for narrow rows),
+    # few enough that the (P, N) fp32 partials stay small next to the activations.
+    waves = 8 if block <= 1024 else 4 if block <= 4096 else 2
+    programs = _num_sms(x.device.index or 0) * waves if x.is_cuda else 4
+    rows_per_program = triton.cdiv(max(M, 1), programs)
+    programs = max(triton.cdiv(M, rows_per_program), 1)
+    dw = torch.empty((programs, N), dtype=torch.float32, device=x.device)
+    db = torch.empty_like(dw)
+    _layer_norm_bwd_kernel[(programs,)](
+        x2, dy2, ds2, dx, weight, mean, rstd, dw, db,
+        x2.stride(0), dy2.stride(0), ds2.stride(0), M, N, rows_per_program,
+        HAS_DS=ds is not None, BLOCK_N=block, num_warps=warps,
+    )
+    return dx, dw.sum(0), db.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees (opaque calls with fake implementations for shapes).
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tinygpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("tinygpt::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+    return y, s, mean, rstd
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("tinygpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                       mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, ds, x, weight, mean, rstd)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, ds, x, weight, mean, rstd):
+    dw = x.new_empty((x.shape[-1],), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, torch.empty_like(dw)
+
+
+# In eager mode the launchers are called directly: a Python custom op's dispatch costs tens of
+# microseconds, as much as the kernel itself at GPT-2 sizes. Under torch.compile the ops are used.
+def _fwd(x, residual, weight, bias, eps):
+    if not torch.compiler.is_compiling():
+        return _forward(x, residual, weight, bias, eps)
+    if residual is None:
+        y, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps)
+        return y, None, mean, rstd
+    return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps)
+
+
+def _bwd(dy, ds, x, weight, mean, rstd):
+    if not torch.compiler.is_compiling():
+        return _backward(dy, ds, x, weight, mean, rstd)
+    return torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, mean, rstd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, _, mean, rstd = _fwd(x, None, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.param_dtypes = (weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _bwd(dy, None, x, weight, mean, rstd)
+        return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, s, mean, rstd = _fwd(x, residual, weight, bias, eps)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, mean, rstd = ctx.saved_tensors
+        dsum, dw, db = _bwd(dy, ds, s, weight, mean, rstd)  # dsum: grad of x + residual, both paths
+        x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
+        return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(w_dtype), db.to(b_dtype), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim (size up to MAX_N); output in x's dtype, statistics in fp32.
+
+    Any leading dims and strides; weight and bias are (N,) in any float dtype (fp32 masters under
+    autocast), and their gradients come back in their own dtypes.
+    """
+    _check("layer_norm", x, weight, bias)
+    return LayerNormFunction.apply(x, weight, bias, float(eps))
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual) in one pass; both in x + residual's promoted dtype."""
+    _check("add_layer_norm", x, weight, bias)
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+    if residual.dtype not in _DTYPES:
+        raise TypeError(f"add_layer_norm: residual dtype {residual.dtype} not supported (float32, float16, bfloat16)")
+    if residual.device != x.device:
+        raise ValueError(f"add_layer_norm: residual is on {residual.device} but the input is on {x.device}")
+    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
