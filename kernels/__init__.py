@@ -4,3 +4,4 @@ Importing this package needs triton but no GPU: kernels compile on first launch.
 ``TRITON_INTERPRET=1`` before triton is imported to run them in Triton's interpreter.
 """
 from .layernorm import add_layer_norm, layer_norm
+from .attention import causal_attention

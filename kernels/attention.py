@@ -1,0 +1,605 @@
+"""Fused causal attention (FlashAttention-2 style), forward and backward, with KV-cache support.
+
+``causal_attention(q, k, v, scale=None, kv_start=None)`` computes exactly what
+``gpt.model.causal_attention_ref`` computes without ever writing the (Tq, Tk) score matrix:
+
+* q is (B, H, Tq, D), k and v are (B, H, Tk, D) with Tk >= Tq. Query i sits at absolute position
+  i + (Tk - Tq) and attends to keys j <= i + (Tk - Tq): Tq == Tk is ordinary causal attention,
+  Tq == 1 one decode step against a KV cache, 1 < Tq < Tk a chunked prefill.
+* ``kv_start`` (int64, shape (B,)) masks keys j < kv_start[b] of batch row b (left-padded prompts).
+  A query row with no allowed key outputs zeros.
+* Any strides (views of a fused qkv projection or slices of a KV cache go in without copies).
+
+Forward: one program per (query block, batch*head) keeps a running max and sum (online softmax in
+fp32, base-2 exponentials of log2(e)-scaled scores), visits only key blocks below the causal limit
+(blocks every row may fully see run without masking), and saves the log-sum-exp for backward.
+Backward (FlashAttention-2): a pre-pass computes delta = rowsum(dO * O); one kernel accumulates
+dK and dV per key block over the query blocks that see it; another accumulates dQ per query block
+over its key blocks. Every output element is written by one program: no atomics, bitwise
+deterministic.
+
+Launch configurations: fixed under Triton's interpreter (TRITON_INTERPRET=1); on CUDA, autotuned
+once per (head dim, power-of-two query / key length buckets, dtype, kv_start or not) from a list
+aimed at Hopper, with configurations pruned by a shared-memory estimate.
+
+The op is registered with ``torch.library.custom_op`` (forward and backward ops, fake
+implementations, autograd), so ``torch.compile`` traces through it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_AUTOTUNE_KEY = ["HEAD_DIM", "TQ_BUCKET", "TK_BUCKET", "HAS_KV_START"]  # + tensor dtypes (added by triton)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q,
+    k_base,  # pointer to K[b, h, 0, 0]
+    v_base,  # pointer to V[b, h, 0, 0]
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key blocks [lo, hi) into the running (acc, max, sum) of one query block."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:
+            in_range = offs_n[:, None] < Tk
+            k = tl.load(k_ptrs, mask=in_range, other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_ptrs, mask=in_range, other=0.0)  # (BLOCK_N, D)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            allowed = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & (offs_n[None, :] >= kv_start)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, H, Tq, D) queries, any strides
+    K,  # (B, H, Tk, D) keys, any strides
+    V,  # (B, H, Tk, D) values, any strides
+    O,  # (B, H, Tq, D) output, any strides; written
+    LSE,  # (B, H, Tq) fp32, contiguous; written: log2-domain log-sum-exp of scaled scores (+inf: empty row)
+    KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, Tq, Tk, sm_scale_log2,
+    TQ_BUCKET, TK_BUCKET,  # autotuning key only
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    causal_offset = Tk - Tq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M + causal_offset, Tk)  # causal limit of the block's last row
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        lo = (kv_start // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
+                                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    else:
+        # Key blocks ending at or before the first row's causal limit are fully visible to every row.
+        full_hi = ((pid_m * BLOCK_M + causal_offset + 1) // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, 0, full_hi, causal_offset, 0, Tk, sm_scale_log2,
+                                   HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, full_hi, hi, causal_offset, 0, Tk, sm_scale_log2,
+                                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+
+    empty = l_i == 0.0  # no allowed key: output zeros, and lse = +inf makes every P zero in backward
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # (B, H, Tq, D) forward output, any strides
+    DO,  # (B, H, Tq, D) gradient of the output, any strides
+    DELTA,  # (B, H, Tq) fp32, contiguous; written: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base,  # pointer to Q[b, h, 0, 0]
+    do_base,  # pointer to dO[b, h, 0, 0]
+    lse_base,  # pointer to LSE[b, h, 0]
+    delta_base,  # pointer to DELTA[b, h, 0]
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    offs_n, lo, hi, causal_offset, kv_start, Tq, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one key block's dK (unscaled) and dV over query blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Tq
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # padding rows: P = 0
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * sm_scale_log2  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            allowed = (offs_n[:, None] <= offs_m[None, :] + causal_offset) & (offs_n[:, None] >= kv_start)
+            p_t = tl.where(allowed, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # (B, H, Tq, D) queries, any strides
+    K,  # (B, H, Tk, D) keys, any strides
+    V,  # (B, H, Tk, D) values, any strides
+    DO,  # (B, H, Tq, D) gradient of the output, any strides
+    LSE,  # (B, H, Tq) fp32, contiguous: forward log-sum-exp (log2 domain)
+    DELTA,  # (B, H, Tq) fp32, contiguous: rowsum(dO * O)
+    DK,  # (B, H, Tk, D) gradient of keys, any strides; written
+    DV,  # (B, H, Tk, D) gradient of values, any strides; written
+    KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, Tq, Tk, sm_scale, sm_scale_log2,
+    TQ_BUCKET, TK_BUCKET,  # autotuning key only
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    causal_offset = Tk - Tq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n[:, None] < Tk
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=key_ok, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=key_ok, other=0.0)  # (BLOCK_N, D)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * Tq
+    delta_base = DELTA + bh.to(tl.int64) * Tq
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # The first query that sees any key of this block: i + causal_offset >= pid_n * BLOCK_N.
+    lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_qd, stride_dot, stride_dod,
+                                 offs_n, lo, Tq, causal_offset, kv_start, Tq, sm_scale_log2,
+                                 HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+    else:
+        # Query blocks whose first row already sees the block's last key need no causal mask.
+        full_lo = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(full_lo, Tq)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_qd, stride_dot, stride_dod,
+                                 offs_n, lo, mid, causal_offset, 0, Tq, sm_scale_log2,
+                                 HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_qd, stride_dot, stride_dod,
+                                 offs_n, mid, Tq, causal_offset, 0, Tq, sm_scale_log2,
+                                 HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse, delta,
+    k_base,  # pointer to K[b, h, 0, 0]
+    v_base,  # pointer to V[b, h, 0, 0]
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one query block's dQ (unscaled) over key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:
+            in_range = offs_n[:, None] < Tk
+            k = tl.load(k_ptrs, mask=in_range, other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_ptrs, mask=in_range, other=0.0)  # (BLOCK_N, D)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            allowed = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & (offs_n[None, :] >= kv_start)
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,  # (B, H, Tq, D) queries, any strides
+    K,  # (B, H, Tk, D) keys, any strides
+    V,  # (B, H, Tk, D) values, any strides
+    DO,  # (B, H, Tq, D) gradient of the output, any strides
+    LSE,  # (B, H, Tq) fp32, contiguous: forward log-sum-exp (log2 domain)
+    DELTA,  # (B, H, Tq) fp32, contiguous: rowsum(dO * O)
+    DQ,  # (B, H, Tq, D) gradient of queries, any strides; written
+    KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, Tq, Tk, sm_scale, sm_scale_log2,
+    TQ_BUCKET, TK_BUCKET,  # autotuning key only
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    causal_offset = Tk - Tq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M + causal_offset, Tk)
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        lo = (kv_start // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                           offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
+                           HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    else:
+        full_hi = ((pid_m * BLOCK_M + causal_offset + 1) // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                           offs_m, 0, full_hi, causal_offset, 0, Tk, sm_scale_log2,
+                           HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                           offs_m, full_hi, hi, causal_offset, 0, Tk, sm_scale_log2,
+                           HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# The interpreter ignores warps and stages; uneven blocks exercise the block-boundary logic.
+_INTERPRET_FWD = [_config(32, 16, 4, 1)]
+_INTERPRET_DKDV = [_config(16, 32, 4, 1)]
+_INTERPRET_DQ = [_config(32, 16, 4, 1)]
+
+# Hopper candidates (BLOCK_M = query rows, BLOCK_N = key rows); BLOCK_M == 16 only for decoding.
+_CUDA_FWD = [
+    _config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 4),
+    _config(64, 64, 4, 3), _config(64, 32, 4, 4), _config(64, 128, 4, 3),
+    _config(16, 64, 4, 3), _config(16, 128, 4, 3), _config(16, 256, 8, 2),
+]
+_CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
+    _config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(32, 64, 4, 3), _config(64, 64, 4, 2),
+    _config(16, 64, 4, 3), _config(16, 128, 8, 2),
+]
+_CUDA_DQ = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
+    _config(128, 32, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(64, 32, 4, 3),
+    _config(16, 64, 4, 3), _config(16, 128, 4, 2),
+]
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 101376)
+
+
+def _prune(configs, named_args, streamed_rows: str, held_rows: str, **kwargs):
+    """Drop configurations over the shared-memory budget and mismatched to the query length.
+
+    Estimate: the held tile, ``num_stages`` copies of the two streamed tiles (K and V, or Q and dO)
+    and one (BLOCK_M, BLOCK_N) tile for the probabilities, all in the input's element size.
+    """
+    args = {**named_args, **kwargs}
+    q = args["Q"]
+    elem = q.element_size()
+    d = args["HEAD_DIM"]
+    budget = _shared_memory_limit(q.device)
+    decoding = args["TQ_BUCKET"] <= 16
+
+    def smem(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        held, streamed = c.kwargs[held_rows], c.kwargs[streamed_rows]
+        return (held * d + c.num_stages * 2 * streamed * d + m * n) * elem
+
+    fitting = [c for c in configs if smem(c) <= budget and (c.kwargs["BLOCK_M"] == 16) == decoding]
+    return fitting or [min(configs, key=smem)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _prune(configs, named_args, streamed_rows="BLOCK_N", held_rows="BLOCK_M", **kwargs)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    return _prune(configs, named_args, streamed_rows="BLOCK_M", held_rows="BLOCK_N", **kwargs)
+
+
+def _tuned(kernel, interpret_configs, cuda_configs, prune):
+    if _INTERPRET:
+        return triton.autotune(configs=interpret_configs, key=_AUTOTUNE_KEY)(kernel)
+    return triton.autotune(configs=cuda_configs, key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_attn_fwd = _tuned(_attn_fwd_kernel, _INTERPRET_FWD, _CUDA_FWD, _prune_fwd)
+_attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _INTERPRET_DKDV, _CUDA_DKDV, _prune_dkdv)
+_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _INTERPRET_DQ, _CUDA_DQ, _prune_fwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor]) -> None:
+    """Raise a one-line ValueError for anything the kernels do not support."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"causal_attention: {name} must be (B, H, T, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"causal_attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
+    B, H, Tq, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise ValueError(f"causal_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on (B, H, D)")
+    Tk = k.shape[2]
+    if Tq < 1 or Tk < Tq:
+        raise ValueError(f"causal_attention: need 1 <= Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"causal_attention: head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"causal_attention: q, k, v must share one dtype of fp16/bf16/fp32, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"causal_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        raise ValueError(f"causal_attention: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
+    if kv_start is not None:
+        if kv_start.dtype != torch.int64 or tuple(kv_start.shape) != (B,) or kv_start.device != q.device:
+            raise ValueError(f"causal_attention: kv_start must be int64 of shape ({B},) on {q.device}, got "
+                             f"{kv_start.dtype} {tuple(kv_start.shape)} on {kv_start.device}")
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two length bucket (the autotuning key), so configs are tuned once per bucket."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs (testing) get full-precision dots; fp16/bf16 use tensor cores regardless."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _new_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Tq, D) viewing a (B, Tq, H, D) buffer, so the model's merge of heads is free."""
+    B, H, Tq, D = q.shape
+    return q.new_empty(B, Tq, H, D).transpose(1, 2)
+
+
+def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
+    """Launch the forward kernel: returns the output (B, H, Tq, D) and the log2-domain lse (B, H, Tq)."""
+    _check_inputs(q, k, v, kv_start)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = _new_output(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+
+    _attn_fwd[grid](
+        q, k, v, o, lse, q if kv_start is None else kv_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, Tq, Tk, scale * LOG2E, _bucket(Tq), _bucket(Tk),
+        HEAD_DIM=D, HAS_KV_START=kv_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return o, lse
+
+
+def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[torch.Tensor]):
+    """Launch the delta pre-pass, the dK/dV kernel and the dQ kernel: returns (dq, dk, dv)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    starts = q if kv_start is None else kv_start
+    common = dict(HEAD_DIM=D, HAS_KV_START=kv_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
+
+    def grid_keys(meta):
+        return triton.cdiv(Tk, meta["BLOCK_N"]), B * H
+
+    def grid_queries(meta):
+        return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+
+    _attn_bwd_dkdv[grid_keys](
+        q, k, v, do, lse, delta, dk, dv, starts,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, Tq, Tk, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), **common,
+    )
+    _attn_bwd_dq[grid_queries](
+        q, k, v, do, lse, delta, dq, starts,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, Tq, Tk, scale, scale * LOG2E, _bucket(Tq), _bucket(Tk), **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (traceable by torch.compile) and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kernels::causal_attention_fwd", mutates_args=())
+def _causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          kv_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v, scale, kv_start)
+
+
+@_causal_attention_fwd.register_fake
+def _causal_attention_fwd_fake(q, k, v, scale, kv_start):
+    _check_inputs(q, k, v, kv_start)
+    B, H, Tq, _ = q.shape
+    return _new_output(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::causal_attention_bwd", mutates_args=())
+def _causal_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, scale: float, kv_start: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(do, q, k, v, o, lse, scale, kv_start)
+
+
+@_causal_attention_bwd.register_fake
+def _causal_attention_bwd_fake(do, q, k, v, o, lse, scale, kv_start):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, kv_start = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_start)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, kv_start = ctx.saved_tensors
+    dq, dk, dv = _causal_attention_bwd(do, q, k, v, o, lse, ctx.scale, kv_start)
+    return dq, dk, dv, None, None
+
+
+_causal_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                     kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D); output (B, H, Tq, D).
+
+    Same semantics as ``gpt.model.causal_attention_ref`` (query i attends to keys
+    j <= i + Tk - Tq and j >= kv_start[b]; rows with no allowed key give zeros). ``scale`` defaults
+    to 1 / sqrt(D). Differentiable in q, k and v.
+    """
+    _check_inputs(q, k, v, kv_start)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _causal_attention_fwd(q, k, v, scale, kv_start)[0]
