@@ -1,0 +1,262 @@
+"""Fused Triton LayerNorm / residual-add LayerNorm against float64 F.layer_norm (interpreter on CPU).
+
+Tolerances (atol = rtol) per dtype, applied to outputs and all gradients: float32 2e-5 (fp32
+statistics and fp32 sums over up to a few hundred rows: errors seen <= 5e-6), float16 2e-3 (about
+2 ulps of 2**-10), bfloat16 2e-2 (about 2 ulps of 2**-7; Triton's interpreter truncates fp32 ->
+bf16 where a GPU rounds to nearest, so its bf16 outputs are off by up to 1 ulp). dweight / dbias are
+accumulated in fp32 whatever the input dtype.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt.model
+import kernels
+from gpt import GPT2Model, GPTConfig
+from kernels.layernorm import MAX_N
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOL)
+
+
+def close(actual, expected, dtype, name):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def make_params(N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = (1 + 0.5 * torch.randn(N, generator=g)).requires_grad_()
+    bias = (0.5 * torch.randn(N, generator=g)).requires_grad_()
+    return weight, bias
+
+
+def rand(shape, dtype, seed, scale=2.0, shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g) + shift).to(dtype)
+
+
+def ref64(*tensors):
+    """Detached float64 leaf copies of the inputs, for the reference."""
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 96), (1023,), (5, 1023), (3, 1)], ids=str)
+def test_layer_norm_matches_float64(dtype, shape):
+    N = shape[-1]
+    x = rand(shape, dtype, seed=1).requires_grad_()
+    weight, bias = make_params(N)
+    dy = rand(shape, dtype, seed=2, scale=1.0, shift=0.0)
+    y = kernels.layer_norm(x, weight, bias, 1e-5)
+    y.backward(dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+
+    xr, wr, br = ref64(x, weight, bias)
+    yr = F.layer_norm(xr, (N,), wr, br, 1e-5)
+    yr.backward(dy.double())
+    close(y, yr, dtype, "y")
+    close(x.grad, xr.grad, dtype, "dx")
+    close(weight.grad, wr.grad, dtype, "dweight")
+    close(bias.grad, br.grad, dtype, "dbias")
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t.transpose(0, 1),  # leading dims permuted: (5, 4, 96) viewed as (4, 5, 96)
+        lambda t: t.reshape(20, 96)[:, 8:72],  # sliced columns: row stride 96, N = 64
+        lambda t: t.reshape(96, 20).t(),  # column stride 20, no unit-stride last dim
+    ],
+    ids=["transposed", "sliced", "column-strided"],
+)
+def test_layer_norm_non_contiguous(view):
+    base = rand((5, 4, 96), torch.float32, seed=3).requires_grad_()
+    x = view(base)
+    assert not x.is_contiguous()
+    N = x.shape[-1]
+    weight, bias = make_params(N)
+    dy = rand(tuple(reversed(x.shape)), torch.float32, seed=4).permute(*reversed(range(x.dim())))  # strided grad
+    y = kernels.layer_norm(x, weight, bias, 1e-5)
+    y.backward(dy)
+
+    br64, wr, br = ref64(base, weight, bias)
+    yr = F.layer_norm(view(br64), (N,), wr, br, 1e-5)
+    yr.backward(dy.double())
+    close(y, yr, torch.float32, "y")
+    close(base.grad, br64.grad, torch.float32, "dx")
+    close(weight.grad, wr.grad, torch.float32, "dweight")
+    close(bias.grad, br.grad, torch.float32, "dbias")
+
+
+def add_ln_check(x_dtype, r_dtype, shape, seed=0):
+    """Fused add + LN vs float64 with upstream grads on both outputs.
+
+    x + residual is checked against torch's rounded sum; the float64 LayerNorm is then taken at the
+    kernel's own rounded sum (gradients pass through the rounding unchanged), so that a 1-ulp
+    difference in the sum is not counted again, systematically, in dweight.
+    """
+    N = shape[-1]
+    x = rand(shape, x_dtype, seed=seed + 1).requires_grad_()
+    r = rand(shape, r_dtype, seed=seed + 2, shift=-1.0).requires_grad_()
+    weight, bias = make_params(N, seed)
+    out_dtype = torch.promote_types(x_dtype, r_dtype)
+    dy = rand(shape, out_dtype, seed=seed + 3, scale=1.0, shift=0.0)
+    ds = rand(shape, out_dtype, seed=seed + 4, scale=1.0, shift=0.0)
+    y, s = kernels.add_layer_norm(x, r, weight, bias, 1e-5)
+    torch.autograd.backward((y, s), (dy, ds))
+    assert y.dtype == s.dtype == out_dtype
+    assert x.grad.dtype == x_dtype and r.grad.dtype == r_dtype
+
+    close(s, (x + r).double(), out_dtype, "x + residual")
+
+    xr, rr, wr, br = ref64(x, r, weight, bias)
+    sr = xr + rr + (s.detach().double() - (xr + rr)).detach()  # value: the kernel's sum; grad: identity
+    yr = F.layer_norm(sr, (N,), wr, br, 1e-5)
+    torch.autograd.backward((yr, sr), (dy.double(), ds.double()))
+    close(y, yr, out_dtype, "y")
+    close(x.grad, xr.grad, x_dtype, "dx")
+    close(r.grad, rr.grad, r_dtype, "dresidual")
+    close(weight.grad, wr.grad, out_dtype, "dweight")
+    close(bias.grad, br.grad, out_dtype, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 96), (1, 1023)], ids=str)
+def test_add_layer_norm_matches_float64(dtype, shape):
+    add_ln_check(dtype, dtype, shape)
+
+
+def test_add_layer_norm_mixed_dtypes():
+    """Under autocast the model adds a bf16 branch output to the fp32 residual stream: fp32 result."""
+    add_ln_check(torch.bfloat16, torch.float32, (3, 7, 48))
+
+
+def test_many_rows_and_deterministic_weight_grads():
+    """A few hundred rows over several backward programs; two runs give bitwise-equal gradients."""
+    x = rand((320, 96), torch.float32, seed=5).requires_grad_()
+    weight, bias = make_params(96)
+    dy = rand((320, 96), torch.float32, seed=6, scale=1.0, shift=0.0)
+    grads = []
+    for _ in range(2):
+        x.grad = weight.grad = bias.grad = None
+        kernels.layer_norm(x, weight, bias, 1e-5).backward(dy)
+        grads.append((x.grad, weight.grad, bias.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+    xr, wr, br = ref64(x, weight, bias)
+    F.layer_norm(xr, (96,), wr, br, 1e-5).backward(dy.double())
+    for got, want, name in zip(grads[0], (xr.grad, wr.grad, br.grad), ("dx", "dweight", "dbias")):
+        close(got, want, torch.float32, name)
+
+
+def test_widest_supported_row():
+    x = rand((2, MAX_N), torch.float32, seed=7).requires_grad_()
+    weight, bias = make_params(MAX_N)
+    dy = rand((2, MAX_N), torch.float32, seed=8, scale=1.0, shift=0.0)
+    y = kernels.layer_norm(x, weight, bias, 1e-5)
+    y.backward(dy)
+    xr, wr, br = ref64(x, weight, bias)
+    yr = F.layer_norm(xr, (MAX_N,), wr, br, 1e-5)
+    yr.backward(dy.double())
+    close(y, yr, torch.float32, "y")
+    close(x.grad, xr.grad, torch.float32, "dx")
+    close(weight.grad, wr.grad, torch.float32, "dweight")
+
+
+def test_bad_input_errors():
+    w, b = torch.ones(MAX_N + 1), torch.zeros(MAX_N + 1)
+    with pytest.raises(ValueError, match=f"normalized size {MAX_N + 1} outside the supported range"):
+        kernels.layer_norm(torch.randn(2, MAX_N + 1), w, b)
+    with pytest.raises(ValueError, match=r"weight must have shape \(96,\)"):
+        kernels.layer_norm(torch.randn(2, 96), torch.ones(95), torch.zeros(96))
+    with pytest.raises(ValueError, match=r"bias must have shape \(96,\)"):
+        kernels.add_layer_norm(torch.randn(2, 96), torch.randn(2, 96), torch.ones(96), torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="residual shape"):
+        kernels.add_layer_norm(torch.randn(2, 96), torch.randn(3, 96), torch.ones(96), torch.zeros(96))
+    with pytest.raises(TypeError, match="float64 not supported"):
+        kernels.layer_norm(torch.randn(2, 96, dtype=torch.float64), torch.ones(96), torch.zeros(96))
+
+
+def test_custom_ops_pass_opcheck():
+    x = rand((6, 48), torch.float32, seed=9)
+    r = rand((6, 48), torch.bfloat16, seed=10)
+    w, b = (p.detach() for p in make_params(48))
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.tinygpt.add_layer_norm_fwd, (x, r, w, b, 1e-5))
+    _, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5)
+    dy = torch.randn(6, 48)
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, None, x, w, mean, rstd))
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, torch.randn(6, 48), x, w, mean, rstd))
+
+
+def test_torch_compile_traces_custom_ops_fullgraph():
+    """fullgraph=True tracing (AOT autograd, eager kernels: inductor is not needed to check tracing)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm)
+
+    def f(x, r, w, b):
+        h, s = kernels.add_layer_norm(x, r, w, b, 1e-5)
+        return kernels.layer_norm(h * s, w, b, 1e-5).sum()
+
+    inputs = [rand((2, 5, 48), torch.float32, seed=11), rand((2, 5, 48), torch.float32, seed=12),
+              *(p.detach() for p in make_params(48))]
+    compiled_in = [t.clone().requires_grad_() for t in inputs]
+    eager_in = [t.clone().requires_grad_() for t in inputs]
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    out = compiled(*compiled_in)
+    out.backward()
+    f(*eager_in).backward()
+    fw, bw = graphs
+    assert "tinygpt.add_layer_norm_fwd" in fw and "tinygpt.layer_norm_fwd" in fw
+    assert bw.count("tinygpt.layer_norm_bwd") == 2
+    for a, b in zip(compiled_in, eager_in):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_tiny_gpt2_matches_torch_impl(monkeypatch):
+    """The model's LayerNorms through the kernels: same loss, grads, and 3 AdamW steps as impl='torch'."""
+    config = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96,
+                       dropout=0.0)
+    torch.manual_seed(0)
+    ref = GPT2Model(config, impl="torch")
+    with torch.no_grad():  # LayerNorm weights and biases off their defaults
+        for name, p in ref.named_parameters():
+            if ".ln_" in name or name.startswith("ln_f"):
+                p.add_(0.2 * torch.randn_like(p))
+    ours = GPT2Model(config, impl="torch")
+    ours.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 64, (2, 13))
+    targets = torch.randint(0, 64, (2, 13))
+
+    def train(model, steps=3):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses, first_grads = [], None
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(idx, targets).loss
+            loss.backward()
+            if first_grads is None:
+                first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            losses.append(loss.item())
+            opt.step()
+        return losses, first_grads
+
+    ref_losses, ref_grads = train(ref)
+    ops = gpt.model.Ops("ln-triton", kernels.layer_norm, kernels.add_layer_norm, gpt.model.causal_attention_ref)
+    monkeypatch.setattr(gpt.model, "select_ops", lambda impl, device: ops)
+    losses, grads = train(ours)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=1e-5)
+    assert ref_losses[-1] < ref_losses[0]  # the steps did train
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
