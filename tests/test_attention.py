@@ -1,0 +1,255 @@
+"""Fused causal attention kernel vs float64 math: values, gradients, KV-cache shapes, kv_start, model parity.
+
+Runs in Triton's interpreter on CPU (fp32 and fp16; the interpreter's bf16 tl.dot is unusable, so
+bf16 is checked on CUDA in bench/test_bench_attention.py).
+"""
+
+import math
+
+import pytest
+import torch
+
+import gpt.model
+import kernels
+from gpt import GPT2Model, GPTConfig
+from gpt.model import KVCache, Ops, causal_attention_ref
+
+FP32_TOL = 2e-5  # fp32 kernel vs float64: accumulation-order error only
+FP16_FLOOR = 2e-3  # absolute slack added to FlashAttention's "2x the fp16 PyTorch error" rule
+
+
+def qkv_views(B, H, T, D, dtype, seed=0):
+    """q, k, v (B, H, T, D) as the model makes them: strided views of a (B, T, 3, H, D) projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64).to(dtype)
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+def cache_views(B, H, Tq, Tk, D, dtype, seed=0, max_len=None):
+    """q (B, H, Tq, D) and k, v as slices [:Tk] of (B, H, max_len, D) caches."""
+    g = torch.Generator().manual_seed(seed)
+    max_len = Tk + 7 if max_len is None else max_len
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64).to(dtype)
+    k_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(dtype)
+    v_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(dtype)
+    return q, k_cache[:, :, :Tk], v_cache[:, :, :Tk]
+
+
+def run(fn, q, k, v, do, kv_start=None):
+    """fn's output and (dq, dk, dv) for the upstream gradient do, on leaf copies of q, k, v."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, kv_start=kv_start)
+    out.backward(do)
+    return out.detach(), *(t.grad for t in leaves)
+
+
+def upstream_grad(out_shape, dtype, seed=1):
+    """A non-contiguous dO, as the model's head merge gives: (B, Tq, H, D) viewed as (B, H, Tq, D)."""
+    B, H, Tq, D = out_shape
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, Tq, H, D, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+
+
+def check_against_float64(q, k, v, kv_start=None):
+    """Kernel output and gradients vs float64 math, with the tolerance of q's dtype."""
+    do = upstream_grad(q.shape, q.dtype)
+    ours = run(kernels.causal_attention, q, k, v, do, kv_start)
+    exact = run(causal_attention_ref, q.double(), k.double(), v.double(), do.double(), kv_start)
+    names = ("out", "dq", "dk", "dv")
+    if q.dtype == torch.float32:
+        for name, a, e in zip(names, ours, exact):
+            assert a.dtype == torch.float32 and a.shape == e.shape, name
+            torch.testing.assert_close(a.double(), e, atol=FP32_TOL, rtol=FP32_TOL, msg=name)
+        return
+    peer = run(causal_attention_ref, q, k, v, do, kv_start)  # fp16 PyTorch implementation
+    for name, a, p, e in zip(names, ours, peer, exact):
+        assert a.dtype == q.dtype and a.shape == e.shape, name
+        ours_err = (a.double() - e).abs().max().item()
+        peer_err = (p.double() - e).abs().max().item()
+        assert ours_err <= 2 * peer_err + FP16_FLOOR, f"{name}: error {ours_err:.3g} vs fp16 torch {peer_err:.3g}"
+
+
+# Every T and D appears with gradients; the costly end (T=256 with D=128) is left out.
+FP32_CASES = [  # (B, H, T, D)
+    (1, 3, 1, 16),
+    (2, 3, 17, 32),
+    (1, 3, 64, 64),
+    (1, 1, 129, 128),
+    (1, 1, 256, 16),
+]
+FP16_CASES = [
+    (1, 3, 17, 16),
+    (1, 1, 64, 128),
+    (1, 1, 129, 32),
+    (1, 1, 256, 64),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D", FP32_CASES)
+def test_fp32_strided_qkv_matches_float64(B, H, T, D):
+    check_against_float64(*qkv_views(B, H, T, D, torch.float32))
+
+
+@pytest.mark.parametrize("B,H,T,D", FP16_CASES)
+def test_fp16_within_twice_torch_fp16_error(B, H, T, D):
+    check_against_float64(*qkv_views(B, H, T, D, torch.float16))
+
+
+def test_contiguous_inputs_and_custom_scale():
+    q, k, v = (t.contiguous() for t in qkv_views(2, 1, 40, 32, torch.float32))
+    out = kernels.causal_attention(q, k, v, scale=0.3)
+    exact = causal_attention_ref(q.double(), k.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(out.double(), exact, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("Tk", [1, 37, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_step_against_cache(Tk, dtype):
+    check_against_float64(*cache_views(2, 3, 1, Tk, 32, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_prefill_against_cache(dtype):
+    check_against_float64(*cache_views(2, 3, 20, 53, 64, dtype))
+
+
+@pytest.mark.parametrize("Tq,Tk", [(45, 45), (1, 45), (9, 45)])
+def test_kv_start_masks_left_padding(Tq, Tk):
+    """Rows start at 0, mid-block, and at the last key (whose earlier queries see nothing -> zeros)."""
+    q, k, v = cache_views(3, 2, Tq, Tk, 16, torch.float32, seed=3)
+    kv_start = torch.tensor([0, 19, Tk - 1])
+    check_against_float64(q, k, v, kv_start)
+    out = kernels.causal_attention(q, k, v, kv_start=kv_start)
+    empty = Tq - 1  # the last row's queries at absolute positions < Tk - 1 have no allowed key
+    assert empty == 0 or torch.equal(out[2, :, :empty], torch.zeros_like(out[2, :, :empty]))
+    assert out[2, :, -1].abs().sum() > 0
+
+
+def test_kv_start_fp16():
+    q, k, v = cache_views(2, 2, 30, 30, 32, torch.float16, seed=4)
+    check_against_float64(q, k, v, torch.tensor([7, 29]))
+
+
+def test_backward_is_deterministic():
+    q, k, v = qkv_views(1, 2, 100, 32, torch.float16, seed=5)
+    do = upstream_grad(q.shape, q.dtype)
+    first = run(kernels.causal_attention, q, k, v, do)
+    second = run(kernels.causal_attention, q, k, v, do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((1, 2, 8, 24), (1, 2, 8, 24), (1, 2, 8, 24)), "head dim 24"),
+    (((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "Tq <= Tk"),
+    (((1, 2, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), "disagree"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), "shapes differ"),
+    (((2, 8, 16), (2, 8, 16), (2, 8, 16)), r"\(B, H, T, D\)"),
+    (((1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0, 16)), "Tq <= Tk"),
+])
+def test_bad_shapes_raise(shapes, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        kernels.causal_attention(q, k, v)
+
+
+def test_bad_dtype_and_kv_start_raise():
+    q = torch.zeros(2, 1, 4, 16)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.causal_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="kv_start"):
+        kernels.causal_attention(q, q, q, kv_start=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_start"):
+        kernels.causal_attention(q, q, q, kv_start=torch.zeros(3, dtype=torch.int64))
+
+
+def test_custom_op_passes_opcheck_and_compiles():
+    q, k, v = (t.detach().clone().requires_grad_() for t in cache_views(1, 2, 5, 9, 16, torch.float32))
+    kv_start = torch.tensor([2])
+    op = torch.ops.kernels.causal_attention_fwd.default
+    torch.library.opcheck(op, (q, k, v, 0.25, kv_start), test_utils=("test_schema", "test_faketensor",
+                                                                     "test_autograd_registration"))
+    compiled = torch.compile(kernels.causal_attention, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, kv_start=kv_start)
+    out.sum().backward()
+    exact = run(causal_attention_ref, q.double(), k.double(), v.double(),
+                torch.ones(out.shape, dtype=torch.float64), kv_start)
+    for a, e in zip((out, q.grad, k.grad, v.grad), exact):
+        torch.testing.assert_close(a.detach().double(), e, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole model: the kernel in place of the reference attention
+# ----------------------------------------------------------------------------------------------
+
+TINY = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96, dropout=0.0)
+ATTN_TRITON = Ops("attn-triton", gpt.model.layer_norm_ref, gpt.model.add_layer_norm_ref, kernels.causal_attention)
+
+
+@pytest.fixture
+def triton_attention(monkeypatch):
+    """select_ops("triton", ...) gives torch LayerNorm with the Triton attention."""
+    original = gpt.model.select_ops
+    monkeypatch.setattr(gpt.model, "select_ops",
+                        lambda impl, device: ATTN_TRITON if impl == "triton" else original(impl, device))
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = GPT2Model(TINY, impl="torch")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_model_logits_loss_and_grads_match_torch(triton_attention):
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 29))
+    targets = torch.randint(0, TINY.vocab_size, (2, 29))
+    results = {}
+    for impl in ("torch", "triton"):
+        model.impl = impl
+        model.zero_grad()
+        logits = model(idx)
+        loss = model(idx, targets).loss
+        loss.backward()
+        results[impl] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (lt, st, gt), (lk, sk, gk) = results["torch"], results["triton"]
+    torch.testing.assert_close(lk, lt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sk, st, atol=1e-6, rtol=1e-6)
+    for name in gt:
+        torch.testing.assert_close(gk[name], gt[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_model_kv_cache_prefill_and_decode_match_full_forward(triton_attention):
+    model = tiny_model().eval()
+    model.impl = "triton"
+    idx = torch.randint(0, TINY.vocab_size, (2, 23))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.allocate(TINY, batch_size=2, device="cpu", dtype=torch.float32)
+        steps = [model(idx[:, :17], cache=cache)]
+        steps += [model(idx[:, t:t + 1], cache=cache) for t in range(17, 21)]
+        steps.append(model(idx[:, 21:], cache=cache))  # a two-token chunk against the cache
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_model_left_padded_decode_matches_unpadded(triton_attention):
+    """A row left-padded by 5 (cache.start) gives the same logits as the same prompt alone."""
+    model = tiny_model().eval()
+    model.impl = "triton"
+    prompt = torch.randint(0, TINY.vocab_size, (1, 9))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), prompt], dim=1)
+    with torch.no_grad():
+        alone = model(prompt)[:, -1]
+        cache = KVCache.allocate(TINY, batch_size=1, device="cpu", dtype=torch.float32)
+        cache.start.fill_(5)
+        padded_last = model(padded, cache=cache)[:, -1]
+        nxt = torch.tensor([[3]])
+        step = model(nxt, cache=cache)[:, -1]
+        alone_step = model(torch.cat([prompt, nxt], dim=1))[:, -1]
+    torch.testing.assert_close(padded_last, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, alone_step, atol=1e-5, rtol=1e-5)
+    assert math.isfinite(step.abs().sum().item())
