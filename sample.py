@@ -1,0 +1,132 @@
+"""Sample stories from a trained checkpoint (or a transformers GPT-2 directory) with the KV-cache sampler.
+
+    python sample.py --prompt "In a magical forest"
+    python sample.py --prompt "Once upon a time" --prompt "The dog" --num-samples 2 --seed 0
+    python sample.py --hf path/to/gpt2 --stream
+
+Bad input ends with one line on stderr and exit code 1. See gpt/generate.py for how padding,
+long prompts and running past the context are handled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 1, like every other bad input
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, ok, rule: str):
+    """An argparse type that also checks the range (bad flags fail before torch is imported)."""
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse reports an invalid value
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="sample.py", description="Sample text from a GPT-2 checkpoint.")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default 'Once upon a time')")
+    p.add_argument("--checkpoint", default="out/gpt2_best_model.pt", help="checkpoint from train.py")
+    p.add_argument("--hf", metavar="DIR", help="sample from a transformers GPT-2 directory instead")
+    p.add_argument("--max-new-tokens", type=_number(int, lambda n: n >= 1, ">= 1"), default=200)
+    p.add_argument("--temperature", type=_number(float, lambda t: t >= 0, ">= 0"), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_number(int, lambda k: k >= 0, ">= 0"), default=40, help="0 = no limit")
+    p.add_argument("--top-p", type=_number(float, lambda x: 0 < x <= 1, "in (0, 1]"), default=0.95,
+                   help="nucleus: smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, help="seed for reproducible samples")
+    p.add_argument("--num-samples", type=_number(int, lambda n: n >= 1, ">= 1"), default=1, help="samples per prompt")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
+                   help="LayerNorm/attention implementation (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    args = p.parse_args(argv)
+    args.prompt = args.prompt or ["Once upon a time"]
+    return args
+
+
+def load(args):
+    """(model, tokenizer, device), or an exception with a one-line message."""
+    import torch
+
+    from gpt.checkpoint import load_model
+    from gpt.tokenizer import get_tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    tokenizer = get_tokenizer(args.tokenizer)
+    if args.hf:
+        from gpt.hf import load_hf
+
+        model = load_hf(args.hf, impl=args.impl)
+    else:
+        model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
+    model = model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    return model, tokenizer, device
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch  # imported only once the flags are valid: bad flags are answered at once
+
+    from gpt.checkpoint import CheckpointError
+    from gpt.generate import TextStream, generate
+    from gpt.tokenizer import TokenizerNotFound
+
+    try:
+        model, tokenizer, device = load(args)
+    except (CheckpointError, TokenizerNotFound, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        print(f"sample.py: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
+        return 1
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    eos_id=tokenizer.eos_id, generator=generator)
+    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    ids = [tokenizer.encode(p) for p in prompts]
+    t0 = time.perf_counter()
+    if args.stream:  # one row at a time, text printed as soon as it decodes cleanly
+        outs = []
+        for prompt, row in zip(prompts, ids):
+            sys.stdout.write(prompt)
+            stream = TextStream(tokenizer, _write)
+
+            def on_token(tok, stream=stream):
+                if int(tok[0]) != tokenizer.eos_id:
+                    stream.push(int(tok[0]))
+
+            outs += generate(model, [row], args.max_new_tokens, **settings, on_token=on_token)
+            stream.flush()
+            sys.stdout.write("\n" + "-" * 40 + "\n")
+    else:
+        outs = generate(model, ids, args.max_new_tokens, **settings)
+        for prompt, out in zip(prompts, outs):
+            sys.stdout.write(prompt + tokenizer.decode(out) + "\n" + "-" * 40 + "\n")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    n = sum(len(o) for o in outs)
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {device}, impl={args.impl})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The KV-cache sampler against full recomputation, sampling sets, padding, overflow, and sample.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import GPT2Model, GPTConfig, generate_text
+from gpt.checkpoint import save_checkpoint
+from gpt.generate import KVCache, TextStream, decode_one, generate, left_pad, prefill, sample_next
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = GPTConfig(vocab_size=97, max_seq_length=64, num_layers=2, num_heads=3, d_model=48, d_ff=64, dropout=0.0)
+EOS = SMALL.vocab_size - 1
+
+
+def spread_model(config=SMALL, seed=0, impl="torch"):
+    """A random model with large weights, so greedy continuations vary and argmax ties are unlikely."""
+    torch.manual_seed(seed)
+    model = GPT2Model(config, impl=impl)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.4 if p.dim() == 2 else 0.1)
+    return model.eval()
+
+
+@torch.no_grad()
+def windowed_greedy(model, prompt, new_tokens):
+    """Greedy by full recomputation on the context the sampler documents: the last ``ctx`` prompt
+    tokens, and when the window would exceed ``ctx`` it shrinks to the last ``ctx // 2`` tokens."""
+    ctx = model.config.max_seq_length
+    s = list(prompt)[-ctx:]
+    w = len(s)
+    out, logits = [], []
+    for _ in range(new_tokens):
+        step = model(torch.tensor([s[-w:]]))[0, -1]
+        logits.append(step)
+        s.append(int(step.argmax()))
+        out.append(s[-1])
+        w = w + 1 if w + 1 <= ctx else max(1, ctx // 2)
+    return out, torch.stack(logits)
+
+
+def test_cached_logits_and_greedy_tokens_match_full_recompute():
+    model = spread_model()
+    prompt = torch.randint(0, EOS, (13,)).tolist()
+    want, want_logits = windowed_greedy(model, prompt, 20)
+    assert len(set(want)) >= 3  # a non-degenerate continuation
+    cache = KVCache.allocate(model.config, 1, "cpu", torch.float32, max_len=40)
+    with torch.no_grad():
+        logits = [prefill(model, torch.tensor([prompt]), cache)]
+        for t in want[:-1]:
+            logits.append(decode_one(model, torch.tensor([[t]]), cache))
+    torch.testing.assert_close(torch.cat(logits), want_logits, atol=1e-5, rtol=1e-5)
+    assert generate(model, [prompt], 20, temperature=0, eos_id=None) == [want]
+
+
+def test_batched_prompts_of_different_lengths_match_one_at_a_time():
+    model = spread_model(seed=1)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in (1, 9, 4, 17)]
+    batched = generate(model, prompts, 15, temperature=0, eos_id=None)
+    single = [generate(model, [p], 15, temperature=0, eos_id=None)[0] for p in prompts]
+    assert batched == single
+    assert batched == [windowed_greedy(model, p, 15)[0] for p in prompts]
+
+
+def test_left_pad():
+    idx, start = left_pad([[5], [1, 2, 3]], pad_id=0, device="cpu")
+    assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start.tolist() == [2, 0]
+
+
+def test_past_the_context_reprefills_on_the_last_half():
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=2)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in (10, 3, 30)]  # 30 > context
+    for p in prompts:  # alone: the window follows that row's own length
+        assert generate(model, [p], 45, temperature=0, eos_id=None) == [windowed_greedy(model, p, 45)[0]]
+    # In a batch the longest (truncated) row sets when the cache fills; each row keeps its own tail.
+    batched = generate(model, prompts[:2], 45, temperature=0, eos_id=None)
+    want = []
+    for p in prompts[:2]:
+        s, w = list(p), 10
+        for _ in range(45):
+            s.append(int(model(torch.tensor([s[-w:]]))[0, -1].argmax()))
+            w = w + 1 if w < 16 else 8
+        want.append(s[len(p):])
+    assert batched == want
+
+
+def test_eos_stops_each_row_and_is_not_returned():
+    model = spread_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+
+    def run(eos_id):  # sampled, so rows differ; the same seed draws the same tokens
+        return generate(model, prompts, 30, temperature=1.0, eos_id=eos_id, generator=torch.Generator().manual_seed(0))
+
+    free = run(None)
+    both = [t for t in free[0][1:] if t in free[1] and free[0].index(t) != free[1].index(t)]
+    eos = both[0]  # first appears at different steps in the two rows
+    assert run(eos) == [row[:row.index(eos)] for row in free]
+
+
+def test_empty_prompt_starts_from_eos():
+    model = spread_model(seed=4)
+    out = generate(model, [[]], 8, temperature=0, eos_id=EOS)
+    assert out == generate(model, [[EOS]], 8, temperature=0, eos_id=EOS)
+    assert out[0][0] == int(model(torch.tensor([[EOS]]))[0, -1].argmax())
+
+
+def test_top_k_and_top_p_sample_only_inside_their_sets():
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.15, 0.08, 0.05])  # sorted: 1, 3, 4, 5, {0, 6}, 2
+    logits = probs.log().expand(20000, -1).contiguous()
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (top_k, top_p, allowed set)
+        (3, 1.0, {1, 3, 4}),
+        (0, 0.6, {1, 3}),  # 0.4 < 0.6 <= 0.65
+        (0, 0.7, {1, 3, 4}),
+        (2, 0.3, {1}),
+        (0, 1.0, set(range(7))),
+    ]
+    for top_k, top_p, allowed in cases:
+        drawn = sample_next(logits, 1.0, top_k, top_p, g)
+        counts = torch.bincount(drawn, minlength=7).float()
+        assert set(torch.nonzero(counts).flatten().tolist()) == allowed, (top_k, top_p)
+        want = torch.zeros(7)
+        want[list(allowed)] = probs[list(allowed)]
+        torch.testing.assert_close(counts / counts.sum(), want / want.sum(), atol=0.015, rtol=0)
+    assert sample_next(logits[:2], 0.0, 3, 0.5).tolist() == [1, 1]  # temperature 0: greedy
+
+
+def test_seed_reproduces_samples():
+    model = spread_model(seed=5)
+    prompts = [[1, 2], [3, 4, 5]]
+
+    def run(seed):
+        return generate(model, prompts, 20, temperature=1.0, top_k=20, top_p=0.9, eos_id=None,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings(kwargs):
+    with pytest.raises(ValueError):
+        generate(spread_model(), [[1]], 5, **kwargs)
+
+
+def test_generate_text_with_transformers_and_our_tokenizer(tokenizer_dir):
+    from transformers import GPT2TokenizerFast
+
+    from gpt.tokenizer import get_tokenizer
+
+    config = GPTConfig(max_seq_length=32, num_layers=1, num_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    model = spread_model(config, seed=6)
+    ours, hf = get_tokenizer(tokenizer_dir), GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    prompt = "Once upon a time"
+    ids = ours.encode(prompt)
+    want, _ = windowed_greedy(model, ids, 12 - len(ids))  # max_length counts the prompt
+    if 50256 in want:
+        want = want[:want.index(50256)]
+    for tok in (ours, hf):
+        assert generate_text(model, tok, prompt, max_length=12, temperature=0) == prompt + ours.decode(want)
+    a = generate_text(model, ours, prompt, max_length=12, temperature=0.9, seed=3)
+    assert a == generate_text(model, hf, prompt, max_length=12, temperature=0.9, seed=3)
+    assert generate_text(model, ours, "", max_length=5, temperature=0).startswith("")
+
+
+def test_emoji_prompt_and_streaming_partial_utf8(tokenizer_dir):
+    from gpt.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer_dir)
+    text = "🦄 in a magical forest 🌲✨ naïve"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # emoji split into byte pieces
+    pieces = []
+    stream = TextStream(tok, pieces.append)
+    for t in ids:
+        stream.push(t)
+    stream.flush()
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    config = GPTConfig(max_seq_length=32, num_layers=1, num_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    out = generate_text(spread_model(config, seed=7), tok, text, max_length=len(ids) + 6, temperature=0)
+    assert out.startswith(text) and len(out) > len(text)
+
+
+def test_triton_attention_gives_the_same_greedy_tokens():
+    kernels = pytest.importorskip("kernels")
+    if not hasattr(kernels, "causal_attention"):
+        pytest.skip("kernels.causal_attention not written yet")
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=8)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    want = generate(model, prompts, 20, temperature=0, eos_id=None)  # crosses the context once
+    model.impl = "triton"
+    assert generate(model, prompts, 20, temperature=0, eos_id=None) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    config = GPTConfig(max_seq_length=32, num_layers=1, num_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    model = spread_model(config, seed=9)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint({"model_state_dict": model.state_dict(), "config": config.to_dict()}, path)
+    return path
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sample_cli_errors(tmp_path, tiny_checkpoint, tokenizer_dir):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a zip file" * 10)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    ok = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir)]
+    cases = {
+        "train.py": ["--checkpoint", str(tmp_path / "missing.pt"), "--tokenizer", str(tokenizer_dir)],
+        "not a loadable": ["--checkpoint", str(tmp_path / "corrupt.pt"), "--tokenizer", str(tokenizer_dir)],
+        "not a checkpoint of this project": ["--checkpoint", str(tmp_path / "foreign.pt"), "--tokenizer", str(tokenizer_dir)],
+        "--top-p: must be in (0, 1], got 0": ok + ["--top-p", "0"],
+        "--top-p: must be in (0, 1], got 1.5": ok + ["--top-p", "1.5"],
+        "temperature": ok + ["--temperature", "-0.5"],
+        "top-k": ok + ["--top-k", "-1"],
+        "max-new-tokens": ok + ["--max-new-tokens", "0"],
+        "tokenizer": ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tmp_path / "no-tokenizer")],
+    }
+    procs = {match: _start(args) for match, args in cases.items()}  # all at once: startup dominates
+    for match, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 1, (match, err)
+        assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, (match, err)
+        assert out == ""
+
+
+def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_dir):
+    args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--temperature", "0",
+            "--max-new-tokens", "6", "--prompt", "Once upon a time", "--prompt", "🦄 A dragon", "--impl", "torch"]
+    plain, streamed = _start(args), _start(args + ["--stream"])
+    results = [p.communicate(timeout=120) for p in (plain, streamed)]
+    assert plain.returncode == 0 and streamed.returncode == 0, results
+    assert results[0][0] == results[1][0]
+    samples = results[0][0].split("-" * 40 + "\n")
+    assert samples[0].startswith("Once upon a time") and samples[1].startswith("🦄 A dragon")
+    assert len(samples[0]) > len("Once upon a time\n")
+    assert "tokens/s" in results[0][1]
