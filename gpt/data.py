@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -198,12 +199,11 @@ def _read_files(files: list[Path], skips: _Skips, labels_seen: list) -> Iterator
             yield from _read_parquet(p, skips, labels_seen)
 
 
-def _read_hub(split: str) -> Iterator[_Story]:
+def _read_hub(split: str, skips: _Skips) -> Iterator[_Story]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(HUB_DATASET, split=split, streaming=True)
-        rows = iter(ds)
+        rows = iter(datasets.load_dataset(HUB_DATASET, split=split, streaming=True))
         first = next(rows, None)
     except Exception as e:  # offline, missing dataset, ...: datasets raises many types
         raise DataError(
@@ -211,10 +211,12 @@ def _read_hub(split: str) -> Iterator[_Story]:
             f"pass local files with --data PATH"
         ) from None
     official = split == "validation"
-    if first is not None:
-        yield _Story(first["text"], official)
-    for row in rows:
-        yield _Story(row["text"], official)
+    for i, row in enumerate(itertools.chain([] if first is None else [first], rows)):
+        text = row.get("text")
+        if isinstance(text, str) and text.strip():
+            yield _Story(text, official)
+        else:
+            skips.add("empty story", f"hub {split} row {i}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def prepare_data(
 
     skips, labels_seen = _Skips(), []
     if files is None:
-        stories = _read_hub("train")
+        stories = _read_hub("train", skips)
     else:
         stories = _read_files(files, skips, labels_seen)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +338,7 @@ def prepare_data(
     if splits is None:
         raise DataError(f"cache {final} could not be read back after writing it")
     if progress or splits.meta["skipped"]:
-        _print_summary(splits, sys.stderr)
+        _print_report(splits.meta, sys.stderr)
     return splits
 
 
@@ -378,7 +380,7 @@ def _tokenize(stories, files, tokenizer, tmp, num_stories, test_split, skips, la
                 "'split' column or a file named *valid*; this source has none (use test_split='seed')"
             )
         if official and files is None:
-            for chunk in _chunks(_read_hub("validation"), CHUNK_STORIES):
+            for chunk in _chunks(_read_hub("validation", skips), CHUNK_STORIES):
                 held.write(tokenizer.encode_batch([s.text for s in chunk]))
     finally:
         bar.close()
@@ -459,14 +461,23 @@ def _skip_text(counts: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
 
 
+def _print_report(meta: dict, file) -> None:
+    """What reading found: stories read, skipped (why, and where first), <|endoftext|> inside stories."""
+    print(f"read {meta['stories_read']:,} stories, skipped: {_skip_text(meta['skipped'])}", file=file)
+    for reason, where in meta["skipped_examples"].items():
+        more = " ..." if meta["skipped"][reason] > len(where) else ""
+        print(f"  skipped ({reason}): {', '.join(where)}{more}", file=file)
+    if meta["stories_with_endoftext_in_text"]:
+        print(f"  {meta['stories_with_endoftext_in_text']:,} stories contain the text <|endoftext|>, "
+              f"encoded as EOS like GPT2TokenizerFast does", file=file)
+
+
 def _print_summary(splits: TokenSplits, file) -> None:
     m = splits.meta
     for name in SPLITS:
         print(f"{name:>5}: {m['stories'][name]:>9,} stories {m['tokens'][name]:>13,} tokens", file=file)
-    print(f"read {m['stories_read']:,} stories, skipped: {_skip_text(m['skipped'])}; cache {splits.path}", file=file)
-    for reason, where in m["skipped_examples"].items():
-        print(f"  skipped ({reason}): {', '.join(where)}{' ...' if m['skipped'][reason] > len(where) else ''}",
-              file=file)
+    _print_report(m, file)
+    print(f"cache: {splits.path}", file=file)
 
 
 # ---------------------------------------------------------------------------------------------------

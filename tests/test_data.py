@@ -308,3 +308,54 @@ def test_train_batches_short_stream():
         TrainBatches(np.arange(16, dtype=np.uint16), 2, 16, seed=0)
     x, y = TrainBatches(np.arange(17, dtype=np.uint16), 2, 16, seed=0).next()
     assert torch.equal(x[0], torch.arange(16)) and torch.equal(y[1], torch.arange(1, 17))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hub source (datasets.load_dataset replaced by a fake: no network here)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, texts):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        if name != "roneneldan/TinyStories":
+            raise ValueError(name)
+        rows = {"train": texts[:40] + [""], "validation": texts[100:105]}[split]
+        return ({"text": t} for t in rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_seed_protocol_and_offline_reuse(fake_hub, tmp_path, tok, texts, monkeypatch):
+    s = prepare_data(None, tok, tmp_path / "c", num_stories=20, progress=False)
+    assert fake_hub == [("roneneldan/TinyStories", "train", True)]
+    assert s.meta["stories"] == {"train": 14, "val": 4, "test": 2} and s.meta["source"] == "hub:roneneldan/TinyStories"
+    assert np.array_equal(np.concatenate([s.train, s.val, s.test]),
+                          packed([ids + [EOS_ID] for ids in tok.encode_batch(texts[:20])]))
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub consulted for a cached split"))
+    assert prepare_data(None, tok, tmp_path / "c", num_stories=20, progress=False).path == s.path
+
+
+def test_hub_official_split_and_skips(fake_hub, tmp_path, tok, texts):
+    s = prepare_data(None, tok, tmp_path / "c", num_stories=0, test_split="official", progress=False)
+    assert [c[1] for c in fake_hub] == ["train", "validation"]
+    assert s.meta["stories"] == {"train": 31, "val": 9, "test": 5} and s.meta["skipped"] == {"empty story": 1}
+    assert np.array_equal(s.test, packed([ids + [EOS_ID] for ids in tok.encode_batch(texts[100:105])]))
+
+
+def test_hub_unreachable(monkeypatch, tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="cannot load roneneldan/TinyStories .*--data PATH"):
+        prepare_data(None, tok, tmp_path / "c", num_stories=20, progress=False)
+    assert not any((tmp_path / "c").iterdir())
