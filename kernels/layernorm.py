@@ -191,11 +191,10 @@ def _backward(dy, ds, x, weight, mean, rstd):
     M = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, warps = _block_and_warps(N)
-    # Enough programs to fill the GPU several times over (fewer rows per program for narrow rows),
-    # few enough that the (P, N) fp32 partials stay small next to the activations.
-    waves = 8 if block <= 1024 else 4 if block <= 4096 else 2
-    programs = _num_sms(x.device.index or 0) * waves if x.is_cuda else 4
-    rows_per_program = triton.cdiv(max(M, 1), programs)
+    # About 16 resident warps per SM to hide memory latency, but at least 16 rows per program so
+    # that the (P, N) fp32 partials (read again by the final sum) stay small next to the activations.
+    programs = _num_sms(x.device.index) * max(1, 16 // warps) if x.is_cuda else 4
+    rows_per_program = max(triton.cdiv(M, programs), min(M, 16), 1)
     programs = max(triton.cdiv(M, rows_per_program), 1)
     dw = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)

@@ -1,0 +1,163 @@
+"""Fused Triton LayerNorm (and residual add + LayerNorm) vs F.layer_norm, eager and torch.compile'd.
+
+bf16 activations, fp32 weights (as under autocast), rows 4k-64k, N = 512 (the seed model's width)
+and 768 / 1024 / 4096. Each pass -- fwd, bwd, fwd+bwd -- is timed with CUDA events over 20
+back-to-back calls (``cuda_time_ms``); those times and GB/s are in ``extra_info``, with ratios
+against the peers measured in the same test. pytest-benchmark's own table times single calls
+including a synchronize, so at these sizes it mostly shows launch latency.
+
+Bytes are counted as in Triton's LayerNorm tutorial, per element of the (rows, N) activations:
+forward 2 x size (read x, write y), backward 3 x size (read x and dy, write dx), fwd+bwd 5 x size;
+the fused add moves 4 x size forward (x, residual in; y, x + residual out) and 4 x size backward
+(x + residual, dy, d(x + residual) in; one shared grad out). Peers are credited with the same
+bytes, so GB/s ratios are time ratios. At about 8 FLOP per element forward and 12 backward, i.e.
+2-3 FLOP/byte in bf16, all of this is memory-bound (an H100's ridge point is ~300 FLOP/byte).
+
+Goal, unmeasured so far (no GPU in the session that wrote this): on an H100 at N = 512 with 32k+
+rows, fwd+bwd at >= 85% of ``measured_copy_gbs()`` and >= 1.5x eager F.layer_norm.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from bench.common import cuda_time_ms, measured_copy_gbs, record, requires_cuda
+
+pytestmark = requires_cuda
+
+DEVICE = "cuda"
+EPS = 1e-5
+DTYPE = torch.bfloat16
+LN_SHAPES = [(4096, 512), (16384, 512), (65536, 512), (16384, 768), (16384, 1024), (16384, 4096)]
+ADD_SHAPES = [(16384, 512), (65536, 512)]
+PASSES = ("fwd", "bwd", "fwd+bwd")
+LN_BYTES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x element size, per activation element
+ADD_BYTES = {"fwd": 4, "bwd": 4, "fwd+bwd": 8}
+
+
+def ln_torch(x, weight, bias):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, EPS)
+
+
+def add_ln_torch(x, residual, weight, bias):
+    s = x + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, EPS), s
+
+
+def ln_triton(x, weight, bias):
+    return kernels.layer_norm(x, weight, bias, EPS)
+
+
+def add_ln_triton(x, residual, weight, bias):
+    return kernels.add_layer_norm(x, residual, weight, bias, EPS)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def make_pass(fn, inputs, grads, which):
+    """A no-argument callable running one pass of fn on leaf inputs (grads reset so none accumulate)."""
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    if which == "fwd":
+        return lambda: fn(*inputs)
+    if which == "bwd":
+        outs = as_tuple(fn(*inputs))
+
+        def bwd():
+            clear()
+            torch.autograd.backward(outs, grads, retain_graph=True)
+
+        return bwd
+
+    def fwd_bwd():
+        clear()
+        torch.autograd.backward(as_tuple(fn(*inputs)), grads)
+
+    return fwd_bwd
+
+
+def synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def leaves(rows, N, n_acts):
+    """n_acts bf16 (rows, N) activations and fp32 weight, bias, all leaves requiring grad."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    acts = [torch.randn(rows, N, device=DEVICE, generator=g).to(DTYPE).requires_grad_() for _ in range(n_acts)]
+    weight = (1 + 0.1 * torch.randn(N, device=DEVICE, generator=g)).requires_grad_()
+    bias = (0.1 * torch.randn(N, device=DEVICE, generator=g)).requires_grad_()
+    return [*acts, weight, bias]
+
+
+def check_against_reference(ours, ref, inputs, grads):
+    """Outputs and all input grads of ours vs ref run in fp32 on the same bf16 values (bf16 tolerance)."""
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    outs, ref_outs = as_tuple(ours(*inputs)), as_tuple(ref(*ref_inputs))
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(ref_outs, [g.float() for g in grads])
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=2e-2)
+    for t, r in zip(inputs, ref_inputs):
+        # weight / bias grads are sums over all rows: compare relative to their largest entry.
+        torch.testing.assert_close(t.grad.float(), r.grad, atol=2e-2 * r.grad.abs().max().item(), rtol=2e-2)
+        t.grad = None
+
+
+def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer):
+    rows, N = inputs[0].shape
+    grads = [torch.randn(rows, N, device=DEVICE, dtype=DTYPE) for _ in range(n_outs)]
+    check_against_reference(ours, ref, inputs, grads)
+    nbytes = act_bytes * rows * N * inputs[0].element_size()
+    ms = {name: cuda_time_ms(make_pass(fn, inputs, grads, which))
+          for name, fn in (("triton", ours), ("eager", ref), ("compiled", compiled(ref)))}
+    gbs = {name: nbytes / (t * 1e-3) / 1e9 for name, t in ms.items()}
+    benchmark.pedantic(synced(make_pass(ours, inputs, grads, which)), rounds=20, warmup_rounds=3)
+    record(
+        benchmark,
+        gbs=round(gbs["triton"], 1),
+        ms=round(ms["triton"], 4),
+        pct_copy_gbs=round(100 * gbs["triton"] / measured_copy_gbs(), 1),
+        peer=peer,
+        ratio_vs_eager=round(ms["eager"] / ms["triton"], 3),
+        ratio_vs_compiled=round(ms["compiled"] / ms["triton"], 3),
+        eager_gbs=round(gbs["eager"], 1),
+        compiled_gbs=round(gbs["compiled"], 1),
+        bytes=nbytes,
+    )
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("rows,N", LN_SHAPES, ids=[f"{r}x{n}" for r, n in LN_SHAPES])
+def test_layer_norm(benchmark, rows, N, which):
+    # bytes: LN_BYTES[which] x rows x N x 2; FLOPs ~8 (fwd) / ~12 (bwd) per element: ~2-3 FLOP/byte.
+    run_case(benchmark, ln_triton, ln_torch, leaves(rows, N, 1), 1, which, LN_BYTES[which],
+             "F.layer_norm (eager; torch.compile)")
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("rows,N", ADD_SHAPES, ids=[f"{r}x{n}" for r, n in ADD_SHAPES])
+def test_add_layer_norm(benchmark, rows, N, which):
+    # bytes: ADD_BYTES[which] x rows x N x 2; FLOPs ~9 (fwd) / ~13 (bwd) per element: ~1.5-2 FLOP/byte.
+    run_case(benchmark, add_ln_triton, add_ln_torch, leaves(rows, N, 2), 2, which, ADD_BYTES[which],
+             "x + residual, then F.layer_norm (eager; torch.compile)")
