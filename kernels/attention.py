@@ -380,17 +380,17 @@ _INTERPRET_DQ = [_config(32, 16, 4, 1)]
 
 # Hopper candidates (BLOCK_M = query rows, BLOCK_N = key rows); BLOCK_M == 16 only for decoding.
 _CUDA_FWD = [
-    _config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 4),
-    _config(64, 64, 4, 3), _config(64, 32, 4, 4), _config(64, 128, 4, 3),
-    _config(16, 64, 4, 3), _config(16, 128, 4, 3), _config(16, 256, 8, 2),
+    _config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3),
+    _config(64, 32, 4, 4),
+    _config(16, 64, 4, 3), _config(16, 128, 4, 3),
 ]
 _CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
     _config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(32, 64, 4, 3), _config(64, 64, 4, 2),
-    _config(16, 64, 4, 3), _config(16, 128, 8, 2),
+    _config(16, 64, 4, 2),
 ]
 _CUDA_DQ = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
-    _config(128, 32, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(64, 32, 4, 3),
-    _config(16, 64, 4, 3), _config(16, 128, 4, 2),
+    _config(128, 32, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 2),
+    _config(16, 64, 4, 2),
 ]
 
 
@@ -402,8 +402,8 @@ def _shared_memory_limit(device: torch.device) -> int:
 def _prune(configs, named_args, streamed_rows: str, held_rows: str, **kwargs):
     """Drop configurations over the shared-memory budget and mismatched to the query length.
 
-    Estimate: the held tile, ``num_stages`` copies of the two streamed tiles (K and V, or Q and dO)
-    and one (BLOCK_M, BLOCK_N) tile for the probabilities, all in the input's element size.
+    Estimate (conservative): two held tiles, ``num_stages`` copies of the two streamed tiles (K and
+    V, or Q and dO) and one (BLOCK_M, BLOCK_N) tile for the probabilities, in the input's element size.
     """
     args = {**named_args, **kwargs}
     q = args["Q"]
@@ -415,7 +415,7 @@ def _prune(configs, named_args, streamed_rows: str, held_rows: str, **kwargs):
     def smem(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         held, streamed = c.kwargs[held_rows], c.kwargs[streamed_rows]
-        return (held * d + c.num_stages * 2 * streamed * d + m * n) * elem
+        return (2 * held * d + c.num_stages * 2 * streamed * d + m * n) * elem
 
     fitting = [c for c in configs if smem(c) <= budget and (c.kwargs["BLOCK_M"] == 16) == decoding]
     return fitting or [min(configs, key=smem)]

@@ -253,3 +253,23 @@ def test_model_left_padded_decode_matches_unpadded(triton_attention):
     torch.testing.assert_close(padded_last, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step, alone_step, atol=1e-5, rtol=1e-5)
     assert math.isfinite(step.abs().sum().item())
+
+
+def test_cuda_config_pruning_respects_shared_memory(monkeypatch):
+    """Kept configs fit the shared-memory budget by the launcher's estimate; BLOCK_M = 16 only to decode."""
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "_shared_memory_limit", lambda device: 227 * 1024)
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.empty(0, dtype=dtype)
+        for tq_bucket in (16, 4096):
+            args = {"Q": q, "TQ_BUCKET": tq_bucket}
+            kept = attention._prune_fwd(attention._CUDA_FWD, args, HEAD_DIM=128)
+            assert kept and all((c.kwargs["BLOCK_M"] == 16) == (tq_bucket == 16) for c in kept)
+            for c in kept:
+                m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                assert (2 * m * 128 + c.num_stages * 2 * n * 128 + m * n) * q.element_size() <= 227 * 1024
+    big = attention._prune_fwd(attention._CUDA_FWD, {"Q": torch.empty(0), "TQ_BUCKET": 4096}, HEAD_DIM=128)
+    small = attention._prune_fwd(attention._CUDA_FWD, {"Q": torch.empty(0, dtype=torch.bfloat16),
+                                                       "TQ_BUCKET": 4096}, HEAD_DIM=128)
+    assert len(big) < len(small)  # fp32 tiles are twice the bytes: fewer configs fit

@@ -1,0 +1,218 @@
+"""Fused causal attention (kernels.causal_attention) vs SDPA's FlashAttention-2 backend and the reference math.
+
+Prefill / training: bf16, D = 64, H = 16, T in 256..4096 with B * H * T = 256k (token, head) pairs,
+so every T does the same number of query rows. Forward, backward and forward+backward are each timed
+with CUDA events over 20 back-to-back calls (``cuda_time_ms``) for ours, for
+``F.scaled_dot_product_attention(is_causal=True)`` under ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``
+and for ``gpt.model.causal_attention_ref`` (T x T scores in memory). FLOPs are counted as
+FlashAttention does: 4 * B * H * T^2 * D for the two matmuls, halved for causal, x 2.5 for the
+backward (x 3.5 for forward+backward); every implementation is credited the same FLOPs, so TFLOP/s
+ratios are time ratios.
+
+Decode: one query (Tq = 1) against K/V cache slices of length 64..1024 (B = 32, H = 16, D = 64),
+against SDPA (default backend, is_causal=False: the one query sits after every cached key). Memory
+bound, so GB/s counts the K and V bytes read.
+
+Each benchmark first checks its output (and gradients) against SDPA at bf16 tolerance. The first
+call for a new length bucket autotunes (see kernels/attention.py); the timed calls come after.
+``test_bf16_matches_float64`` checks bf16 values and gradients against float64 at awkward shapes,
+which the CPU interpreter cannot (its bf16 tl.dot is wrong).
+
+Goal, unmeasured so far (no GPU in the session that wrote this): on an H100, forward+backward
+>= 1.0x SDPA-FA2 at T = 256 and T = 1024, forward >= 350 TFLOP/s at T = 4096.
+
+    python -m pytest bench/test_bench_attention.py --benchmark-min-rounds 3
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels
+from bench.common import cuda_time_ms, record, requires_cuda
+from gpt.model import causal_attention_ref
+
+pytestmark = requires_cuda
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+D = 64
+H = 16
+TOKEN_HEADS = 1 << 18  # B * H * T for the prefill benchmarks
+SEQ_LENS = [256, 512, 1024, 2048, 4096]
+CACHE_LENS = [64, 128, 256, 512, 1024]
+DECODE_BATCH = 32
+PASSES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # multiples of the causal forward FLOPs
+
+
+def sdpa_flash(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_decode(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def ours(q, k, v):
+    return kernels.causal_attention(q, k, v)
+
+
+def reference(q, k, v):
+    return causal_attention_ref(q, k, v)
+
+
+def make_pass(fn, inputs, grad, which):
+    """A no-argument callable running one pass of fn on leaf inputs (grads reset so none accumulate)."""
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    if which == "fwd":
+        return lambda: fn(*inputs)
+    if which == "bwd":
+        out = fn(*inputs)
+
+        def bwd():
+            clear()
+            out.backward(grad, retain_graph=True)
+
+        return bwd
+
+    def fwd_bwd():
+        clear()
+        fn(*inputs).backward(grad)
+
+    return fwd_bwd
+
+
+def synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def assert_bf16_close(a, b, name):
+    """bf16 results of two attention implementations: close relative to the larger entries."""
+    scale = max(b.abs().max().item(), 1.0)
+    torch.testing.assert_close(a.float(), b.float(), atol=3e-2 * scale, rtol=3e-2, msg=name)
+
+
+def leaves(B, T):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    return [torch.randn(B, H, T, D, device=DEVICE, generator=g).to(DTYPE).requires_grad_() for _ in range(3)]
+
+
+def check_against_sdpa(inputs, grad):
+    outs, grads = [], []
+    for fn in (ours, sdpa_flash):
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out.backward(grad)
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in inputs])
+    assert_bf16_close(outs[0], outs[1], "out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads[0], grads[1]):
+        assert_bf16_close(a, b, name)
+    for t in inputs:
+        t.grad = None
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("T", SEQ_LENS)
+def test_attention(benchmark, T, which):
+    B = TOKEN_HEADS // (H * T)
+    inputs = leaves(B, T)
+    grad = torch.randn_like(inputs[0])
+    check_against_sdpa(inputs, grad)
+    flops = FLOP_FACTOR[which] * 4 * B * H * T * T * D / 2
+    ms = {name: cuda_time_ms(make_pass(fn, inputs, grad, which))
+          for name, fn in (("triton", ours), ("sdpa", sdpa_flash), ("reference", reference))}
+    tflops = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+    benchmark.pedantic(synced(make_pass(ours, inputs, grad, which)), rounds=10, warmup_rounds=2)
+    record(
+        benchmark,
+        tflops=round(tflops["triton"], 1),
+        ms=round(ms["triton"], 4),
+        ratio_vs_sdpa=round(ms["sdpa"] / ms["triton"], 3),
+        ratio_vs_reference=round(ms["reference"] / ms["triton"], 3),
+        sdpa_tflops=round(tflops["sdpa"], 1),
+        reference_tflops=round(tflops["reference"], 1),
+        peer="F.scaled_dot_product_attention(is_causal=True), FLASH_ATTENTION backend",
+        T=T, B=B, H=H, D=D,
+    )
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("cache_len", CACHE_LENS)
+def test_attention_decode(benchmark, cache_len):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    shape = (DECODE_BATCH, H, 1024 + 16, D)  # a preallocated cache, sliced to the filled length
+    k_cache = torch.randn(shape, device=DEVICE, generator=g).to(DTYPE)
+    v_cache = torch.randn(shape, device=DEVICE, generator=g).to(DTYPE)
+    q = torch.randn(DECODE_BATCH, H, 1, D, device=DEVICE, generator=g).to(DTYPE)
+    k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]
+    assert_bf16_close(ours(q, k, v), sdpa_decode(q, k, v), "decode out")
+    nbytes = 2 * k.numel() * k.element_size()  # K and V read once
+    ms = {"triton": cuda_time_ms(lambda: ours(q, k, v)), "sdpa": cuda_time_ms(lambda: sdpa_decode(q, k, v))}
+    benchmark.pedantic(synced(lambda: ours(q, k, v)), rounds=10, warmup_rounds=2)
+    record(
+        benchmark,
+        gbs=round(nbytes / (ms["triton"] * 1e-3) / 1e9, 1),
+        ms=round(ms["triton"], 4),
+        ratio_vs_sdpa=round(ms["sdpa"] / ms["triton"], 3),
+        sdpa_gbs=round(nbytes / (ms["sdpa"] * 1e-3) / 1e9, 1),
+        peer="F.scaled_dot_product_attention (default backend), one query against the cache",
+        cache_len=cache_len, B=DECODE_BATCH, H=H, D=D, bytes=nbytes,
+    )
+
+
+# (B, H, Tq, Tk, D, kv_start): odd heads, lengths off every block size, decode, chunked prefill, padding.
+BF16_CASES = [
+    (1, 3, 1, 1, 64, None),
+    (2, 3, 17, 17, 64, None),
+    (1, 5, 129, 129, 128, None),
+    (2, 3, 300, 300, 64, None),
+    (2, 3, 1, 130, 64, None),
+    (2, 3, 20, 53, 64, None),
+    (3, 2, 45, 45, 64, (0, 19, 44)),
+]
+
+
+@pytest.mark.parametrize("B,H_,Tq,Tk,D_,kv_start", BF16_CASES)
+def test_bf16_matches_float64(B, H_, Tq, Tk, D_, kv_start):
+    """bf16 output and gradients within 2x the error of bf16 reference math (plus a floor), vs float64.
+
+    q is a strided view of a fused (B, T, 3, H, D) projection; k and v are slices of a longer cache.
+    """
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    qkv = torch.randn(B, Tq, 3, H_, D_, device=DEVICE, generator=g).to(DTYPE)
+    q = qkv.unbind(2)[0].transpose(1, 2)
+    cache = torch.randn(2, B, H_, Tk + 5, D_, device=DEVICE, generator=g).to(DTYPE)
+    k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]
+    starts = None if kv_start is None else torch.tensor(kv_start, device=DEVICE)
+    do = torch.randn(B, H_, Tq, D_, device=DEVICE, generator=g).to(DTYPE)
+
+    def run(fn, dtype):
+        xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*xs, kv_start=starts)
+        out.backward(do.to(dtype))
+        return [out.detach(), *(t.grad for t in xs)]
+
+    exact = run(causal_attention_ref, torch.float64)
+    peer = run(causal_attention_ref, DTYPE)
+    mine = run(kernels.causal_attention, DTYPE)
+    for name, a, p, e in zip(("out", "dq", "dk", "dv"), mine, peer, exact):
+        assert a.dtype == DTYPE
+        err = (a.double() - e).abs().max().item()
+        peer_err = (p.double() - e).abs().max().item()
+        assert err <= 2 * peer_err + 1e-2, f"{name}: error {err:.3g} vs bf16 torch {peer_err:.3g}"
