@@ -162,7 +162,8 @@ def test_hub_fallback(monkeypatch, tokenizer_dir):
 
 def test_tiktoken_gpt2_is_used_when_no_directory(monkeypatch, tokenizer_dir):
     ranks = gt.ranks_from_files(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt")
-    enc = tiktoken.Encoding("gpt2", pat_str=gt.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+    enc = tiktoken.Encoding("gpt2", pat_str=gt.GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 50256})
     monkeypatch.delenv("GPT2_TOKENIZER_DIR", raising=False)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc if name == "gpt2" else pytest.fail(name))
     tok = get_tokenizer()
