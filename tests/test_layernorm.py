@@ -77,18 +77,18 @@ def test_layer_norm_non_contiguous(view):
     x = view(base)
     assert not x.is_contiguous()
     N = x.shape[-1]
-    weight, bias = make_params(N)
+    params = make_params(2 * N)  # weight and bias are strided views of these leaves
     dy = rand(tuple(reversed(x.shape)), torch.float32, seed=4).permute(*reversed(range(x.dim())))  # strided grad
-    y = kernels.layer_norm(x, weight, bias, 1e-5)
+    y = kernels.layer_norm(x, params[0][::2], params[1][1::2], 1e-5)
     y.backward(dy)
 
-    br64, wr, br = ref64(base, weight, bias)
-    yr = F.layer_norm(view(br64), (N,), wr, br, 1e-5)
+    br64, wr, br = ref64(base, *params)
+    yr = F.layer_norm(view(br64), (N,), wr[::2], br[1::2], 1e-5)
     yr.backward(dy.double())
     close(y, yr, torch.float32, "y")
     close(base.grad, br64.grad, torch.float32, "dx")
-    close(weight.grad, wr.grad, torch.float32, "dweight")
-    close(bias.grad, br.grad, torch.float32, "dbias")
+    close(params[0].grad, wr.grad, torch.float32, "dweight")
+    close(params[1].grad, br.grad, torch.float32, "dbias")
 
 
 def add_ln_check(x_dtype, r_dtype, shape, seed=0):
