@@ -16,6 +16,7 @@ import kernels
 from gpt import GPT2Model, GPTConfig
 from kernels.layernorm import MAX_N
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU-only machines
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
 
@@ -27,14 +28,14 @@ def close(actual, expected, dtype, name):
 
 def make_params(N, seed=0):
     g = torch.Generator().manual_seed(seed)
-    weight = (1 + 0.5 * torch.randn(N, generator=g)).requires_grad_()
-    bias = (0.5 * torch.randn(N, generator=g)).requires_grad_()
+    weight = (1 + 0.5 * torch.randn(N, generator=g)).to(DEVICE).requires_grad_()
+    bias = (0.5 * torch.randn(N, generator=g)).to(DEVICE).requires_grad_()
     return weight, bias
 
 
 def rand(shape, dtype, seed, scale=2.0, shift=0.5):
     g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g) + shift).to(dtype)
+    return (scale * torch.randn(shape, generator=g) + shift).to(DEVICE, dtype)
 
 
 def ref64(*tensors):
@@ -188,9 +189,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd, (x, w, b, 1e-5))
     torch.library.opcheck(torch.ops.tinygpt.add_layer_norm_fwd, (x, r, w, b, 1e-5))
     _, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5)
-    dy = torch.randn(6, 48)
+    dy, ds = rand((6, 48), torch.float32, seed=13), rand((6, 48), torch.float32, seed=14)
     torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, None, x, w, mean, rstd))
-    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, torch.randn(6, 48), x, w, mean, rstd))
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, ds, x, w, mean, rstd))
 
 
 def test_torch_compile_traces_custom_ops_fullgraph():
@@ -229,15 +230,15 @@ def test_tiny_gpt2_matches_torch_impl(monkeypatch):
     config = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96,
                        dropout=0.0)
     torch.manual_seed(0)
-    ref = GPT2Model(config, impl="torch")
+    ref = GPT2Model(config, impl="torch").to(DEVICE)
     with torch.no_grad():  # LayerNorm weights and biases off their defaults
         for name, p in ref.named_parameters():
             if ".ln_" in name or name.startswith("ln_f"):
                 p.add_(0.2 * torch.randn_like(p))
-    ours = GPT2Model(config, impl="torch")
+    ours = GPT2Model(config, impl="torch").to(DEVICE)
     ours.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 64, (2, 13))
-    targets = torch.randint(0, 64, (2, 13))
+    idx = torch.randint(0, 64, (2, 13), device=DEVICE)
+    targets = torch.randint(0, 64, (2, 13), device=DEVICE)
 
     def train(model, steps=3):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
