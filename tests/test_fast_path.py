@@ -28,7 +28,7 @@ def models():
     return ref, fast
 
 
-def batch(T=37, B=2, seed=1):
+def batch(T=29, B=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g)
     return idx[:, :-1], idx[:, 1:]
@@ -53,8 +53,8 @@ def test_optimizer_steps_give_the_same_losses():
     for m in (ref, fast):
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1)
         losses[m.impl] = []
-        for step in range(4):
-            x, y = batch(T=33, seed=10 + step)
+        x, y = batch(T=19, seed=10)  # one batch, memorised: the loss must fall
+        for _ in range(3):
             loss = m(x, y).loss
             opt.zero_grad()
             loss.backward()
