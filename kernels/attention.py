@@ -16,7 +16,7 @@ fp32, base-2 exponentials of log2(e)-scaled scores), visits only key blocks belo
 Backward (FlashAttention-2): a pre-pass computes delta = rowsum(dO * O); one kernel accumulates
 dK and dV per key block over the query blocks that see it; another accumulates dQ per query block
 over its key blocks. Every output element is written by one program: no atomics, bitwise
-deterministic.
+deterministic. The grid is (batch*head, block) with the longest causal blocks launched first.
 
 Launch configurations: fixed under Triton's interpreter (TRITON_INTERPRET=1); on CUDA, autotuned
 once per (head dim, power-of-two query / key length buckets, dtype, kv_start or not) from a list
@@ -105,8 +105,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks start first
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     causal_offset = Tk - Tq
@@ -157,8 +157,8 @@ def _attn_bwd_delta_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,8 +227,8 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(1)  # heaviest (first) key blocks start first
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     causal_offset = Tk - Tq
@@ -326,8 +326,8 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks start first
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     causal_offset = Tk - Tq
@@ -503,7 +503,7 @@ def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
 
     def grid(meta):
-        return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+        return B * H, triton.cdiv(Tq, meta["BLOCK_M"])
 
     _attn_fwd[grid](
         q, k, v, o, lse, q if kv_start is None else kv_start,
@@ -519,7 +519,7 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(Tq, 64))](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -527,10 +527,10 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
     common = dict(HEAD_DIM=D, HAS_KV_START=kv_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
 
     def grid_keys(meta):
-        return triton.cdiv(Tk, meta["BLOCK_N"]), B * H
+        return B * H, triton.cdiv(Tk, meta["BLOCK_N"])
 
     def grid_queries(meta):
-        return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+        return B * H, triton.cdiv(Tq, meta["BLOCK_M"])
 
     _attn_bwd_dkdv[grid_keys](
         q, k, v, do, lse, delta, dk, dv, starts,
@@ -600,6 +600,5 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
     j <= i + Tk - Tq and j >= kv_start[b]; rows with no allowed key give zeros). ``scale`` defaults
     to 1 / sqrt(D). Differentiable in q, k and v.
     """
-    _check_inputs(q, k, v, kv_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _causal_attention_fwd(q, k, v, scale, kv_start)[0]
