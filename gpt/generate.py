@@ -93,9 +93,10 @@ def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens:
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = GPT2_EOS, generator: Optional[torch.Generator] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
-             check_every: int = 16) -> list[list[int]]:
+             check_every: int = 16, decode_fn: Callable = decode_one) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), stopping at EOS (not included) or after
     ``max_new_tokens``. ``on_token`` (streaming) gets each step's tokens (B,) on the host.
+    ``decode_fn`` replaces ``decode_one``, e.g. with ``torch.compile(decode_one, dynamic=True)``.
 
     See the module docstring for padding, truncation and what happens when the context fills.
     """
@@ -132,17 +133,15 @@ def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens:
         n += 1
         if on_token is not None:
             on_token(tok.cpu())
-        last = step == max_new_tokens - 1
-        if eos_id is not None and (on_token is not None or (step + 1) % check_every == 0 or last):
-            if bool(done.all()):
-                break
-        if last:
+        if step == max_new_tokens - 1:
             break
+        if eos_id is not None and (on_token is not None or (step + 1) % check_every == 0) and bool(done.all()):
+            break  # the only host sync of the loop when not streaming
         if cache.pos == cache.max_len:  # full: restart on the last `keep` tokens of each row
             cache.start.copy_((start - (n - keep)).clamp(min=0))
             logits = prefill(model, buf[:, n - keep:n], cache)
         else:
-            logits = decode_one(model, tok[:, None], cache)
+            logits = decode_fn(model, tok[:, None], cache)
     out = []
     for row in buf[:, P:n].tolist():
         out.append(row[:row.index(eos_id)] if eos_id in row else row)
@@ -182,7 +181,8 @@ class TextStream:
 def generate_text(model, tokenizer, prompt="Once upon a time", max_length=100, temperature=1.0,
                   device="cpu", top_k=40, top_p=0.95, seed: Optional[int] = None) -> str:
     """Continue ``prompt`` until ``max_length`` tokens in all (prompt included) or EOS; return
-    prompt + continuation as text. ``tokenizer`` is ours or a transformers GPT-2 tokenizer."""
+    prompt + continuation as text. ``tokenizer`` is ours or a transformers GPT-2 tokenizer.
+    Puts the model in eval mode on ``device``; ``seed`` makes the sample reproducible."""
     model.eval()
     model.to(device)
     ids = list(tokenizer.encode(prompt))
