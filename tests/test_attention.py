@@ -1,7 +1,7 @@
 """Fused causal attention kernel vs float64 math: values, gradients, KV-cache shapes, kv_start, model parity.
 
-Runs in Triton's interpreter on CPU (fp32 and fp16; the interpreter's bf16 tl.dot is unusable, so
-bf16 is checked on CUDA in bench/test_bench_attention.py).
+Runs on the GPU when there is one, else in Triton's interpreter on CPU. fp32 and fp16 only: the
+interpreter's bf16 tl.dot is unusable, so bf16 is checked on CUDA in bench/test_bench_attention.py.
 """
 
 import math
@@ -14,6 +14,7 @@ import kernels
 from gpt import GPT2Model, GPTConfig
 from gpt.model import KVCache, Ops, causal_attention_ref
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU-only machines
 FP32_TOL = 2e-5  # fp32 kernel vs float64: accumulation-order error only
 FP16_FLOOR = 2e-3  # absolute slack added to FlashAttention's "2x the fp16 PyTorch error" rule
 
@@ -21,7 +22,7 @@ FP16_FLOOR = 2e-3  # absolute slack added to FlashAttention's "2x the fp16 PyTor
 def qkv_views(B, H, T, D, dtype, seed=0):
     """q, k, v (B, H, T, D) as the model makes them: strided views of a (B, T, 3, H, D) projection."""
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64).to(dtype)
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
@@ -29,9 +30,9 @@ def cache_views(B, H, Tq, Tk, D, dtype, seed=0, max_len=None):
     """q (B, H, Tq, D) and k, v as slices [:Tk] of (B, H, max_len, D) caches."""
     g = torch.Generator().manual_seed(seed)
     max_len = Tk + 7 if max_len is None else max_len
-    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64).to(dtype)
-    k_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(dtype)
-    v_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(dtype)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    k_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    v_cache = torch.randn(B, H, max_len, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     return q, k_cache[:, :, :Tk], v_cache[:, :, :Tk]
 
 
@@ -47,7 +48,7 @@ def upstream_grad(out_shape, dtype, seed=1):
     """A non-contiguous dO, as the model's head merge gives: (B, Tq, H, D) viewed as (B, H, Tq, D)."""
     B, H, Tq, D = out_shape
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, Tq, H, D, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    return torch.randn(B, Tq, H, D, generator=g, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)
 
 
 def check_against_float64(q, k, v, kv_start=None):
@@ -117,7 +118,7 @@ def test_chunked_prefill_against_cache(dtype):
 def test_kv_start_masks_left_padding(Tq, Tk):
     """Rows start at 0, mid-block, and at the last key (whose earlier queries see nothing -> zeros)."""
     q, k, v = cache_views(3, 2, Tq, Tk, 16, torch.float32, seed=3)
-    kv_start = torch.tensor([0, 19, Tk - 1])
+    kv_start = torch.tensor([0, 19, Tk - 1], device=DEVICE)
     check_against_float64(q, k, v, kv_start)
     out = kernels.causal_attention(q, k, v, kv_start=kv_start)
     empty = Tq - 1  # the last row's queries at absolute positions < Tk - 1 have no allowed key
@@ -127,7 +128,7 @@ def test_kv_start_masks_left_padding(Tq, Tk):
 
 def test_kv_start_fp16():
     q, k, v = cache_views(2, 2, 30, 30, 32, torch.float16, seed=4)
-    check_against_float64(q, k, v, torch.tensor([7, 29]))
+    check_against_float64(q, k, v, torch.tensor([7, 29], device=DEVICE))
 
 
 def test_backward_is_deterministic():
@@ -148,24 +149,24 @@ def test_backward_is_deterministic():
     (((1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0, 16)), "Tq <= Tk"),
 ])
 def test_bad_shapes_raise(shapes, match):
-    q, k, v = (torch.zeros(s) for s in shapes)
+    q, k, v = (torch.zeros(s, device=DEVICE) for s in shapes)
     with pytest.raises(ValueError, match=match):
         kernels.causal_attention(q, k, v)
 
 
 def test_bad_dtype_and_kv_start_raise():
-    q = torch.zeros(2, 1, 4, 16)
+    q = torch.zeros(2, 1, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         kernels.causal_attention(q, q.half(), q)
     with pytest.raises(ValueError, match="kv_start"):
-        kernels.causal_attention(q, q, q, kv_start=torch.zeros(2, dtype=torch.int32))
+        kernels.causal_attention(q, q, q, kv_start=torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="kv_start"):
-        kernels.causal_attention(q, q, q, kv_start=torch.zeros(3, dtype=torch.int64))
+        kernels.causal_attention(q, q, q, kv_start=torch.zeros(3, dtype=torch.int64, device=DEVICE))
 
 
 def test_custom_op_passes_opcheck_and_compiles():
     q, k, v = (t.detach().clone().requires_grad_() for t in cache_views(1, 2, 5, 9, 16, torch.float32))
-    kv_start = torch.tensor([2])
+    kv_start = torch.tensor([2], device=DEVICE)
     op = torch.ops.kernels.causal_attention_fwd.default
     torch.library.opcheck(op, (q, k, v, 0.25, kv_start), test_utils=("test_schema", "test_faketensor",
                                                                      "test_autograd_registration"))
@@ -173,7 +174,7 @@ def test_custom_op_passes_opcheck_and_compiles():
     out = compiled(q, k, v, kv_start=kv_start)
     out.sum().backward()
     exact = run(causal_attention_ref, q.double(), k.double(), v.double(),
-                torch.ones(out.shape, dtype=torch.float64), kv_start)
+                torch.ones(out.shape, dtype=torch.float64, device=DEVICE), kv_start)
     for a, e in zip((out, q.grad, k.grad, v.grad), exact):
         torch.testing.assert_close(a.detach().double(), e, atol=FP32_TOL, rtol=FP32_TOL)
 
@@ -196,7 +197,7 @@ def triton_attention(monkeypatch):
 
 def tiny_model():
     torch.manual_seed(0)
-    model = GPT2Model(TINY, impl="torch")
+    model = GPT2Model(TINY, impl="torch").to(DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -206,8 +207,8 @@ def tiny_model():
 
 def test_model_logits_loss_and_grads_match_torch(triton_attention):
     model = tiny_model()
-    idx = torch.randint(0, TINY.vocab_size, (2, 29))
-    targets = torch.randint(0, TINY.vocab_size, (2, 29))
+    idx = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
+    targets = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
     results = {}
     for impl in ("torch", "triton"):
         model.impl = impl
@@ -226,10 +227,10 @@ def test_model_logits_loss_and_grads_match_torch(triton_attention):
 def test_model_kv_cache_prefill_and_decode_match_full_forward(triton_attention):
     model = tiny_model().eval()
     model.impl = "triton"
-    idx = torch.randint(0, TINY.vocab_size, (2, 23))
+    idx = torch.randint(0, TINY.vocab_size, (2, 23), device=DEVICE)
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache.allocate(TINY, batch_size=2, device="cpu", dtype=torch.float32)
+        cache = KVCache.allocate(TINY, batch_size=2, device=DEVICE, dtype=torch.float32)
         steps = [model(idx[:, :17], cache=cache)]
         steps += [model(idx[:, t:t + 1], cache=cache) for t in range(17, 21)]
         steps.append(model(idx[:, 21:], cache=cache))  # a two-token chunk against the cache
@@ -240,14 +241,14 @@ def test_model_left_padded_decode_matches_unpadded(triton_attention):
     """A row left-padded by 5 (cache.start) gives the same logits as the same prompt alone."""
     model = tiny_model().eval()
     model.impl = "triton"
-    prompt = torch.randint(0, TINY.vocab_size, (1, 9))
-    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), prompt], dim=1)
+    prompt = torch.randint(0, TINY.vocab_size, (1, 9), device=DEVICE)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long, device=DEVICE), prompt], dim=1)
     with torch.no_grad():
         alone = model(prompt)[:, -1]
-        cache = KVCache.allocate(TINY, batch_size=1, device="cpu", dtype=torch.float32)
+        cache = KVCache.allocate(TINY, batch_size=1, device=DEVICE, dtype=torch.float32)
         cache.start.fill_(5)
         padded_last = model(padded, cache=cache)[:, -1]
-        nxt = torch.tensor([[3]])
+        nxt = torch.tensor([[3]], device=DEVICE)
         step = model(nxt, cache=cache)[:, -1]
         alone_step = model(torch.cat([prompt, nxt], dim=1))[:, -1]
     torch.testing.assert_close(padded_last, alone, atol=1e-5, rtol=1e-5)
