@@ -550,7 +550,7 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("kernels::causal_attention_fwd", mutates_args=())
+@torch.library.custom_op("tinygpt::causal_attention_fwd", mutates_args=())
 def _causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           kv_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return _attention_forward(q, k, v, scale, kv_start)
@@ -563,7 +563,7 @@ def _causal_attention_fwd_fake(q, k, v, scale, kv_start):
     return _new_output(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::causal_attention_bwd", mutates_args=())
+@torch.library.custom_op("tinygpt::causal_attention_bwd", mutates_args=())
 def _causal_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, scale: float, kv_start: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

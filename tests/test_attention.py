@@ -167,7 +167,7 @@ def test_bad_dtype_and_kv_start_raise():
 def test_custom_op_passes_opcheck_and_compiles():
     q, k, v = (t.detach().clone().requires_grad_() for t in cache_views(1, 2, 5, 9, 16, torch.float32))
     kv_start = torch.tensor([2], device=DEVICE)
-    op = torch.ops.kernels.causal_attention_fwd.default
+    op = torch.ops.tinygpt.causal_attention_fwd.default
     torch.library.opcheck(op, (q, k, v, 0.25, kv_start), test_utils=("test_schema", "test_faketensor",
                                                                      "test_autograd_registration"))
     compiled = torch.compile(kernels.causal_attention, backend="aot_eager", fullgraph=True)
