@@ -163,6 +163,16 @@ def lr_at(step: int, tc: TrainConfig, max_steps: int) -> float:
     return min_lr + 0.5 * (tc.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> None:
+    """Unscale (fp16), clip the global gradient norm, step, clear the gradients. No host sync but fp16's."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def autocast_context(device: torch.device, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
@@ -596,12 +606,7 @@ class Trainer:
                         self.scaler.scale(out.loss / self.accum).backward()
                     acc += torch.stack([out.loss.detach().double() * out.count, out.correct.double(),
                                         out.count.double()])
-                if tc.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_step(self.optimizer, self.scaler, params, tc.grad_clip)
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 self.session_tokens += self.tokens_per_step

@@ -1,0 +1,146 @@
+"""One optimizer step of the seed-sized model on 8 x 256 tokens: our train step against peers.
+
+Peers, measured in the same run: transformers' GPT2LMHeadModel (fp32, eager attention, AdamW) holding
+the same weights as ours, and the seed's own model and recipe (bench/seed_recipe.py). Ours runs as
+train.py does: impl torch at the device's default dtype (fp32 on CPU, bf16 autocast on CUDA), AdamW
+fused on CUDA, clipping at 1.0; on CUDA also impl triton and impl triton + torch.compile.
+Before timing, each model's loss on the batch is checked against ours (same weights: equal; the seed
+model: a fresh model's loss is near ln(vocab)).
+"""
+
+import math
+import time
+
+import pytest
+import torch
+
+from bench.common import record
+from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_optimizer
+from gpt import GPT2Model, GPTConfig, TrainConfig
+from gpt.train import CPU_DEFAULT_DTYPE, autocast_context, build_optimizer, flops_per_token, optimizer_step
+
+pytestmark = pytest.mark.benchmark(group="train")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = "bf16" if CUDA else CPU_DEFAULT_DTYPE
+CFG = GPTConfig(dropout=0.0)  # the seed's sizes; no dropout so the weights-equal check is exact
+B, T = 8, 256
+TOKENS = B * T
+ROUNDS = 10 if CUDA else 2
+RESULTS: dict[str, float] = {}  # tokens/s by variant, for ratios within this run
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, CFG.vocab_size, (B, T), generator=g)
+    y = torch.cat([x[:, 1:], torch.full((B, 1), -1)], dim=1)  # next token; the last position has none
+    return x.to(DEVICE), y.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    return GPT2Model(CFG, impl="torch").state_dict()
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, name, step):
+    step()  # warm-up (and compilation)
+    _sync()
+    t0 = time.perf_counter()
+    benchmark.pedantic(lambda: (step(), _sync()), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    tps = TOKENS / benchmark.stats.stats.mean
+    RESULTS[name] = tps
+    info = {"tokens_per_s": round(tps, 1), "tokens_per_step": TOKENS, "wall_s": round(time.perf_counter() - t0, 2),
+            "tflops": round(flops_per_token(CFG) * tps / 1e12, 3)}
+    if "transformers" in RESULTS and name != "transformers":
+        info["speedup_vs_transformers"] = round(tps / RESULTS["transformers"], 2)
+    record(benchmark, **info)
+
+
+def test_train_step_transformers(benchmark, batch, weights):
+    from gpt.hf import to_transformers
+
+    ours = GPT2Model(CFG, impl="torch").to(DEVICE)
+    ours.load_state_dict(weights)
+    hf = to_transformers(ours.cpu()).to(DEVICE)
+    hf.config._attn_implementation = "eager"
+    hf.train()
+    x, y = batch
+    with torch.no_grad():
+        ref = ours.to(DEVICE)(x, y).loss
+        got = hf(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+    assert torch.allclose(got, ref, rtol=1e-4), (got.item(), ref.item())
+    del ours
+    opt = torch.optim.AdamW(hf.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def step():
+        loss = hf(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    _run(benchmark, "transformers", step)
+
+
+def test_train_step_seed_recipe(benchmark, batch):
+    torch.manual_seed(0)
+    model = SeedGPT().to(DEVICE)
+    opt = seed_optimizer(model)
+    x, y = batch
+    y = torch.where(y < 0, torch.full_like(y, SEED_IGNORE_INDEX), y)
+    with torch.no_grad():
+        model.eval()
+        first = model(x, y, ignore_index=SEED_IGNORE_INDEX).loss.item()
+        model.train()
+    assert math.isfinite(first) and first > math.log(CFG.vocab_size) - 3  # an untrained model: near uniform or worse
+
+    def step():
+        out = model(x, y, ignore_index=SEED_IGNORE_INDEX)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    _run(benchmark, "seed_recipe", step)
+
+
+VARIANTS = [
+    pytest.param("torch", False, id="ours_torch"),
+    pytest.param("triton", False, id="ours_triton", marks=pytest.mark.skipif(not CUDA, reason="Triton kernels at speed need a CUDA GPU")),
+    pytest.param("triton", True, id="ours_triton_compile", marks=pytest.mark.skipif(not CUDA, reason="torch.compile timing needs a CUDA GPU")),
+]
+
+
+@pytest.mark.parametrize("impl,compile_", VARIANTS)
+def test_train_step_ours(benchmark, batch, weights, impl, compile_):
+    model = GPT2Model(CFG, impl=impl).to(DEVICE)
+    model.load_state_dict(weights)
+    x, y = batch
+    with torch.no_grad():
+        ref_model = GPT2Model(CFG, impl="torch").to(DEVICE)
+        ref_model.load_state_dict(weights)
+        with autocast_context(DEVICE, DTYPE):
+            got, ref = model(x, y).loss, ref_model(x, y).loss
+        del ref_model
+    assert torch.allclose(got, ref, rtol=2e-2 if DTYPE == "bf16" else 1e-5)
+    tc = TrainConfig()
+    opt = build_optimizer(model, tc, DEVICE)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=False)
+    params = list(model.parameters())
+    fwd = torch.compile(model) if compile_ else model
+
+    def step():
+        with autocast_context(DEVICE, DTYPE):
+            out = fwd(x, y)
+        out.loss.backward()
+        optimizer_step(opt, scaler, params, tc.grad_clip)
+
+    _run(benchmark, f"ours_{impl}" + ("_compile" if compile_ else ""), step)
