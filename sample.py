@@ -59,6 +59,7 @@ def load(args):
     import torch
 
     from gpt.checkpoint import load_model
+    from gpt.generate import column_major_weights_
     from gpt.tokenizer import get_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,6 +73,8 @@ def load(args):
     else:
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
     model = model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    if device.type == "cpu":
+        column_major_weights_(model)
     return model, tokenizer, device
 
 

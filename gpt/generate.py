@@ -78,6 +78,21 @@ def decode_one(model: GPT2Model, tok: torch.Tensor, cache: KVCache) -> torch.Ten
     return _last_logits(model, model.hidden_states(tok, cache))
 
 
+@torch.no_grad()
+def column_major_weights_(model: GPT2Model) -> GPT2Model:
+    """Store every weight matrix column-major: same values and shapes, transposed strides. In place.
+
+    ``F.linear(x, W)`` multiplies by ``W.t()``, which is then a contiguous (in, out) matrix; for the
+    one-row products of batch-1 decoding MKL runs that layout at close to memory bandwidth, about
+    twice as fast as nn.Linear's row-major one (measured on this project's CPUs, LM head included).
+    For inference on a CPU: training or CUDA gain nothing from it.
+    """
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
+    return model
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) tokens right-aligned with ``pad_id`` in front, and each row's pad length (B,)."""
     T = max(len(p) for p in prompts)
@@ -119,7 +134,10 @@ def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens:
     B, P = idx.shape
     buf = torch.full((B, P + max_new_tokens), pad_id, dtype=torch.int64, device=weight.device)
     buf[:, :P] = idx  # every token so far, left-padded: the source of re-prefill windows
-    cache = KVCache.allocate(config, B, weight.device, weight.dtype, max_len=min(ctx, P + max_new_tokens - 1))
+    dtype = weight.dtype  # under autocast, k and v come out in the autocast dtype: store that
+    if torch.is_autocast_enabled(weight.device.type):
+        dtype = torch.get_autocast_dtype(weight.device.type)
+    cache = KVCache.allocate(config, B, weight.device, dtype, max_len=min(ctx, P + max_new_tokens - 1))
     cache.start.copy_(start)
     done = torch.zeros(B, dtype=torch.bool, device=weight.device)
     logits = prefill(model, idx, cache)

@@ -9,7 +9,8 @@ import torch
 
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
-from gpt.generate import KVCache, TextStream, decode_one, generate, left_pad, prefill, sample_next
+from gpt.generate import (KVCache, TextStream, column_major_weights_, decode_one, generate, left_pad, prefill,
+                          sample_next)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, max_seq_length=64, num_layers=2, num_heads=3, d_model=48, d_ff=64, dropout=0.0)
@@ -65,6 +66,20 @@ def test_batched_prompts_of_different_lengths_match_one_at_a_time():
     single = [generate(model, [p], 15, temperature=0, eos_id=None)[0] for p in prompts]
     assert batched == single
     assert batched == [windowed_greedy(model, p, 15)[0] for p in prompts]
+
+
+def test_column_major_weights_keep_values_and_tokens():
+    model = spread_model(seed=10)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        want_logits = model(idx)
+    want = generate(model, prompts, 12, temperature=0, eos_id=None)
+    column_major_weights_(model)
+    assert not model.wte.weight.is_contiguous() and model.wte.weight.t().is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), want_logits, atol=1e-5, rtol=1e-5)
+    assert generate(model, prompts, 12, temperature=0, eos_id=None) == want
 
 
 def test_left_pad():
