@@ -4,6 +4,8 @@
     python sample.py --prompt "Once upon a time" --prompt "The dog" --num-samples 2 --seed 0
     python sample.py --hf path/to/gpt2 --stream
 
+On a CPU, --impl triton runs the kernels in Triton's interpreter (slow; for checking only).
+
 Bad input ends with one line on stderr and exit code 1. See gpt/generate.py for how padding,
 long prompts and running past the context are handled.
 """
@@ -11,6 +13,7 @@ long prompts and running past the context are handled.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -65,10 +68,15 @@ def load(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    if device.type == "cpu" and args.impl == "triton":  # triton is not imported yet: use its interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     tokenizer = get_tokenizer(args.tokenizer)
     if args.hf:
+        from transformers.utils import logging as hf_logging
+
         from gpt.hf import load_hf
 
+        hf_logging.disable_progress_bar()
         model = load_hf(args.hf, impl=args.impl)
     else:
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
@@ -83,20 +91,13 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch  # imported only once the flags are valid: bad flags are answered at once
+def run(args) -> None:
+    """Load, generate and print; problems with the input raise with a one-line message."""
+    import torch
 
-    from gpt.checkpoint import CheckpointError
     from gpt.generate import TextStream, generate
-    from gpt.tokenizer import TokenizerNotFound
 
-    try:
-        model, tokenizer, device = load(args)
-    except (CheckpointError, TokenizerNotFound, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        print(f"sample.py: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
-        return 1
+    model, tokenizer, device = load(args)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -128,6 +129,20 @@ def main(argv=None) -> int:
     n = sum(len(o) for o in outs)
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {device}, impl={args.impl})",
           file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Imported only once the flags are valid: bad flags are answered without loading torch.
+    from gpt.checkpoint import CheckpointError
+    from gpt.tokenizer import TokenizerNotFound
+
+    try:
+        run(args)
+    except (CheckpointError, TokenizerNotFound, ValueError, OSError, RuntimeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"sample.py: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
