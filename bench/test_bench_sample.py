@@ -29,8 +29,9 @@ import torch
 
 from bench.common import record, requires_cuda
 from gpt import GPT2Model, GPTConfig
-from gpt.generate import KVCache, column_major_weights_, decode_one, generate, prefill
+from gpt.generate import column_major_weights_, decode_one, generate, prefill
 from gpt.hf import to_transformers
+from gpt.model import KVCache
 
 PROMPT_LEN = 16
 NEW_TOKENS = 32
