@@ -152,12 +152,12 @@ def seed_step(model: nn.Module, optimizer, batches, grad_accum: int, lr: float, 
     """One optimizer step of the seed's recipe (fp32, loss ignoring id 0); returns the mean loss (on device)."""
     for g in optimizer.param_groups:
         g["lr"] = lr
-    total = torch.zeros(())
+    total = 0.0
     for _ in range(grad_accum):
         x, y = batches.next()
         out = model(x, y, ignore_index=SEED_IGNORE_INDEX)
         (out.loss / grad_accum).backward()
-        total += out.loss.detach() / grad_accum
+        total = total + out.loss.detach() / grad_accum
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -449,14 +449,12 @@ class Trainer:
         }
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        model = self.raw
-        if opts.compile:
-            model = torch.compile(model)
+        self.fwd = torch.compile(self.raw) if opts.compile else self.raw  # evaluation calls this
+        self.model = self.fwd  # training calls this: DDP-wrapped under torchrun
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.model = model
+            self.model = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _restore(self, ck: dict) -> None:
         try:
@@ -536,7 +534,7 @@ class Trainer:
     def _evaluate_and_checkpoint(self, pbar, since_eval: dict) -> bool:
         """Validation pass, best/last checkpoints, early-stopping bookkeeping. True = stop early."""
         tc = self.tc
-        m = evaluate(self.model, self.splits.val, self.model_cfg.max_seq_length, tc.batch_size, self.device,
+        m = evaluate(self.fwd, self.splits.val, self.model_cfg.max_seq_length, tc.batch_size, self.device,
                      self.dtype, tc.eval_tokens, self.rank, self.world,
                      self._should_stop if self.world == 1 else None)
         if not math.isfinite(m["loss"]):
