@@ -113,7 +113,8 @@ def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens:
     ``max_new_tokens``. ``on_token`` (streaming) gets each step's tokens (B,) on the host.
     ``decode_fn`` replaces ``decode_one``, e.g. with ``torch.compile(decode_one, dynamic=True)``.
 
-    See the module docstring for padding, truncation and what happens when the context fills.
+    Put the model in eval mode first (dropout). See the module docstring for padding, truncation
+    and what happens when the context fills.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if not prompts:
