@@ -360,7 +360,7 @@ class RankBatches:
 
 
 class Trainer:
-    """One training run: set up from options, ``run()`` to the end, checkpoints on the way."""
+    """One training run: ``setup()``, ``train()`` (checkpoints on the way), then ``finish()`` (test, samples, outputs)."""
 
     def __init__(self, opts: RunOptions, model_cfg: GPTConfig, tc: TrainConfig):
         self.opts, self.model_cfg, self.tc = opts, model_cfg, tc
