@@ -9,6 +9,10 @@ Recipe: every story on its own row, truncated/padded to 256 tokens with EOS; the
 trained on padding (predicting EOS after EOS) and never on "!". Reproduced faithfully here. Batch 4 x
 accumulation 8, AdamW (lr 2e-4, weight decay 0.01 on every parameter, betas (0.9, 0.95)), 500 warmup
 steps then cosine to 0, gradient clipping at 1.0.
+
+Initialisation is not part of the description, so PyTorch's defaults are kept: N(0, 1) embeddings,
+which, scaled by sqrt(d_model) and tied to the head, make a fresh model predict its input token with a
+logit near d_model (initial loss of hundreds of nats until training pulls it down).
 """
 
 from __future__ import annotations
