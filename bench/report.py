@@ -21,9 +21,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # (extra_info key, column title), in order of preference for the headline figure.
-UNITS = [("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("tokens_per_s", "tokens/s"), ("mb_per_s", "MB/s")]
-RATIOS = ("ratio_vs_eager", "ratio_vs_sdpa", "ratio_vs_hf", "ratio_vs_peer", "ratio_vs_compile")
-PCTS = ("pct_peak_tflops", "pct_peak_gbs", "pct_copy_gbs", "pct_bandwidth_limit")
+UNITS = [("mb_per_s", "MB/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("gbs", "GB/s")]
+# Every recorded ratio against a peer ("ratio_vs_X" / "speedup_vs_X") and every "% of a peak" figure.
+RATIO_PREFIXES = ("ratio_vs_", "speedup_vs_")
+PCT_PREFIX = "pct_"
 X_PARAMS = ("T", "seq_len", "rows", "cache_len", "N", "batch", "batch_size")
 
 
@@ -64,8 +65,10 @@ def table(data: dict) -> str:
         for b in sorted(groups[group], key=lambda b: b["name"]):
             info = b.get("extra_info", {})
             head = headline(info)
-            ratio = next((f"{fmt(info[k])}x {k.removeprefix('ratio_vs_')}" for k in RATIOS if k in info), "")
-            pct = next((f"{fmt(info[k])}% {k.removeprefix('pct_')}" for k in PCTS if k in info), "")
+            ratio = ", ".join(f"{fmt(v)}x {k.split('_vs_', 1)[1]}" for k, v in info.items()
+                              if k.startswith(RATIO_PREFIXES) and isinstance(v, (int, float)))
+            pct = ", ".join(f"{fmt(v)}% {k.removeprefix(PCT_PREFIX)}" for k, v in info.items()
+                            if k.startswith(PCT_PREFIX) and isinstance(v, (int, float)))
             figure = f"{fmt(head[1])} {head[0]}" if head else ""
             lines.append(f"| `{b['name']}` | {b['stats']['mean'] * 1e3:.3f} | {figure} | {ratio} | {pct} |")
         lines.append("")
