@@ -62,3 +62,43 @@ def record(benchmark, **info) -> None:
         info["pct_peak_gbs"] = round(100 * info["gbs"] / peaks["hbm_gbs"], 1)
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     benchmark.extra_info.update(info)
+
+
+def as_tuple(out):
+    """A function's outputs as a tuple (single tensors wrapped)."""
+    return out if isinstance(out, tuple) else (out,)
+
+
+def make_pass(fn, inputs, grads, which):
+    """A no-argument callable running one pass of fn on leaf inputs (grads reset so none accumulate)."""
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    if which == "fwd":
+        return lambda: fn(*inputs)
+    if which == "bwd":
+        outs = as_tuple(fn(*inputs))
+
+        def bwd():
+            clear()
+            torch.autograd.backward(outs, grads, retain_graph=True)
+
+        return bwd
+
+    def fwd_bwd():
+        clear()
+        torch.autograd.backward(as_tuple(fn(*inputs)), grads)
+
+    return fwd_bwd
+
+
+def synced(fn):
+    """fn followed by a device synchronisation, so wall-clock timers see the GPU work."""
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
-from bench.common import cuda_time_ms, record, requires_cuda
+from bench.common import cuda_time_ms, make_pass, record, requires_cuda, synced
 from gpt.model import causal_attention_ref
 
 pytestmark = requires_cuda
@@ -64,39 +64,6 @@ def ours(q, k, v):
 
 def reference(q, k, v):
     return causal_attention_ref(q, k, v)
-
-
-def make_pass(fn, inputs, grad, which):
-    """A no-argument callable running one pass of fn on leaf inputs (grads reset so none accumulate)."""
-
-    def clear():
-        for t in inputs:
-            t.grad = None
-
-    if which == "fwd":
-        return lambda: fn(*inputs)
-    if which == "bwd":
-        out = fn(*inputs)
-
-        def bwd():
-            clear()
-            out.backward(grad, retain_graph=True)
-
-        return bwd
-
-    def fwd_bwd():
-        clear()
-        fn(*inputs).backward(grad)
-
-    return fwd_bwd
-
-
-def synced(fn):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
 
 
 def assert_bf16_close(a, b, name):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.common import cuda_time_ms, measured_copy_gbs, record, requires_cuda
+from bench.common import as_tuple, cuda_time_ms, make_pass, measured_copy_gbs, record, requires_cuda, synced
 
 pytestmark = requires_cuda
 
@@ -60,43 +60,6 @@ def add_ln_triton(x, residual, weight, bias):
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     return torch.compile(fn, dynamic=False)
-
-
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def make_pass(fn, inputs, grads, which):
-    """A no-argument callable running one pass of fn on leaf inputs (grads reset so none accumulate)."""
-
-    def clear():
-        for t in inputs:
-            t.grad = None
-
-    if which == "fwd":
-        return lambda: fn(*inputs)
-    if which == "bwd":
-        outs = as_tuple(fn(*inputs))
-
-        def bwd():
-            clear()
-            torch.autograd.backward(outs, grads, retain_graph=True)
-
-        return bwd
-
-    def fwd_bwd():
-        clear()
-        torch.autograd.backward(as_tuple(fn(*inputs)), grads)
-
-    return fwd_bwd
-
-
-def synced(fn):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
 
 
 def leaves(rows, N, n_acts):

@@ -1,0 +1,36 @@
+"""Test and benchmark set-up shared by tests/ and bench/.
+
+Triton's interpreter on CPU-only machines, and fixtures for the offline GPT-2 tokenizer files and
+TinyStories sample (default ``../shared/data/...``; override with GPT2_TOKENIZER_DIR and
+TINYSTORIES_DIR).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Must happen before anything imports triton: without a GPU, kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
+
+
+def _shared_dir(env: str, default: Path, marker: str, what: str) -> Path:
+    d = Path(os.environ.get(env, default))
+    if not (d / marker).is_file():
+        pytest.skip(f"{what} not found in {d} (set {env})")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return _shared_dir("GPT2_TOKENIZER_DIR", SHARED / "data" / "gpt2-tokenizer", "vocab.json", "GPT-2 tokenizer files")
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return _shared_dir("TINYSTORIES_DIR", SHARED / "data" / "tinystories", "tinystories-sample.jsonl", "TinyStories sample")
