@@ -51,7 +51,7 @@ def fmt(v) -> str:
     return str(v)
 
 
-def table(data: dict) -> str:
+def table(data: dict, level: int = 3) -> str:
     """One markdown table per group: benchmark, mean time, headline figure, ratios and % of peak."""
     groups = defaultdict(list)
     for b in data["benchmarks"]:
@@ -61,7 +61,7 @@ def table(data: dict) -> str:
              f"device: {next((b['extra_info'].get('device') for b in data['benchmarks'] if b['extra_info'].get('device')), 'cpu')}; "
              f"date: {data.get('datetime', '?')[:10]}", ""]
     for group in sorted(groups):
-        lines += [f"### {group}", "", "| benchmark | mean ms | figure | vs peer | % peak |", "|---|---|---|---|---|"]
+        lines += [f"{'#' * level} {group}", "", "| benchmark | mean ms | figure | vs peer | % peak |", "|---|---|---|---|---|"]
         for b in sorted(groups[group], key=lambda b: b["name"]):
             info = b.get("extra_info", {})
             head = headline(info)
@@ -133,7 +133,7 @@ def readme_section() -> str:
         return "No benchmark results committed yet."
     parts = []
     for folder in folders:
-        parts.append(f"#### `{folder.name}` ([report](bench/results/{folder.name}/report.md))\n\n" + table(load(folder / "bench.json")))
+        parts.append(f"#### `{folder.name}` ([report](bench/results/{folder.name}/report.md))\n\n" + table(load(folder / "bench.json"), level=5))
     return "\n".join(parts)
 
 
