@@ -12,7 +12,6 @@ and torch elsewhere. ``model.impl`` can be changed at any time.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -91,9 +90,8 @@ class Ops(NamedTuple):
 TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_ref)
 
 
-@functools.cache
 def triton_ops() -> Ops:
-    """The Triton kernels (imported lazily, once, so the reference path never needs triton)."""
+    """The Triton kernels (imported lazily so the reference path never needs triton)."""
     import kernels
 
     return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, kernels.causal_attention)
