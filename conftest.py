@@ -20,9 +20,14 @@ SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
 
 
 def _shared_dir(env: str, default: Path, marker: str, what: str) -> Path:
+    """The shared data directory, or a skip when it is missing -- a failure in CI (CI=true), where a
+    green run with the data tests skipped would mean nothing."""
     d = Path(os.environ.get(env, default))
     if not (d / marker).is_file():
-        pytest.skip(f"{what} not found in {d} (set {env})")
+        message = f"{what} not found in {d} (set {env})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI must run the data tests", pytrace=False)
+        pytest.skip(message)
     return d
 
 

@@ -134,14 +134,12 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported only once the flags are valid: bad flags are answered without loading torch.
-    from gpt.checkpoint import CheckpointError
-    from gpt.tokenizer import TokenizerNotFound
+    from gpt.errors import UserError, one_line
 
     try:
         run(args)
-    except (CheckpointError, TokenizerNotFound, ValueError, OSError, RuntimeError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"sample.py: error: {message}", file=sys.stderr)
+    except (UserError, ValueError, OSError, RuntimeError) as e:  # ours, and torch's / the OS's on bad input
+        print(f"sample.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

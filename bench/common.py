@@ -1,4 +1,5 @@
-"""What the benchmarks share: the CUDA skip marker, device peaks, and roofline bookkeeping."""
+"""What the benchmarks share: the CUDA skip marker, measured bandwidth, and roofline bookkeeping
+(data-sheet peaks are ``gpt.hardware.PEAKS``)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,9 @@ import functools
 import pytest
 import torch
 
+from gpt.hardware import device_peaks
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels at speed)")
-
-# Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) from NVIDIA's SXM data sheets.
-PEAKS = {
-    "H100": {"bf16_tflops": 989.0, "hbm_gbs": 3350.0},
-    "H200": {"bf16_tflops": 989.0, "hbm_gbs": 4800.0},
-}
-
-
-def device_peaks() -> dict:
-    """Data-sheet peaks of the current CUDA device, or {} when unknown (or on a CPU)."""
-    if not torch.cuda.is_available():
-        return {}
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAKS.items() if k in name), {})
 
 
 @functools.lru_cache(maxsize=None)

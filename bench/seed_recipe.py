@@ -87,7 +87,8 @@ class SeedBlock(nn.Module):
 
 
 class SeedGPT(nn.Module):
-    """The seed's decoder. ``model(idx, targets, ignore_index=...)`` returns an ``LMLoss`` like ours."""
+    """The seed's decoder. ``model(idx, targets, ignore_index=...)`` returns an ``LMLoss`` like ours;
+    ``seed_loss(model)`` is the seed's training loss (ignoring ``SEED_IGNORE_INDEX``)."""
 
     def __init__(self, vocab_size: int = 50257, d_model: int = 512, num_heads: int = 8, num_layers: int = 6,
                  d_ff: int = 2048, max_len: int = 1024, dropout: float = 0.1):
@@ -156,17 +157,6 @@ def seed_lr(step: int, total_steps: int, recipe: SeedRecipe = SeedRecipe()) -> f
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def seed_step(model: nn.Module, optimizer, batches, grad_accum: int, lr: float, grad_clip: float = 1.0) -> torch.Tensor:
-    """One optimizer step of the seed's recipe (fp32, loss ignoring id 0); returns the mean loss (on device)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    total = 0.0
-    for _ in range(grad_accum):
-        x, y = batches.next()
-        out = model(x, y, ignore_index=SEED_IGNORE_INDEX)
-        (out.loss / grad_accum).backward()
-        total = total + out.loss.detach() / grad_accum
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
+def seed_loss(model: SeedGPT):
+    """``model`` as the seed trained it: ``(x, y) -> LMLoss`` ignoring target id 0, for ``train_step``."""
+    return lambda x, y: model(x, y, ignore_index=SEED_IGNORE_INDEX)

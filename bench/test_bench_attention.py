@@ -4,7 +4,7 @@ Prefill / training: bf16, D = 64, H = 16, T in 256..4096 with B * H * T = 256k (
 so every T does the same number of query rows. Forward, backward and forward+backward are each timed
 with CUDA events over 20 back-to-back calls (``cuda_time_ms``) for ours, for
 ``F.scaled_dot_product_attention(is_causal=True)`` under ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``
-and for ``gpt.model.causal_attention_ref`` (T x T scores in memory). FLOPs are counted as
+and for ``gpt.ops.causal_attention_ref`` (T x T scores in memory). FLOPs are counted as
 FlashAttention does: 4 * B * H * T^2 * D for the two matmuls, halved for causal, x 2.5 for the
 backward (x 3.5 for forward+backward); every implementation is credited the same FLOPs, so TFLOP/s
 ratios are time ratios.
@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 from bench.common import cuda_time_ms, make_pass, record, requires_cuda, synced
-from gpt.model import causal_attention_ref
+from gpt.ops import causal_attention_ref
 
 pytestmark = requires_cuda
 

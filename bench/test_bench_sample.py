@@ -31,7 +31,7 @@ from bench.common import record, requires_cuda
 from gpt import GPT2Model, GPTConfig
 from gpt.generate import column_major_weights_, decode_one, generate, prefill
 from gpt.hf import to_transformers
-from gpt.model import KVCache
+from gpt.kvcache import KVCache
 
 PROMPT_LEN = 16
 NEW_TOKENS = 32

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from bench.common import record
-from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_optimizer
+from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_loss, seed_optimizer
 from gpt import GPT2Model, GPTConfig, TrainConfig
-from gpt.train import CPU_DEFAULT_DTYPE, autocast_context, build_optimizer, flops_per_token, optimizer_step
+from gpt.hardware import autocast, default_dtype
+from gpt.trainer import build_optimizer, train_step
 
 pytestmark = pytest.mark.benchmark(group="train")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = "bf16" if CUDA else CPU_DEFAULT_DTYPE
+DTYPE = default_dtype(DEVICE)
 CFG = GPTConfig(dropout=0.0)  # the seed's sizes; no dropout so the weights-equal check is exact
 B, T = 8, 256
 TOKENS = B * T
@@ -58,7 +59,7 @@ def _run(benchmark, name, step):
     tps = TOKENS / benchmark.stats.stats.mean
     RESULTS[name] = tps
     info = {"tokens_per_s": round(tps, 1), "tokens_per_step": TOKENS, "wall_s": round(time.perf_counter() - t0, 2),
-            "tflops": round(flops_per_token(CFG) * tps / 1e12, 3)}
+            "tflops": round(CFG.flops_per_token() * tps / 1e12, 3)}
     if "transformers" in RESULTS and name != "transformers":
         info["speedup_vs_transformers"] = round(tps / RESULTS["transformers"], 2)
     record(benchmark, **info)
@@ -98,16 +99,12 @@ def test_train_step_seed_recipe(benchmark, batch):
     y = torch.where(y < 0, torch.full_like(y, SEED_IGNORE_INDEX), y)
     with torch.no_grad():
         model.eval()
-        first = model(x, y, ignore_index=SEED_IGNORE_INDEX).loss.item()
+        first = seed_loss(model)(x, y).loss.item()
         model.train()
     assert math.isfinite(first) and first > math.log(CFG.vocab_size) - 3  # an untrained model: near uniform or worse
 
     def step():
-        out = model(x, y, ignore_index=SEED_IGNORE_INDEX)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(seed_loss(model), opt, [(x, y)], device=DEVICE, dtype="fp32", grad_clip=1.0)
 
     _run(benchmark, "seed_recipe", step)
 
@@ -131,20 +128,15 @@ def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype):
         ref_model = GPT2Model(CFG, impl="torch").to(DEVICE)
         ref_model.load_state_dict(weights)
         ref = ref_model(x, y).loss  # fp32 reference
-        with autocast_context(DEVICE, dtype):
+        with autocast(DEVICE, dtype):
             got = model(x, y).loss
         del ref_model
     assert torch.allclose(got, ref, rtol=2e-2 if dtype == "bf16" else 1e-5)
     tc = TrainConfig()
     opt = build_optimizer(model, tc, DEVICE)
-    scaler = torch.amp.GradScaler(DEVICE.type, enabled=False)
-    params = list(model.parameters())
     fwd = torch.compile(model) if compile_ else model
 
     def step():
-        with autocast_context(DEVICE, dtype):
-            out = fwd(x, y)
-        out.loss.backward()
-        optimizer_step(opt, scaler, params, tc.grad_clip)
+        train_step(fwd, opt, [(x, y)], device=DEVICE, dtype=dtype, grad_clip=tc.grad_clip)
 
     _run(benchmark, f"ours_{impl}_{dtype}" + ("_compile" if compile_ else ""), step)

@@ -24,12 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.seed_recipe import SeedBatches, SeedGPT, SeedRecipe, seed_lr, seed_optimizer, seed_step, story_rows  # noqa: E402
+from bench.seed_recipe import SeedBatches, SeedGPT, SeedRecipe, seed_loss, seed_lr, seed_optimizer, story_rows  # noqa: E402
 from gpt.config import get_preset  # noqa: E402
-from gpt.data import TrainBatches, prepare_data  # noqa: E402
+from gpt.data import DEFAULT_CACHE_DIR, TrainBatches, prepare_data  # noqa: E402
 from gpt.model import GPT2Model  # noqa: E402
 from gpt.tokenizer import get_tokenizer  # noqa: E402
-from gpt.train import CPU_DEFAULT_DTYPE, autocast_context, build_optimizer, evaluate, lr_at, optimizer_step  # noqa: E402
+from gpt.hardware import default_dtype  # noqa: E402
+from gpt.trainer import build_optimizer, evaluate, lr_at, train_step  # noqa: E402
 
 CALIBRATION_STEPS = 3
 
@@ -55,20 +56,13 @@ def run_ours(splits, budget_s, device, dtype, seed) -> tuple[torch.nn.Module, di
     torch.manual_seed(seed)
     model = GPT2Model(cfg, impl="torch").to(device)
     opt = build_optimizer(model, tc, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    params = list(model.parameters())
     batches = TrainBatches(splits.train, tc.batch_size, cfg.max_seq_length, seed=seed)
 
     def step(i, total):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i, tc, total)
-        for _ in range(tc.grad_accum):
-            x, y = (t.to(device) for t in batches.next())
-            with autocast_context(device, dtype):
-                out = model(x, y)
-            (out.loss / tc.grad_accum).backward()
-        optimizer_step(opt, scaler, params, tc.grad_clip)
-        return out.loss.detach()
+        micro = [tuple(t.to(device) for t in batches.next()) for _ in range(tc.grad_accum)]
+        loss_sum, _, count = train_step(model, opt, micro, device=device, dtype=dtype, grad_clip=tc.grad_clip,
+                                        lr=lr_at(i, tc, total))
+        return loss_sum / count
 
     stats = train_for(budget_s, step)
     stats["tokens"] = stats["steps"] * tc.batch_size * tc.grad_accum * cfg.max_seq_length
@@ -85,12 +79,13 @@ def run_seed(splits, eos_id, budget_s, device, size, seed) -> tuple[torch.nn.Mod
     rows = story_rows(splits.train, eos_id, recipe.seq_len)
     batches = SeedBatches(rows, recipe.batch_size, seed=seed)
 
-    class OnDevice:
-        def next(self):
-            return tuple(t.to(device) for t in batches.next())
+    def step(i, total):
+        micro = [tuple(t.to(device) for t in batches.next()) for _ in range(recipe.grad_accum)]
+        loss_sum, _, count = train_step(seed_loss(model), opt, micro, device=device, dtype="fp32",
+                                        grad_clip=recipe.grad_clip, lr=seed_lr(i, total, recipe))
+        return loss_sum / count
 
-    stats = train_for(budget_s, lambda i, total: seed_step(model, opt, OnDevice(), recipe.grad_accum,
-                                                          seed_lr(i, total, recipe), recipe.grad_clip))
+    stats = train_for(budget_s, step)
     stats["tokens"] = stats["steps"] * recipe.batch_size * recipe.grad_accum * (recipe.seq_len - 1)
     stats["params"] = sum(p.numel() for p in model.parameters())
     return model, stats
@@ -101,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/tinystories/tinystories-sample.jsonl"))
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/gpt2-tokenizer"))
-    p.add_argument("--cache-dir", default="data_cache")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed-size", choices=("seed", "tiny"), default="seed", help="size of the seed recipe's model")
     p.add_argument("--only", choices=("ours", "seed"), default=None, help="run one side only")
@@ -110,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = "bf16" if device.type == "cuda" else CPU_DEFAULT_DTYPE
+    dtype = default_dtype(device)
     tok = get_tokenizer(args.tokenizer)
     splits = prepare_data(args.data, tok, cache_dir=args.cache_dir, num_stories=0, progress=False)
     context = get_preset("tiny").model.max_seq_length

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, with one-line errors."""
+"""Run outputs written atomically, and checkpoints read with ``weights_only=True`` and one-line errors."""
 
 from __future__ import annotations
 
@@ -7,36 +7,43 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
 from .config import GPTConfig
+from .errors import UserError, one_line
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or not one of ours. The message is one line for the user."""
 
 
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` atomically: a temp file in the same directory, then a rename.
-
-    A crash or Ctrl-C mid-write leaves the previous file at ``path`` untouched.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace ``path`` with what ``write(file)`` writes: a temp file in the same directory,
+    flushed to disk, then renamed over ``path``. A crash or Ctrl-C mid-write leaves the previous
+    file untouched and no temp file behind. The file gets the usual permissions of a new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -54,8 +61,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
             AttributeError, TypeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a loadable checkpoint (corrupt, or not a weights-only file): {first}") from None
+        raise CheckpointError(f"{path} is not a loadable checkpoint (corrupt, or not a weights-only file): "
+                              f"{one_line(e)}") from None
     if not isinstance(obj, dict) or "model_state_dict" not in obj or "config" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_state_dict/config)")
     try:
@@ -74,5 +81,5 @@ def load_model(path: str | os.PathLike, map_location="cpu", impl: str = "auto"):
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the stored config: {one_line(e)}") from None
     return model.to(map_location)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+SEED_NUM_STORIES = 270_000  # the seed's protocol: the first 270,000 stories, split 70/20/10
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -57,6 +59,11 @@ class GPTConfig:
         block = attn + mlp + 2 * 2 * d  # two LayerNorms (weight + bias)
         return embed + L * block + 2 * d  # + final LayerNorm
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token as nanoGPT estimates them: 6N + 12 L d T (N without positions)."""
+        n = self.num_params() - self.max_seq_length * self.d_model
+        return 6 * n + 12 * self.num_layers * self.d_model * self.max_seq_length
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -76,7 +83,7 @@ class TrainConfig:
     eval_interval: int = 500  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 0  # cap on tokens per validation pass; 0 = the whole split
     patience: int = 3  # evaluations without improvement before early stopping (seed: 3)
-    num_stories: int = 270_000  # seed protocol: the first N stories, split 70/20/10
+    num_stories: int = SEED_NUM_STORIES  # the first N stories (0 = all), split 70/20/10
 
 
 @dataclass(frozen=True)

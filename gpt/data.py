@@ -2,12 +2,13 @@
 
 ``prepare_data`` reads stories (the Hugging Face hub, or local .txt / .jsonl / .parquet files), keeps
 their text exactly, appends EOS (50256) after every story, splits by story in order (70/20/10, or the
-official validation split as test) and writes ``train.bin`` / ``val.bin`` / ``test.bin`` + ``meta.json``
-under ``cache_dir/<key>/``. The key covers the source's fingerprint, the story count, the split mode
+official validation split as test) and writes the tokens once (``stories.bin``, plus
+``official_validation.bin`` for the official split) with a ``meta.json`` saying which token range of
+which file each split is, under ``cache_dir/<key>/``. The key covers the source's fingerprint, the story count, the split mode
 and the tokenizer, so a re-run reuses the files and a changed source is re-tokenized.
 
-``TrainBatches`` draws random windows from the packed train stream (no padding); ``eval_batches``
-walks a split in non-overlapping windows so that every token is scored exactly once.
+``TrainBatches`` draws random windows from the packed train stream (no padding), each process of a
+distributed run its own share of one global sequence; ``eval_batches`` walks a split in non-overlapping windows so that every token is scored exactly once.
 
     python -m gpt.data --data PATH [--tokenizer DIR] [--num-stories N] [--cache-dir D] [--test-split seed|official]
 """
@@ -32,18 +33,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt.tokenizer import EOS_ID, EOS_TOKEN, TokenizerNotFound, get_tokenizer
+from .config import SEED_NUM_STORIES
+from .errors import UserError
+from .tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
 
 HUB_DATASET = "roneneldan/TinyStories"
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1  # bump when the cache layout or the story parsing changes
+FORMAT_VERSION = 2  # bump when the cache layout or the story parsing changes
 FULL_HASH_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones by first + last MiB
 CHUNK_STORIES = 4096  # stories per tokenizer batch
 MAX_EXAMPLES = 5  # skipped-story locations kept per reason
+DEFAULT_CACHE_DIR = "data_cache"  # tokenized splits, one subdirectory per source and settings
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable data source or data: the message is one line, fit to show a user as is."""
 
 
@@ -52,7 +56,7 @@ class TokenSplits:
     train: np.ndarray  # (n_train,) uint16 memmap: stories packed, EOS after every story
     val: np.ndarray  # (n_val,) uint16 memmap
     test: np.ndarray  # (n_test,) uint16 memmap
-    meta: dict = field(default_factory=dict)  # counts, fingerprint, tokenizer hash, skips; see prepare_data
+    meta: dict = field(default_factory=dict)  # counts, layout, fingerprint, tokenizer hash, skips; see prepare_data
     path: Path | None = None  # the cache directory holding the .bin files
 
 
@@ -118,7 +122,7 @@ def _read_txt(path: Path, skips: _Skips) -> Iterator[_Story]:
         yield _Story(text, official)
 
 
-def _read_jsonl(path: Path, skips: _Skips, labels_seen: list) -> Iterator[_Story]:
+def _read_jsonl(path: Path, skips: _Skips) -> Iterator[_Story]:
     """One JSON object per line with a "text" string; an optional "split" labels official validation."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -137,12 +141,10 @@ def _read_jsonl(path: Path, skips: _Skips, labels_seen: list) -> Iterator[_Story
             if not obj["text"].strip():
                 skips.add("empty story", where)
                 continue
-            if "split" in obj:
-                labels_seen.append(True)
             yield _Story(obj["text"], _is_official_val(obj.get("split")) if "split" in obj else False)
 
 
-def _read_parquet(path: Path, skips: _Skips, labels_seen: list) -> Iterator[_Story]:
+def _read_parquet(path: Path, skips: _Skips) -> Iterator[_Story]:
     """A "text" column; an optional "split" column, else a file name containing "valid", labels validation."""
     import pyarrow.parquet as pq
 
@@ -154,8 +156,6 @@ def _read_parquet(path: Path, skips: _Skips, labels_seen: list) -> Iterator[_Sto
     if "text" not in names:
         raise DataError(f'{path}: no "text" column (columns: {", ".join(names)})')
     has_split = "split" in names
-    if has_split or "valid" in path.name.lower():
-        labels_seen.append(True)
     row = 0
     for batch in pf.iter_batches(columns=["text", "split"] if has_split else ["text"]):
         cols = batch.to_pydict()
@@ -188,15 +188,15 @@ def _source_files(source: Path) -> list[Path]:
     return files
 
 
-def _read_files(files: list[Path], skips: _Skips, labels_seen: list) -> Iterator[_Story]:
+def _read_files(files: list[Path], skips: _Skips) -> Iterator[_Story]:
     for p in files:
         suffix = p.suffix.lower()
         if suffix == ".txt":
             yield from _read_txt(p, skips)
         elif suffix == ".jsonl":
-            yield from _read_jsonl(p, skips, labels_seen)
+            yield from _read_jsonl(p, skips)
         else:
-            yield from _read_parquet(p, skips, labels_seen)
+            yield from _read_parquet(p, skips)
 
 
 def _read_hub(split: str, skips: _Skips) -> Iterator[_Story]:
@@ -247,10 +247,11 @@ def _load_cached(directory: Path) -> TokenSplits | None:
         meta = json.loads((directory / "meta.json").read_text())
         arrays = {}
         for name in SPLITS:
-            path = directory / f"{name}.bin"
-            if path.stat().st_size != 2 * meta["tokens"][name]:
+            file, start, end = meta["layout"][name]
+            path = directory / file
+            if path.stat().st_size != 2 * meta["file_tokens"][file] or not 0 <= start < end <= meta["file_tokens"][file]:
                 return None
-            arrays[name] = np.memmap(path, dtype=np.uint16, mode="r")
+            arrays[name] = np.memmap(path, dtype=np.uint16, mode="r", offset=2 * start, shape=(end - start,))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return TokenSplits(arrays["train"], arrays["val"], arrays["test"], meta, directory)
@@ -264,12 +265,12 @@ def _split_counts(n: int, ratios: tuple[int, ...]) -> list[int]:
 
 
 class _TokenWriter:
-    """Appends tokenized stories (plus EOS) to a .bin file; remembers each story's token count."""
+    """Appends tokenized stories (each followed by EOS) to a .bin file; remembers each story's length."""
 
     def __init__(self, path: Path):
         self.path = path
         self.file = path.open("wb")
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # tokens per story, EOS included
 
     def write(self, batch: list[list[int]]) -> None:
         flat = [t for ids in batch for t in (*ids, EOS_ID)]
@@ -280,21 +281,17 @@ class _TokenWriter:
         self.file.close()
 
 
-def _copy_tokens(src: np.ndarray, dst: Path, chunk: int = 1 << 24) -> None:
-    with dst.open("wb") as f:
-        for i in range(0, len(src), chunk):
-            np.asarray(src[i : i + chunk]).tofile(f)
-
-
 # ---------------------------------------------------------------------------------------------------
 # prepare_data
+
+STORIES_FILE, HELD_OUT_FILE = "stories.bin", "official_validation.bin"
 
 
 def prepare_data(
     source,
     tokenizer,
-    cache_dir="data_cache",
-    num_stories: int = 270_000,
+    cache_dir=DEFAULT_CACHE_DIR,
+    num_stories: int = SEED_NUM_STORIES,
     test_split: str = "seed",
     progress: bool = True,
 ) -> TokenSplits:
@@ -304,11 +301,16 @@ def prepare_data(
     directory of one of those formats (files in name order). num_stories: use the first N stories
     (0 = all). test_split "seed": the N stories split 70/20/10 in order; "official": test is the official
     validation split and the first N other stories split 7:2 into train/val.
+
+    Every token is written once: the kept stories go, in order, to ``stories.bin`` (official
+    validation stories to ``official_validation.bin``), and each split is a memory map of a range of
+    one file, recorded in ``meta.json``'s ``layout``.
     """
     if test_split not in ("seed", "official"):
         raise DataError(f"test_split must be 'seed' or 'official', got {test_split!r}")
     if num_stories < 0:
         raise DataError(f"num_stories must be >= 0 (0 = all), got {num_stories}")
+    official = test_split == "official"
     files = None if source is None else _source_files(Path(source))
     fingerprint = f"hub:{HUB_DATASET}" if files is None else [_file_fingerprint(p) for p in files]
     cache_dir = Path(cache_dir)
@@ -317,18 +319,35 @@ def prepare_data(
     if cached is not None:
         return cached
 
-    skips, labels_seen = _Skips(), []
-    if files is None:
-        stories = _read_hub("train", skips)
+    skips = _Skips()
+    if files is not None:
+        stories = _read_files(files, skips)
+    elif official:  # the hub's train split holds no validation stories: stop reading it after N
+        train = _read_hub("train", skips)
+        stories = itertools.chain(itertools.islice(train, num_stories) if num_stories else train,
+                                  _read_hub("validation", skips))
     else:
-        stories = _read_files(files, skips, labels_seen)
+        stories = _read_hub("train", skips)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        meta = _tokenize(stories, files, tokenizer, tmp, num_stories, test_split, skips, labels_seen, progress)
-        meta["source"] = "hub:" + HUB_DATASET if files is None else str(Path(source).resolve())
-        meta["fingerprint"] = fingerprint
+        start = time.time()
+        kept, held, eot_in_text = _tokenize(stories, tokenizer, tmp, num_stories, official, progress)
+        if official and not held:
+            raise DataError(
+                "test_split='official' needs the official validation split (a jsonl 'split' field, a parquet "
+                "'split' column or a file named *valid*); this source has no such story (use test_split='seed')"
+            )
+        meta = _layout(kept, held, official, skips)
+        meta.update(
+            format_version=FORMAT_VERSION, test_split=test_split, num_stories_requested=num_stories,
+            stories_read=len(kept) + len(held), skipped=dict(skips.counts), skipped_examples=skips.examples,
+            stories_with_endoftext_in_text=eot_in_text, eos_id=EOS_ID, tokenizer_hash=tokenizer.hash,
+            tokenizer_source=getattr(tokenizer, "source", type(tokenizer).__name__),
+            tokenize_seconds=round(time.time() - start, 2),
+            source="hub:" + HUB_DATASET if files is None else str(Path(source).resolve()), fingerprint=fingerprint,
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, final)
     finally:
@@ -342,104 +361,63 @@ def prepare_data(
     return splits
 
 
-def _tokenize(stories, files, tokenizer, tmp, num_stories, test_split, skips, labels_seen, progress) -> dict:
-    """Tokenize the stories into tmp/{pool,test}.bin, split by story into train/val/test.bin; the meta."""
-    official = test_split == "official"
-    pool = _TokenWriter(tmp / "pool.bin")
-    held = _TokenWriter(tmp / "official.bin") if official else None
+def _tokenize(stories: Iterator[_Story], tokenizer, out: Path, num_stories: int, official: bool,
+              progress: bool) -> tuple[list[int], list[int], int]:
+    """Tokenize the first ``num_stories`` stories (0 = all) into ``out/stories.bin`` and, when
+    ``official``, the official validation stories into ``out/official_validation.bin``.
+
+    Returns the token counts per story of each file and how many stories contain "<|endoftext|>".
+    """
+    writers = {False: _TokenWriter(out / STORIES_FILE)}
+    if official:
+        writers[True] = _TokenWriter(out / HELD_OUT_FILE)
+    buffers: dict[bool, list[str]] = {False: [], True: []}  # held out (official validation)? -> texts
     eot_in_text = 0
-    start = time.time()
     bar = tqdm(total=num_stories or None, unit=" stories", desc="tokenizing", disable=not progress, file=sys.stderr)
+
+    def flush(held_out: bool) -> None:
+        writers[held_out].write(tokenizer.encode_batch(buffers[held_out]))
+        if not held_out:
+            bar.update(len(buffers[held_out]))
+        buffers[held_out].clear()
+
     try:
-        buffers: dict[bool, list[str]] = {False: [], True: []}  # is official validation -> texts
-
-        def flush(is_val: bool) -> None:
-            (held if is_val else pool).write(tokenizer.encode_batch(buffers[is_val]))
-            if not is_val:
-                bar.update(len(buffers[is_val]))
-            buffers[is_val].clear()
-
-        taken = 0
         for story in stories:
-            is_val = official and story.official_val
-            if not is_val and num_stories and taken >= num_stories:
+            held_out = official and story.official_val
+            if not held_out and num_stories and len(writers[False].lengths) + len(buffers[False]) >= num_stories:
                 if not official:
                     break  # seed protocol: the first N stories; official still collects validation stories
                 continue
-            taken += not is_val
             eot_in_text += EOS_TOKEN in story.text
-            buffers[is_val].append(story.text)
-            if len(buffers[is_val]) >= CHUNK_STORIES:
-                flush(is_val)
-        for is_val in (False, True):
-            if buffers[is_val]:
-                flush(is_val)
-        if official and files is not None and not labels_seen:
-            raise DataError(
-                "test_split='official' needs the official validation split: a jsonl 'split' field, a parquet "
-                "'split' column or a file named *valid*; this source has none (use test_split='seed')"
-            )
-        if official and files is None:
-            for chunk in _chunks(_read_hub("validation", skips), CHUNK_STORIES):
-                held.write(tokenizer.encode_batch([s.text for s in chunk]))
+            buffers[held_out].append(story.text)
+            if len(buffers[held_out]) >= CHUNK_STORIES:
+                flush(held_out)
+        for held_out in writers:
+            if buffers[held_out]:
+                flush(held_out)
     finally:
         bar.close()
-        pool.close()
-        if held is not None:
-            held.close()
+        for w in writers.values():
+            w.close()
+    return writers[False].lengths, writers[True].lengths if official else [], eot_in_text
 
-    n = len(pool.lengths)
-    if n == 0:
+
+def _layout(kept: list[int], held: list[int], official: bool, skips: _Skips) -> dict:
+    """Split the kept stories by count (7:2:1, or 7:2 with the held-out stories as test) into token
+    ranges of their files: the meta's ``layout``, ``file_tokens``, ``stories`` and ``tokens``."""
+    if not kept:
         detail = f" (skipped: {_skip_text(skips.counts)})" if skips.counts else ""
         raise DataError(f"no stories found in the data source{detail}")
-    counts = _split_counts(n, (7, 2) if official else (7, 2, 1))
-    if official:
-        if not held.lengths:
-            raise DataError("test_split='official': the source holds no official validation stories")
-        counts.append(len(held.lengths))
+    counts = _split_counts(len(kept), (7, 2) if official else (7, 2, 1)) + ([len(held)] if official else [])
     if min(counts) == 0:
-        raise DataError(f"{n} stories are too few for non-empty train/val/test splits (got {counts})")
-
-    pool_tokens = np.memmap(pool.path, dtype=np.uint16, mode="r")
-    ends = np.cumsum([0, *pool.lengths])
-    bounds = np.cumsum([0, *counts[:2]])  # story index where train / val / (test) start
-    for name, lo, hi in zip(SPLITS[:2], bounds[:-1], bounds[1:]):
-        _copy_tokens(pool_tokens[ends[lo] : ends[hi]], tmp / f"{name}.bin")
-    if official:
-        held.path.rename(tmp / "test.bin")
-        test_lengths = held.lengths
-    else:
-        _copy_tokens(pool_tokens[ends[bounds[2]] :], tmp / "test.bin")
-        test_lengths = pool.lengths[bounds[2] :]
-    del pool_tokens
-    pool.path.unlink()
-    lengths = [pool.lengths[bounds[0] : bounds[1]], pool.lengths[bounds[1] : bounds[2]], test_lengths]
-    return {
-        "format_version": FORMAT_VERSION,
-        "test_split": test_split,
-        "num_stories_requested": num_stories,
-        "stories": dict(zip(SPLITS, counts)),
-        "tokens": {name: int(sum(ls)) for name, ls in zip(SPLITS, lengths)},
-        "stories_read": n + (len(held.lengths) if official else 0),
-        "skipped": dict(skips.counts),
-        "skipped_examples": skips.examples,
-        "stories_with_endoftext_in_text": eot_in_text,
-        "eos_id": EOS_ID,
-        "tokenizer_hash": tokenizer.hash,
-        "tokenizer_source": getattr(tokenizer, "source", type(tokenizer).__name__),
-        "tokenize_seconds": round(time.time() - start, 2),
-    }
-
-
-def _chunks(stories: Iterator[_Story], size: int) -> Iterator[list[_Story]]:
-    chunk = []
-    for s in stories:
-        chunk.append(s)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        raise DataError(f"{len(kept)} stories are too few for non-empty train/val/test splits (got {counts})")
+    ends = np.cumsum([0, *kept]).tolist()  # token offset of each story boundary in stories.bin
+    first = np.cumsum([0, *counts[:2]]).tolist()  # index of each split's first story
+    layout = {name: [STORIES_FILE, ends[first[i]], ends[first[i] + counts[i]]] for i, name in enumerate(SPLITS[:2])}
+    layout["test"] = [HELD_OUT_FILE, 0, sum(held)] if official else [STORIES_FILE, ends[first[2]], ends[-1]]
+    file_tokens = {STORIES_FILE: ends[-1], **({HELD_OUT_FILE: sum(held)} if official else {})}
+    return {"layout": layout, "file_tokens": file_tokens, "stories": dict(zip(SPLITS, counts)),
+            "tokens": {name: end - start for name, (_, start, end) in layout.items()}}
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -487,8 +465,11 @@ def _print_summary(splits: TokenSplits, file) -> None:
 class TrainBatches:
     """Random windows of context+1 tokens from the packed train stream: no padding.
 
-    Batch k of rank r draws its window starts from a generator seeded with (seed, r, k), so the state
-    is three integers and a restored state continues the exact same sequence.
+    Global batch g draws its window starts from a generator seeded with (seed, g), so any batch can be
+    drawn on its own. Rank r of W draws global batches r, r + W, r + 2W, ...: with A micro-batches
+    per rank, optimizer step s covers global batches s*A*W ... s*A*W + A*W - 1, exactly what one
+    process with A*W micro-batches draws, so DDP and single-process accumulation see the same data.
+    The state is a few integers, and a restored state continues the exact same sequence.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int, rank: int = 0,
@@ -502,27 +483,29 @@ class TrainBatches:
         self.tokens = tokens
         self.batch_size, self.context = batch_size, context
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
+        self.drawn = 0  # batches this rank has drawn
         self._offsets = np.arange(context + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        """The next (x, y) of this rank, each (batch_size, context) int64: y is x shifted by one token."""
+        g = self.drawn * self.world_size + self.rank  # the global batch index
+        rng = np.random.default_rng([self.seed, g])
         starts = rng.integers(0, len(self.tokens) - self.context, size=self.batch_size)
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))  # (B, T+1)
-        self.step += 1
+        self.drawn += 1
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "step": self.step,
+        return {"seed": self.seed, "drawn": self.drawn, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "context": self.context}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["batch_size"], state["context"]) != (self.batch_size, self.context):
-            raise ValueError(
-                f"batch state is for batch_size={state['batch_size']}, context={state['context']}; "
-                f"this loader has {self.batch_size}, {self.context}"
-            )
-        self.seed, self.rank, self.step = int(state["seed"]), int(state["rank"]), int(state["step"])
+        mine = {"batch_size": self.batch_size, "context": self.context, "rank": self.rank,
+                "world_size": self.world_size}
+        theirs = {k: state[k] for k in mine}
+        if theirs != mine:
+            raise ValueError(f"batch state is for {theirs}; this loader has {mine}")
+        self.seed, self.drawn = int(state["seed"]), int(state["drawn"])
 
 
 def eval_batches(tokens: np.ndarray, context: int, batch_size: int,
@@ -561,15 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="a .txt/.jsonl/.parquet file or a directory of them "
                                                 "(default: the hub dataset roneneldan/TinyStories)")
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json + merges.txt (or $GPT2_TOKENIZER_DIR)")
-    p.add_argument("--num-stories", type=int, default=270_000, help="use the first N stories (0 = all)")
-    p.add_argument("--cache-dir", default="data_cache")
+    p.add_argument("--num-stories", type=int, default=SEED_NUM_STORIES, help="use the first N stories (0 = all)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--test-split", choices=("seed", "official"), default="seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         splits = prepare_data(args.data, get_tokenizer(args.tokenizer), args.cache_dir, args.num_stories,
                               args.test_split, progress=not args.quiet)
-    except (DataError, TokenizerNotFound) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -23,9 +23,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import GPT2Model, KVCache
-
-GPT2_EOS = 50256
+from .kvcache import KVCache
+from .model import GPT2Model
+from .tokenizer import EOS_ID
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
@@ -106,7 +106,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 @torch.no_grad()
 def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: Optional[int] = GPT2_EOS, generator: Optional[torch.Generator] = None,
+             eos_id: Optional[int] = EOS_ID, generator: Optional[torch.Generator] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
              check_every: int = 16, decode_fn: Callable = decode_one) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), stopping at EOS (not included) or after
@@ -172,7 +172,7 @@ def eos_of(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
-    return GPT2_EOS if eos is None else eos
+    return EOS_ID if eos is None else eos
 
 
 class TextStream:

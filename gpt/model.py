@@ -1,159 +1,27 @@
-"""GPT-2 decoder: a plain-PyTorch reference path and a Triton fast path, chosen in one place.
+"""GPT-2 decoder (the model only; its hot ops live in ``gpt/ops.py``, the KV cache in ``gpt/kvcache.py``).
 
 The architecture is OpenAI's GPT-2 (pre-LayerNorm blocks, learned positions, tanh-GELU MLP, final
 LayerNorm, LM head tied to the token embedding, biases everywhere), with parameter names that map
 one-to-one onto ``transformers.GPT2LMHeadModel`` (see ``gpt/hf.py``).
 
-The three hot ops -- LayerNorm, residual add fused with LayerNorm, and causal attention -- are
-looked up through ``select_ops(impl, device)``. ``impl="torch"`` gives the readable reference math
-below; ``impl="triton"`` gives the kernels in ``kernels/``; ``impl="auto"`` picks Triton on CUDA
-and torch elsewhere. ``model.impl`` can be changed at any time.
+The three hot ops -- LayerNorm, residual add fused with LayerNorm, and causal attention -- come
+from ``select_ops(model.impl, device)``: ``"torch"`` is the readable reference math, ``"triton"``
+the kernels in ``kernels/``, ``"auto"`` Triton on CUDA and torch elsewhere. ``model.impl`` can be
+changed at any time.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-
-IMPLS = ("auto", "torch", "triton")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference ops: written to be read, and the float64-checkable definition of what kernels compute.
-# ----------------------------------------------------------------------------------------------
-
-
-def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim, statistics in fp32 (or higher), output in x's dtype."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    mean = xf.mean(dim=-1, keepdim=True)
-    var = ((xf - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as LayerNorm uses
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    return (y * weight.to(y.dtype) + bias.to(y.dtype)).to(x.dtype)
-
-
-def add_layer_norm_ref(x, residual, weight, bias, eps):
-    """The pre-LN block's residual add and the next LayerNorm: returns (LN(x + residual), x + residual)."""
-    s = x + residual
-    return layer_norm_ref(s, weight, bias, eps), s
-
-
-def attention_mask(Tq: int, Tk: int, device, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean mask of allowed (query, key) pairs: key j <= i + (Tk - Tq), and j >= kv_start[b].
-
-    Shape (Tq, Tk), or (B, 1, Tq, Tk) with kv_start (left-padded batches: keys before a row's
-    start are padding).
-    """
-    i = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
-    j = torch.arange(Tk, device=device)[None, :]
-    allowed = j <= i  # (Tq, Tk)
-    if kv_start is not None:
-        allowed = allowed & (j >= kv_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
-    return allowed
-
-
-def causal_attention_ref(q, k, v, scale=None, kv_start=None, dropout_p: float = 0.0):
-    """Explicit causal softmax attention.
-
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq. Query i sits at absolute position
-    i + (Tk - Tq), so Tq == Tk is ordinary causal attention and Tq == 1 is one decode step against
-    a cache. Rows with no allowed key (padding queries) output zeros.
-    """
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    allowed = attention_mask(Tq, Tk, q.device, kv_start)
-    att = att.masked_fill(~allowed, float("-inf"))
-    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
-    att = torch.nan_to_num(att, nan=0.0)  # fully masked rows -> 0
-    if dropout_p > 0.0:
-        att = F.dropout(att, p=dropout_p, training=True)
-    return att @ v  # (B, H, Tq, D)
-
-
-class Ops(NamedTuple):
-    """The hot ops of one implementation, with the signatures the model calls."""
-
-    name: str
-    layer_norm: Callable  # (x, weight, bias, eps) -> y
-    add_layer_norm: Callable  # (x, residual, weight, bias, eps) -> (LN(x + residual), x + residual)
-    attention: Callable  # (q, k, v, scale=None, kv_start=None) -> y, shapes as causal_attention_ref
-
-
-TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_ref)
-
-
-def triton_ops() -> Ops:
-    """The Triton kernels (imported lazily so the reference path never needs triton)."""
-    import kernels
-
-    return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, kernels.causal_attention)
-
-
-def select_ops(impl: str, device: torch.device) -> Ops:
-    """The one place that maps ``impl`` to an implementation of every hot op."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
-    return triton_ops() if impl == "triton" else TORCH_OPS
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache: static, preallocated, written in place by prefill and decode.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every layer for ``batch_size`` sequences of up to ``max_len`` tokens.
-
-    ``pos`` is the number of positions already written (a host int: no device sync to read it).
-    ``start[b]`` is the first real position of row b in a left-padded batch (zeros if unpadded):
-    keys before it are masked and positions count from it.
-    """
-
-    k: torch.Tensor  # (L, B, H, max_len, D)
-    v: torch.Tensor  # (L, B, H, max_len, D)
-    start: torch.Tensor  # (B,) int64
-    pos: int = 0
-
-    @classmethod
-    def allocate(cls, config: GPTConfig, batch_size: int, device, dtype, max_len: Optional[int] = None):
-        max_len = config.max_seq_length if max_len is None else max_len
-        if not 1 <= max_len <= config.max_seq_length:
-            raise ValueError(f"cache length {max_len} must be in [1, {config.max_seq_length}]")
-        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
-        return cls(
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(batch_size, device=device, dtype=torch.int64),
-        )
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at [pos, pos + T) of ``layer``; return views of [0, pos + T)."""
-        T = k.shape[2]
-        end = self.pos + T
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
-
+from .kvcache import KVCache
+from .ops import IMPLS, Ops, select_ops
 
 class LayerNormParams(nn.Module):
     """LayerNorm's parameters only; the math is the selected implementation's."""
@@ -174,7 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, ops: Ops, cache: Optional[KVCache], layer: int):
+    def forward(self, x: torch.Tensor, ops: Ops, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         H = self.num_heads
         qkv = self.c_attn(x).view(B, T, 3, H, C // H)  # (B, T, 3, nh, hs)
@@ -183,16 +51,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
             kv_start = cache.start
-        if ops is TORCH_OPS:
-            p = self.attn_dropout if self.training else 0.0
-            y = causal_attention_ref(q, k, v, kv_start=kv_start, dropout_p=p)
-        else:
-            if self.training and self.attn_dropout > 0.0:
-                raise ValueError(
-                    f"attention dropout {self.attn_dropout} is not supported by impl={ops.name!r}; "
-                    "set attn_dropout=0 or use impl='torch'"
-                )
-            y = ops.attention(q, k, v, kv_start=kv_start)
+        p = self.attn_dropout if self.training else 0.0
+        y = ops.attention(q, k, v, kv_start=kv_start, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -209,7 +69,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(.)). The adds are fused into the next LN."""
+    """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(.)), with each residual add fused into a LayerNorm.
+
+    ``forward(x, delta)`` takes the residual stream ``x`` and the previous block's output ``delta``
+    not yet added to it (None for the first block), and returns this block's ``(delta, x)`` in the
+    same form: the block's output is ``x + delta``. Carrying the add over to the next LayerNorm
+    (``add_layer_norm``) reads and writes the residual stream once per LayerNorm instead of twice,
+    and keeps every block a self-contained module (per-block checkpointing, regional compile, tests).
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -217,6 +84,16 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNormParams(config.d_model, config.layer_norm_eps)
         self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor], ops: Ops,
+                cache: Optional[KVCache] = None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if delta is None:
+            h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+        else:
+            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+        a = self.attn(h, ops, cache, layer)
+        h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return self.mlp(h), x
 
 
 class LMLoss(NamedTuple):
@@ -255,13 +132,13 @@ class GPT2Model(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
-    def impl(self) -> str:
+    def impl(self) -> str | Ops:
         return self._impl
 
     @impl.setter
-    def impl(self, value: str) -> None:
-        if value not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
+    def impl(self, value: str | Ops) -> None:
+        if not isinstance(value, Ops) and value not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS} (or an Ops table), got {value!r}")
         self._impl = value
 
     def num_params(self) -> int:
@@ -294,15 +171,10 @@ class GPT2Model(nn.Module):
             pos = (pos + cache.pos)[None, :] - cache.start[:, None]  # (B, T), per-row offsets
             pos = pos.clamp_(min=0)  # padding slots of left-padded rows
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        blocks = list(self.h)
-        first = blocks[0].ln_1
-        h = ops.layer_norm(x, first.weight, first.bias, first.eps)
-        for i, block in enumerate(blocks):
-            a = block.attn(h, ops, cache, i)
-            h, x = ops.add_layer_norm(a, x, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-            m = block.mlp(h)
-            nxt = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.ln_f
-            h, x = ops.add_layer_norm(m, x, nxt.weight, nxt.bias, nxt.eps)
+        delta = None
+        for layer, block in enumerate(self.h):
+            delta, x = block(x, delta, ops, cache, layer)
+        h, _ = ops.add_layer_norm(delta, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         if cache is not None:
             cache.pos += T
         return h

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import UserError
+
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
 VOCAB_SIZE = 50257
@@ -33,7 +35,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
 
-class TokenizerNotFound(RuntimeError):
+class TokenizerNotFound(UserError, RuntimeError):
     """No GPT-2 tokenizer files could be found or downloaded (or the files given are not GPT-2's)."""
 
 

@@ -1,7 +1,7 @@
 """Fused causal attention (FlashAttention-2 style), forward and backward, with KV-cache support.
 
 ``causal_attention(q, k, v, scale=None, kv_start=None)`` computes exactly what
-``gpt.model.causal_attention_ref`` computes without ever writing the (Tq, Tk) score matrix:
+``gpt.ops.causal_attention_ref`` computes without ever writing the (Tq, Tk) score matrix:
 
 * q is (B, H, Tq, D), k and v are (B, H, Tk, D) with Tk >= Tq. Query i sits at absolute position
   i + (Tk - Tq) and attends to keys j <= i + (Tk - Tq): Tq == Tk is ordinary causal attention,
@@ -596,7 +596,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
                      kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D); output (B, H, Tq, D).
 
-    Same semantics as ``gpt.model.causal_attention_ref`` (query i attends to keys
+    Same semantics as ``gpt.ops.causal_attention_ref`` (query i attends to keys
     j <= i + Tk - Tq and j >= kv_start[b]; rows with no allowed key give zeros). ``scale`` defaults
     to 1 / sqrt(D). Differentiable in q, k and v.
     """

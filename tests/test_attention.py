@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import gpt.model
 import kernels
 from gpt import GPT2Model, GPTConfig
-from gpt.model import KVCache, Ops, causal_attention_ref
+from gpt.kvcache import KVCache
+from gpt.ops import TORCH_OPS, causal_attention_ref, triton_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU-only machines
 FP32_TOL = 2e-5  # fp32 kernel vs float64: accumulation-order error only
@@ -184,15 +184,7 @@ def test_custom_op_passes_opcheck_and_compiles():
 # ----------------------------------------------------------------------------------------------
 
 TINY = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96, dropout=0.0)
-ATTN_TRITON = Ops("attn-triton", gpt.model.layer_norm_ref, gpt.model.add_layer_norm_ref, kernels.causal_attention)
-
-
-@pytest.fixture
-def triton_attention(monkeypatch):
-    """select_ops("triton", ...) gives torch LayerNorm with the Triton attention."""
-    original = gpt.model.select_ops
-    monkeypatch.setattr(gpt.model, "select_ops",
-                        lambda impl, device: ATTN_TRITON if impl == "triton" else original(impl, device))
+ATTN_TRITON = TORCH_OPS._replace(name="attn-triton", attention=triton_ops().attention)  # torch LayerNorm
 
 
 def tiny_model():
@@ -205,18 +197,18 @@ def tiny_model():
     return model
 
 
-def test_model_logits_loss_and_grads_match_torch(triton_attention):
+def test_model_logits_loss_and_grads_match_torch():
     model = tiny_model()
     idx = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
     targets = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
     results = {}
-    for impl in ("torch", "triton"):
+    for impl in ("torch", ATTN_TRITON):
         model.impl = impl
         model.zero_grad()
         logits = model(idx)
         loss = model(idx, targets).loss
         loss.backward()
-        results[impl] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[impl if impl == "torch" else "triton"] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (lt, st, gt), (lk, sk, gk) = results["torch"], results["triton"]
     torch.testing.assert_close(lk, lt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sk, st, atol=1e-6, rtol=1e-6)
@@ -224,9 +216,9 @@ def test_model_logits_loss_and_grads_match_torch(triton_attention):
         torch.testing.assert_close(gk[name], gt[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_model_kv_cache_prefill_and_decode_match_full_forward(triton_attention):
+def test_model_kv_cache_prefill_and_decode_match_full_forward():
     model = tiny_model().eval()
-    model.impl = "triton"
+    model.impl = ATTN_TRITON
     idx = torch.randint(0, TINY.vocab_size, (2, 23), device=DEVICE)
     with torch.no_grad():
         full = model(idx)
@@ -237,10 +229,10 @@ def test_model_kv_cache_prefill_and_decode_match_full_forward(triton_attention):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_model_left_padded_decode_matches_unpadded(triton_attention):
+def test_model_left_padded_decode_matches_unpadded():
     """A row left-padded by 5 (cache.start) gives the same logits as the same prompt alone."""
     model = tiny_model().eval()
-    model.impl = "triton"
+    model.impl = ATTN_TRITON
     prompt = torch.randint(0, TINY.vocab_size, (1, 9), device=DEVICE)
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long, device=DEVICE), prompt], dim=1)
     with torch.no_grad():

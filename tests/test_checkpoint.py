@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, weights-only loading, one-line errors for bad files."""
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -19,12 +20,17 @@ def test_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise pickle.PicklingError("refuses to be pickled")
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"model_state_dict": {}, "config": SMALL.to_dict()}, path)
     before = path.read_bytes()
-    with pytest.raises(Exception):
-        save_checkpoint({"bad": lambda: 0}, path)  # unpicklable: fails mid-write
+    with pytest.raises(pickle.PicklingError, match="refuses"):
+        save_checkpoint({"bad": _Unpicklable()}, path)  # fails mid-write
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import torch
 
 from gpt.data import DataError, TrainBatches, eval_batches, main, prepare_data
 from gpt.tokenizer import EOS_ID, get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +79,23 @@ def test_seed_split_sizes_and_exact_tokens(full, story_ids):
     assert np.array_equal(full.test, packed(story_ids[7830:]))
 
 
-def test_seed_test_split_holds_only_official_validation_stories(full, records):
-    assert all("validation" in r["split"] for r in records[-870:])
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_shared_data_fails_in_ci_and_skips_elsewhere(ci, tmp_path):
+    env = {**os.environ, "CI": ci, "TINYSTORIES_DIR": str(tmp_path / "missing")}
+    test = "tests/test_data.py::test_seed_split_sizes_and_exact_tokens"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if ci:
+        assert run.returncode == 1 and "CI must run the data tests" in run.stdout, run.stdout
+    else:
+        assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout
+
+
+def test_seed_test_split_holds_only_official_validation_stories(full, records, story_ids):
+    """The sample ends with official validation stories, so the seed's last 10% is exactly those."""
+    val = [ids for ids, r in zip(story_ids, records) if "validation" in r["split"]]
+    assert len(val) >= 870
+    assert np.array_equal(full.test, packed(val[-870:]))
 
 
 def test_txt_and_jsonl_give_identical_tokens(full, stories_dir, tok, cache):
@@ -117,11 +137,11 @@ def test_cache_is_reused_without_tokenizing(full, stories_dir, tok, cache):
         def encode_batch(self, texts):
             raise AssertionError("re-tokenized a cached source")
 
-    mtime = os.stat(full.path / "train.bin").st_mtime_ns
+    mtime = os.stat(full.path / "stories.bin").st_mtime_ns
     again = prepare_data(stories_dir / "tinystories-sample.jsonl", NoEncode(), cache, num_stories=0, progress=False)
     assert again.path == full.path and again.meta == full.meta
     assert np.array_equal(again.train, full.train)
-    assert os.stat(full.path / "train.bin").st_mtime_ns == mtime
+    assert os.stat(full.path / "stories.bin").st_mtime_ns == mtime
 
 
 def test_cache_invalidated_when_source_changes(tmp_path, tok, texts):
@@ -137,7 +157,7 @@ def test_cache_invalidated_when_source_changes(tmp_path, tok, texts):
 def test_incomplete_cache_is_rebuilt_and_no_temp_left(tmp_path, tok, texts):
     src = write_jsonl(tmp_path / "s.jsonl", texts[:10])
     first = prepare_data(src, tok, tmp_path / "c", 0, progress=False)
-    (first.path / "val.bin").write_bytes(b"\0\0")  # truncated by a crash
+    (first.path / "stories.bin").write_bytes(b"\0\0")  # truncated by a crash
     second = prepare_data(src, tok, tmp_path / "c", 0, progress=False)
     assert second.path == first.path and len(second.val) == first.meta["tokens"]["val"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [first.path.name]
@@ -147,8 +167,9 @@ def test_deterministic(tmp_path, tok, texts):
     src = write_jsonl(tmp_path / "s.jsonl", texts[:30])
     a = prepare_data(src, tok, tmp_path / "a", 0, progress=False)
     b = prepare_data(src, tok, tmp_path / "b", 0, progress=False)
-    for name in ("train.bin", "val.bin", "test.bin"):
-        assert (a.path / name).read_bytes() == (b.path / name).read_bytes()
+    assert sorted(p.name for p in a.path.iterdir()) == ["meta.json", "stories.bin"]
+    assert (a.path / "stories.bin").read_bytes() == (b.path / "stories.bin").read_bytes()
+    assert a.meta["layout"] == b.meta["layout"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,6 +308,16 @@ def test_train_batches_windows_and_determinism(full):
     assert torch.equal(b.next()[0], x)
     assert not torch.equal(TrainBatches(tokens, 4, 32, seed=2).next()[0], x)
     assert not torch.equal(TrainBatches(tokens, 4, 32, seed=1, rank=1, world_size=2).next()[0], x)
+
+
+def test_train_batches_ranks_share_one_global_sequence(full):
+    """W ranks drawing A batches each see exactly the A * W batches one process draws, interleaved."""
+    single = TrainBatches(full.train, 2, 16, seed=3)
+    expected = [single.next()[0] for _ in range(6)]
+    for rank in range(3):
+        mine = TrainBatches(full.train, 2, 16, seed=3, rank=rank, world_size=3)
+        for g in (rank, rank + 3):
+            assert torch.equal(mine.next()[0], expected[g])
 
 
 def test_train_batches_resume(full, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
 from gpt.generate import TextStream, column_major_weights_, decode_one, generate, left_pad, prefill, sample_next
-from gpt.model import KVCache
+from gpt.kvcache import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, max_seq_length=64, num_layers=2, num_heads=3, d_model=48, d_ff=64, dropout=0.0)

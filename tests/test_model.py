@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt import GPT2Model, GPTConfig, get_preset
 from gpt.hf import export_hf, from_transformers, to_transformers
+from gpt.ops import TORCH_OPS
 
 ODD = GPTConfig(vocab_size=101, max_seq_length=40, num_layers=3, num_heads=3, d_model=48, d_ff=80,
                 dropout=0.0)
@@ -137,3 +140,54 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
         steps = [model(idx[:, :9], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(9, 15)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.pos == 15
+
+
+def textbook_block(block, s):
+    """The pre-LN block on residual stream s with F.layer_norm and SDPA: (s + attn, s + attn + mlp)."""
+    B, T, C = s.shape
+    h = F.layer_norm(s, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+    q, k, v = (t.transpose(1, 2) for t in block.attn.c_attn(h).view(B, T, 3, block.attn.num_heads, -1).unbind(2))
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    s = s + block.attn.c_proj(a)
+    return s, s + block.mlp(F.layer_norm(s, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps))
+
+
+def test_block_is_a_pre_ln_block_with_the_add_carried_over():
+    """Block(x, delta) is the textbook block applied to x + delta, its own output returned unsummed."""
+    block = perturbed_model().h[1]
+    x, delta = torch.randn(2, 11, ODD.d_model), torch.randn(2, 11, ODD.d_model)
+    with torch.no_grad():
+        out, resid = block(x, delta, TORCH_OPS)
+        after_attn, ref = textbook_block(block, x + delta)
+        first_out, first_resid = block(x, None, TORCH_OPS)  # the first block: nothing pending
+        first_after_attn, first_ref = textbook_block(block, x)
+    torch.testing.assert_close(resid, after_attn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out + resid, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first_resid, first_after_attn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first_out + first_resid, first_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_per_block_activation_checkpointing_gives_the_same_gradients():
+    """Blocks are self-contained modules: recomputing each one in backward changes nothing."""
+    model = perturbed_model()
+    idx = torch.randint(0, ODD.vocab_size, (2, 13))
+
+    def loss(recompute: bool):
+        model.zero_grad()
+        x = model.wte(idx) + model.wpe(torch.arange(13))
+        delta = None
+        for block in model.h:
+            delta, x = (checkpoint(block, x, delta, TORCH_OPS, use_reentrant=False) if recompute
+                        else block(x, delta, TORCH_OPS))
+        h, _ = TORCH_OPS.add_layer_norm(delta, x, model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+        out = F.linear(h, model.wte.weight).logsumexp(-1).mean()
+        out.backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = loss(False)
+    again, again_grads = loss(True)
+    assert torch.equal(plain, again)
+    for name, g in plain_grads.items():
+        assert torch.equal(again_grads[name], g), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logsumexp(-1).mean(), plain)

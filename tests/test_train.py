@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt.train as train_mod
+import gpt.trainer as trainer_mod
 from gpt.checkpoint import load_checkpoint
 from gpt.config import GPTConfig
 from gpt.model import GPT2Model, LMLoss
-from gpt.train import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS, main
+from gpt.train import main
+from gpt.trainer import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_KEYS = {"train_losses", "val_losses", "train_accuracies", "val_accuracies", "final_perplexity",
@@ -87,13 +88,13 @@ def test_outputs_loss_and_exact_resume(base_args, tmp_path, capsys):
 
 def test_early_stopping(base_args, tmp_path, capsys, monkeypatch):
     losses = iter([5.0, 4.0, 4.5, 4.2, 3.0])  # best, best, worse, worse -> stop after the 4th
-    real = train_mod.evaluate
+    real = trainer_mod.evaluate
 
     def scripted(*args, **kwargs):
         m = real(*args, **kwargs)
         return {**m, "loss": next(losses, 4.0)}
 
-    monkeypatch.setattr(train_mod, "evaluate", scripted)
+    monkeypatch.setattr(trainer_mod, "evaluate", scripted)
     out_dir = tmp_path / "es"
     rc, out, err = run_main(base_args + ["--max-steps", "50", "--eval-interval", "2", "--patience", "2",
                                          "--out-dir", str(out_dir)], capsys)

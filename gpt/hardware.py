@@ -1,0 +1,67 @@
+"""What the device is and how to run on it: data-sheet peaks, the default precision, autocast.
+
+``train.py`` reports MFU from these peaks and the benchmarks their roofline percentages, so the
+table lives in the package (an installed copy has it too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+# Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) from NVIDIA's SXM data sheets.
+PEAKS = {
+    "H100": {"bf16_tflops": 989.0, "hbm_gbs": 3350.0},
+    "H200": {"bf16_tflops": 989.0, "hbm_gbs": 4800.0},
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Measured on this project's 2-core AMD EPYC (avx512_bf16), tiny preset, 16 x 128 tokens per step:
+# bf16 autocast was 7% faster when the machine was quiet (1638 vs 1526 tokens/s) and no faster under
+# load (270 vs 278): not worth bf16's precision, so CPUs default to fp32.
+CPU_DEFAULT_DTYPE = "fp32"
+
+
+def default_dtype(device: torch.device | str) -> str:
+    """The autocast dtype a run uses unless told otherwise: bf16 on CUDA, ``CPU_DEFAULT_DTYPE`` on a CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else CPU_DEFAULT_DTYPE
+
+
+def autocast(device: torch.device | str, dtype: str):
+    """Mixed precision for ``dtype`` ("fp32": none) on ``device``."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def device_peaks(device: torch.device | str = "cuda") -> dict:
+    """Data-sheet peaks of a known CUDA device ({} for a CPU or an unknown GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAKS.items() if k in name), {})
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Dense bf16 peak in FLOP/s of a known CUDA device, else None."""
+    tflops = device_peaks(device).get("bf16_tflops")
+    return None if tflops is None else tflops * 1e12
+
+
+def environment(device: torch.device | str) -> dict:
+    """Versions and the device name, recorded with every run's results."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.device(device)
+    return {
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+    }
