@@ -98,11 +98,15 @@ def causal_attention_torch(q, k, v, scale=None, kv_start=None, dropout_p: float 
 # The tied LM head and cross-entropy, without the (N, V) logits
 # ----------------------------------------------------------------------------------------------
 
-# Rows per chunk = LCE_CHUNK_ELEMENTS // V (166 rows of the 50,257-token vocabulary, 32 MiB of fp32
-# logits). On this project's CPU the chunk's three GEMMs run as fast from ~128 rows as from all
-# 2,048 rows at once (fp32 130 vs 145 GFLOP/s, bf16 390-460 vs 510 on one thread), while the
-# softmax passes over a chunk that stays in cache cost a quarter of those over the full logits.
-LCE_CHUNK_ELEMENTS = 1 << 23
+# Rows per chunk = LCE_CHUNK_BYTES // (V x the compute dtype's size): 667 rows of the 50,257-token
+# vocabulary in fp32, 1,335 in bf16. On this project's CPU (one thread) the chunk's fp32 GEMMs run
+# as fast from ~128 rows as from all 2,048 (120-150 GFLOP/s: dW.addmm_ accumulates in place), but
+# bf16's dW update -- a bf16 partial, converted and added into the fp32 accumulator, ~100 ms a
+# chunk -- wants few chunks (73 GFLOP/s at 166 rows, ~190 from 600).
+LCE_CHUNK_BYTES = 128 << 20
+# The fp32 softmax statistics run over blocks of LCE_BLOCK_ELEMENTS logits (41 rows, 8 MiB): a block
+# that stays in cache makes the five elementwise passes ~30% cheaper than over a whole chunk.
+LCE_BLOCK_ELEMENTS = 1 << 21
 
 
 def lm_head_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -137,6 +141,40 @@ def linear_cross_entropy_unfused(h: torch.Tensor, weight: torch.Tensor, targets:
     return loss, correct, counted.sum()
 
 
+def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor, write_grad: bool):
+    """Summed loss and argmax hits of a chunk of logits (M, V), statistics in fp32 (or wider).
+
+    Rows go in blocks of LCE_BLOCK_ELEMENTS logits. With ``write_grad`` the chunk is overwritten, in
+    its own dtype, with d(row loss)/d(logits) = softmax - onehot(target) -- on every row: the rows
+    not counted (whose ``targets`` hold a stand-in) are for the caller to mask.
+    """
+    M, V = logits.shape
+    stat = torch.promote_types(logits.dtype, torch.float32)
+    rows = max(1, LCE_BLOCK_ELEMENTS // V)
+    buf = None if logits.dtype == stat else logits.new_empty((min(rows, M), V), dtype=stat)
+    loss = logits.new_zeros((), dtype=stat)
+    hits = torch.zeros((), dtype=torch.int64, device=logits.device)
+    for b0 in range(0, M, rows):
+        x, t, keep = logits[b0:b0 + rows], targets[b0:b0 + rows], counted[b0:b0 + rows]  # (B, V), (B,), (B,)
+        x_t = x.gather(1, t[:, None]).squeeze(1)  # (B,) target logits
+        m = x.amax(dim=-1)  # (B,) row maxima, exact in any dtype
+        # A hit needs the target at the row's maximum, and no earlier token there (torch.argmax's
+        # first index). Only such rows need the (slow, indexed) argmax.
+        maybe = (keep & (x_t == m)).nonzero().squeeze(1)
+        if len(maybe):
+            hits += (x[maybe].max(dim=-1).indices == t[maybe]).sum()
+        z = x.sub_(m[:, None]) if buf is None else buf[: len(t)].copy_(x).sub_(m.to(stat)[:, None])  # (B, V), stat
+        e = z.exp_()
+        s = e.sum(dim=-1)
+        loss += torch.where(keep, m.to(stat) + s.log() - x_t.to(stat), 0.0).sum()
+        if write_grad:
+            e.mul_((1.0 / s)[:, None])  # the softmax
+            if buf is not None:
+                x.copy_(e)  # rounded once to the logits' dtype
+            x[torch.arange(len(t), device=x.device), t] -= 1
+    return loss, hits
+
+
 class _LinearCrossEntropyRef(torch.autograd.Function):
     """Row chunks of logits; dh and dweight computed in the same pass (see linear_cross_entropy_ref)."""
 
@@ -145,40 +183,34 @@ class _LinearCrossEntropyRef(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         N, C = h.shape
         V = weight.shape[0]
-        stat = torch.promote_types(dtype, torch.float32)  # softmax statistics and the loss
         w = weight.to(dtype)  # (V, C)
         counted = targets != ignore_index  # (N,)
         safe = torch.where(counted, targets, 0)  # ignored rows read logit 0, then count for nothing
-        loss = h.new_zeros((), dtype=stat)
+        loss = h.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
         correct = torch.zeros((), dtype=torch.int64, device=h.device)
         dh = torch.empty(N, C, dtype=h.dtype, device=h.device) if need_dh else None
-        dw = torch.zeros(V, C, dtype=torch.promote_types(weight.dtype, torch.float32),
-                         device=h.device) if need_dw else None
-        rows = max(1, LCE_CHUNK_ELEMENTS // V)
+        dw_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation across chunks
+        dw = torch.zeros(V, C, dtype=dw_dtype, device=h.device) if need_dw and N == 0 else None
+        rows = max(1, LCE_CHUNK_BYTES // (V * w.element_size()))
         with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
             for r0 in range(0, N, rows):
                 r1 = min(r0 + rows, N)
-                hc, t, keep = h[r0:r1].to(dtype), safe[r0:r1], counted[r0:r1]  # (M, C), (M,), (M,)
-                z = (hc @ w.t()).to(stat)  # (M, V) logits
-                z_t = z.gather(1, t[:, None]).squeeze(1)  # (M,) target logits
-                m, best = z.max(dim=-1)  # best: the first index of the max, as torch.argmax
-                correct += (keep & (best == t)).sum()
-                e = z.sub_(m[:, None]).exp_()  # (M, V), in place of the logits
-                s = e.sum(dim=-1)
-                loss += torch.where(keep, m + s.log() - z_t, 0.0).sum()
-                if dh is None and dw is None:
-                    continue
-                # d(sum of row losses) / d logits = softmax - onehot(target), zero on ignored rows.
-                g = e.mul_((keep / s)[:, None])
-                g[torch.arange(r1 - r0, device=h.device), t] -= keep.to(g.dtype)
-                g = g.to(dtype)  # (M, V)
-                if dh is not None:
-                    dh[r0:r1] = g @ w  # (M, C)
-                if dw is not None:  # in row order: deterministic
-                    if dw.dtype == dtype:
+                hc = h[r0:r1].to(dtype)  # (M, C)
+                g = hc @ w.t()  # (M, V) logits, then their gradient in place
+                chunk_loss, chunk_correct = _cross_entropy_rows(g, safe[r0:r1], counted[r0:r1], need_dh or need_dw)
+                loss += chunk_loss
+                correct += chunk_correct
+                keep = counted[r0:r1, None].to(dtype)  # (M, 1): rows not counted get no gradient
+                if need_dh:
+                    dh[r0:r1] = (g @ w) * keep  # (M, C)
+                if need_dw:  # chunk after chunk in row order: deterministic
+                    hc = hc * keep
+                    if dw is None:
+                        dw = (g.t() @ hc).to(dw_dtype)  # (V, C)
+                    elif dw.dtype == dtype:
                         dw.addmm_(g.t(), hc)
                     else:
-                        dw += g.t() @ hc  # a half-precision partial, summed in fp32
+                        dw += g.t() @ hc  # a half-precision partial (fp32 inside the GEMM), summed in fp32
         count = counted.sum()
         ctx.save_for_backward(dh, dw, count)
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -223,17 +255,19 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: tor
 
     h: (..., C) final hidden states; weight: (V, C), the tied embedding; targets: h's leading shape.
     Returns ``(loss, correct, count)`` as ``LMLoss``: the mean loss over targets != ignore_index
-    (fp32, fp64 for fp64 inputs; 0 when every target is ignored), how many of those targets are the argmax of their
-    logits, and how many there are. "Argmax" is torch's: the first index of the maximum, so a
-    target tied with an earlier token counts as wrong -- the token greedy decoding would pick.
+    (fp32, fp64 for fp64 inputs; 0 when every target is ignored), how many of those targets are the
+    argmax of their logits, and how many there are. "Argmax" is torch's: the first index of the
+    maximum, so a target tied with an earlier token counts as wrong -- the token greedy decoding
+    would pick.
 
-    The logits are made ``LCE_CHUNK_ELEMENTS // V`` rows at a time in ``dtype`` (default: h's and
-    the weight's promoted dtype; the model passes ``lm_head_dtype``), their softmax statistics in
-    fp32 (fp64 for fp64). The gradients are made in the same pass, while a chunk of logits is at
-    hand: softmax - onehot overwrites the chunk, then dh = g @ W and dW += g.T @ h. Recomputing the
-    logits in backward instead would cost a fourth (N, V, C) GEMM, a third more head FLOPs, to free
-    the fp32 dW accumulator (V x C, the size of the weight's own .grad) between forward and backward.
-    Peak memory is one chunk of logits (and its gradient in ``dtype``), not (N, V).
+    The logits are made a chunk of rows at a time (``LCE_CHUNK_BYTES``) in ``dtype`` (default: h's
+    and the weight's promoted dtype; the model passes ``lm_head_dtype``), their softmax statistics
+    in fp32 (fp64 for fp64). The gradients are made in the same pass, while a chunk of logits is at
+    hand: softmax - onehot overwrites the chunk, then dh = G @ W and dW += G.T @ h (fp32
+    accumulator, chunks in order: deterministic); the backward only scales them by the upstream
+    gradient over the count. Recomputing the logits in the backward instead would cost a fourth
+    (N, V, C) GEMM, a third more head FLOPs, to free the dW accumulator (V x C, the size of the
+    weight's own .grad) between forward and backward. Peak memory is one chunk of logits, not (N, V).
     """
     _check_lce_args("linear_cross_entropy_ref", h, weight, targets, ignore_index)
     if dtype is None:

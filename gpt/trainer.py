@@ -74,13 +74,14 @@ class RunOptions:
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2, embeddings included) only; fused on CUDA."""
+    """AdamW with weight decay on matrices (dim >= 2, embeddings included) only; fused (one pass over
+    each parameter) on CUDA and CPU: 57 vs 250 ms for the seed model on one CPU thread."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, tc: TrainConfig, max_steps: int) -> float:

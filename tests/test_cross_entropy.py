@@ -30,8 +30,10 @@ ROWS_PER_CHUNK = 8
 
 
 def set_chunk_rows(monkeypatch, V, rows=ROWS_PER_CHUNK):
-    """Both implementations make ``rows`` rows of logits per chunk for vocabulary size V."""
-    monkeypatch.setattr(ops, "LCE_CHUNK_ELEMENTS", rows * V)
+    """Chunks of ``rows`` rows of logits for vocabulary size V (fp32; the reference chunks by bytes: 4
+    rows in fp64, 16 in half precision), and the reference's softmax in blocks of 3 rows."""
+    monkeypatch.setattr(ops, "LCE_CHUNK_BYTES", rows * V * 4)
+    monkeypatch.setattr(ops, "LCE_BLOCK_ELEMENTS", 3 * V)
     monkeypatch.setattr(kce, "CHUNK_ELEMENTS", rows * V)
 
 
