@@ -53,7 +53,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
 MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel: 16 fp32 values per thread over 8 warps
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read
 
 
 # ----------------------------------------------------------------------------------------------
