@@ -22,14 +22,15 @@ backward -- the alternative that frees dW between forward and backward -- is a f
 head's FLOPs; at N = 8,192, C = 512, V = 50,257 that is 0.42 TFLOP, ~0.6 ms of an H100 at 700
 TFLOP/s, to save holding a V x C fp32 buffer (103 MB, the size of the weight's own .grad) for the
 length of a forward. Every chunk's logits are written once by the GEMM, read twice and written once
-by the row kernel, and read by the two gradient GEMMs: 5 passes of M x V x 2 bytes (bf16) per chunk,
-against eager's ~15 (bf16 logits, their fp32 copy, log-softmax, its gradient, the bf16 gradient).
-The GEMMs themselves run at C x M / (C + M) FLOP/byte (the logits write dominates their bytes):
-~400 at C = 512, M = 2,560, above an H100's ~300 FLOP/byte ridge. dW costs a read and a write of
-V x C fp32 (+ a half-precision partial) per chunk, 12 V C bytes against 6 M V C FLOPs: M / 2
-FLOP/byte, so chunks are made large on a GPU (2,560 rows at V = 50,257: 256 MiB of bf16 logits,
-still 1/3 of eager's bf16 logits alone at N = 8,192). The chunks run in order and each dW update is
-one GEMM: no atomics, bitwise reproducible.
+by the row kernel, and read by the two gradient GEMMs: 6 passes of M x V x 2 bytes (bf16) per
+chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
+twice and writing fp32; argmax; the zero-filled fp32 gradient; log-softmax's backward; the cast back
+to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
+dominates their bytes): ~430 at C = 512, M = 2,670, above an H100's ~300 FLOP/byte ridge. dW costs a
+read and a write of V x C fp32 and a half-precision partial per chunk, 12 V C bytes against the
+chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU (2,670 rows at V = 50,257:
+256 MiB of bf16 logits, 1/3 of eager's bf16 logits alone at N = 8,192, 1/12 at N = 32,768). The
+chunks run in order and each dW update is one GEMM: no atomics, bitwise reproducible.
 
 Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
 autocast's dtype, as ``F.linear`` would cast to): h and W are cast to it for the GEMMs; softmax
@@ -149,7 +150,11 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     dh = torch.empty((N, C) if need_dh else (0,), dtype=h.dtype, device=h.device)
     dw = torch.zeros((V, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
     rows = _chunk_rows(V)
-    buf = torch.empty(min(rows, N), V, dtype=dtype, device=h.device)  # one chunk of logits, reused
+    # One chunk of logits, reused. Its rows are padded to a multiple of 128 elements: with V = 50,257
+    # an unpadded row would start at odd addresses and keep cuBLAS off its 16-byte-aligned kernels
+    # (nanoGPT pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
+    row_stride = triton.cdiv(V, 128) * 128
+    buf = torch.empty(min(rows, N), row_stride, dtype=dtype, device=h.device)[:, :V]
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
