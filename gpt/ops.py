@@ -183,47 +183,58 @@ class _LinearCrossEntropyRef(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         N, C = h.shape
         V = weight.shape[0]
+        stat = torch.promote_types(dtype, torch.float32)  # softmax statistics, loss, row weights
         w = weight.to(dtype)  # (V, C)
         counted = targets != ignore_index  # (N,)
+        count = counted.sum()
         safe = torch.where(counted, targets, 0)  # ignored rows read logit 0, then count for nothing
-        loss = h.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
+        # The gradients made here are the mean loss's: row r weighs counted[r] / count. The weights
+        # go into the (M, C) operands of the gradient GEMMs, never over the (M, V) chunk.
+        row_weight = counted.to(stat) / count.clamp(min=1)  # (N,)
+        loss = h.new_zeros((), dtype=stat)
         correct = torch.zeros((), dtype=torch.int64, device=h.device)
         dh = torch.empty(N, C, dtype=h.dtype, device=h.device) if need_dh else None
         dw_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation across chunks
         dw = torch.zeros(V, C, dtype=dw_dtype, device=h.device) if need_dw and N == 0 else None
         rows = max(1, LCE_CHUNK_BYTES // (V * w.element_size()))
+        # One chunk of logits, reused chunk after chunk (on a CPU every fresh 100 MB costs ~25,000
+        # page faults), and the half-precision dW partial likewise.
+        buf = h.new_empty((min(rows, N), V), dtype=dtype)
+        part = None
         with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
             for r0 in range(0, N, rows):
                 r1 = min(r0 + rows, N)
                 hc = h[r0:r1].to(dtype)  # (M, C)
-                g = hc @ w.t()  # (M, V) logits, then their gradient in place
+                g = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, V) logits, then their gradient in place
                 chunk_loss, chunk_correct = _cross_entropy_rows(g, safe[r0:r1], counted[r0:r1], need_dh or need_dw)
                 loss += chunk_loss
                 correct += chunk_correct
-                keep = counted[r0:r1, None].to(dtype)  # (M, 1): rows not counted get no gradient
+                rw = row_weight[r0:r1, None]  # (M, 1)
                 if need_dh:
-                    dh[r0:r1] = (g @ w) * keep  # (M, C)
+                    dh[r0:r1] = (g @ w) * rw  # (M, C)
                 if need_dw:  # chunk after chunk in row order: deterministic
-                    hc = hc * keep
+                    hw = (h[r0:r1] * rw).to(dtype)  # (M, C), rounded once
                     if dw is None:
-                        dw = (g.t() @ hc).to(dw_dtype)  # (V, C)
+                        part = g.t() @ hw  # (V, C)
+                        dw = part.to(dw_dtype)
                     elif dw.dtype == dtype:
-                        dw.addmm_(g.t(), hc)
-                    else:
-                        dw += g.t() @ hc  # a half-precision partial (fp32 inside the GEMM), summed in fp32
-        count = counted.sum()
-        ctx.save_for_backward(dh, dw, count)
+                        dw.addmm_(g.t(), hw)
+                    else:  # a half-precision partial (fp32 inside the GEMM), summed in fp32
+                        dw += torch.mm(g.t(), hw, out=part)
+        ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         ctx.mark_non_differentiable(correct, count)
         return loss / count.clamp(min=1), correct, count
 
     @staticmethod
     def backward(ctx, dloss, _dcorrect, _dcount):
-        dh, dw, count = ctx.saved_tensors
-        scale = dloss / count.clamp(min=1)  # the mean over counted targets, times the upstream grad
+        dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        dh = None if dh is None else (dh * scale).to(h_dtype)
-        dw = None if dw is None else (dw * scale).to(w_dtype)
+        # The upstream gradient is 1 unless the loss was scaled (gradient accumulation, a loss
+        # scaler); then skip the (V, C) multiply -- a free check on a CPU, a sync on a GPU.
+        unit = dloss.device.type == "cpu" and not torch.compiler.is_compiling() and dloss.item() == 1.0
+        dh = None if dh is None else (dh if unit else dh * dloss).to(h_dtype)
+        dw = None if dw is None else (dw if unit else dw * dloss).to(w_dtype)
         return dh, dw, None, None, None
 
 

@@ -12,9 +12,9 @@ holding the (N, V) logits: rows go through in chunks of ``CHUNK_ELEMENTS // V``,
    with the unscaled gradient softmax - onehot(target) (zeros for an ignored row);
 3. cuBLAS makes the chunk's dh = G @ W and adds G.T @ h_c into an fp32 dW, chunk after chunk.
 
-The backward only scales: dh and dW are linear in the upstream gradient over the count, so they
-are made in the forward, unscaled, and the backward multiplies them by ``dloss / count`` (no host
-sync for the count anywhere).
+The backward only scales: the forward makes the mean loss's dh and dW (each row's h and dh weighed
+by counted / count: (M, C) operands, never the (M, V) chunk), and the backward multiplies them by
+the upstream gradient (no host sync for the count anywhere).
 
 Why the gradients are made in the forward (Liger-Kernel's choice), in FLOPs and bytes: the head
 costs three (N, V, C) GEMMs of 2NVC FLOPs each (logits, dh, dW). Recomputing the logits in the
@@ -141,10 +141,14 @@ def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, hi
 
 
 def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh: bool, need_dw: bool):
-    """The chunk loop: returns (mean loss fp32, correct, count, unscaled dh or (0,), unscaled fp32 dW or (0,))."""
+    """The chunk loop: returns (mean loss fp32, correct, count, dh or (0,), fp32 dW or (0,)), the
+    gradients being those of the mean loss (row r weighs counted[r] / count)."""
     N, C = h.shape
     V = weight.shape[0]
     w = weight.to(dtype).contiguous()  # (V, C)
+    counted = targets != ignore_index  # (N,)
+    count = counted.sum()
+    row_weight = counted.float() / count.clamp(min=1)  # (N,): into the (M, C) GEMM operands
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
     hits = torch.empty(N, dtype=torch.int32, device=h.device)
     dh = torch.empty((N, C) if need_dh else (0,), dtype=h.dtype, device=h.device)
@@ -161,15 +165,16 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
             hc = h[r0:r1].to(dtype)  # (M, C)
             logits = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, V)
             _ce_rows(logits, targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
-            g = logits  # now softmax - onehot
+            g = logits  # now softmax - onehot, zero on ignored rows
+            rw = row_weight[r0:r1, None]  # (M, 1)
             if need_dh:
-                dh[r0:r1] = g @ w  # (M, C)
+                dh[r0:r1] = (g @ w) * rw  # (M, C)
             if need_dw:  # chunk by chunk in row order: deterministic
+                hw = (h[r0:r1] * rw).to(dtype)  # (M, C), rounded once
                 if dtype == torch.float32:
-                    dw.addmm_(g.t(), hc)
+                    dw.addmm_(g.t(), hw)
                 else:
-                    dw += g.t() @ hc  # a half-precision partial (fp32 accumulation inside the GEMM)
-    count = (targets != ignore_index).sum()
+                    dw += g.t() @ hw  # a half-precision partial (fp32 accumulation inside the GEMM)
     loss = loss_rows.sum() / count.clamp(min=1)
     return loss, hits.sum(dtype=torch.int64), count, dh, dw
 
@@ -225,17 +230,16 @@ def _linear_cross_entropy_fwd_fake(h, weight, targets, ignore_index, dtype, need
 def _setup_context(ctx, inputs, output):
     h, weight = inputs[:2]
     _, correct, count, dh, dw = output
-    ctx.save_for_backward(dh, dw, count)
+    ctx.save_for_backward(dh, dw)
     ctx.dtypes = (h.dtype, weight.dtype)
     ctx.mark_non_differentiable(correct, count, dh, dw)
 
 
 def _backward(ctx, dloss, _dcorrect, _dcount, _ddh, _ddw):
-    dh, dw, count = ctx.saved_tensors
-    scale = dloss / count.clamp(min=1)  # the mean over counted targets, times the upstream grad
+    dh, dw = ctx.saved_tensors  # the mean loss's gradients: times the upstream gradient
     h_dtype, w_dtype = ctx.dtypes
-    dh = (dh * scale).to(h_dtype) if ctx.needs_input_grad[0] else None
-    dw = (dw * scale).to(w_dtype) if ctx.needs_input_grad[1] else None
+    dh = (dh * dloss).to(h_dtype) if ctx.needs_input_grad[0] else None
+    dw = (dw * dloss).to(w_dtype) if ctx.needs_input_grad[1] else None
     return dh, dw, None, None, None, None, None
 
 
