@@ -179,8 +179,7 @@ class _LinearCrossEntropyRef(torch.autograd.Function):
     """Row chunks of logits; dh and dweight computed in the same pass (see linear_cross_entropy_ref)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype):
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh: bool, need_dw: bool):
         N, C = h.shape
         V = weight.shape[0]
         stat = torch.promote_types(dtype, torch.float32)  # softmax statistics, loss, row weights
@@ -235,7 +234,7 @@ class _LinearCrossEntropyRef(torch.autograd.Function):
         unit = dloss.device.type == "cpu" and not torch.compiler.is_compiling() and dloss.item() == 1.0
         dh = None if dh is None else (dh if unit else dh * dloss).to(h_dtype)
         dw = None if dw is None else (dw if unit else dw * dloss).to(w_dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def _check_lce_args(name: str, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -283,8 +282,9 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: tor
     _check_lce_args("linear_cross_entropy_ref", h, weight, targets, ignore_index)
     if dtype is None:
         dtype = torch.promote_types(h.dtype, weight.dtype)
-    h2 = h.reshape(-1, h.shape[-1])
-    return _LinearCrossEntropyRef.apply(h2, weight, targets.reshape(-1), int(ignore_index), dtype)
+    grad = torch.is_grad_enabled()  # (an autograd.Function's forward sees requires_grad even under no_grad)
+    return _LinearCrossEntropyRef.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), int(ignore_index),
+                                        dtype, grad and h.requires_grad, grad and weight.requires_grad)
 
 
 # ----------------------------------------------------------------------------------------------
