@@ -159,7 +159,8 @@ def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, counted: to
         x_t = x.gather(1, t[:, None]).squeeze(1)  # (B,) target logits
         m = x.amax(dim=-1)  # (B,) row maxima, exact in any dtype
         # A hit needs the target at the row's maximum, and no earlier token there (torch.argmax's
-        # first index). Only such rows need the (slow, indexed) argmax.
+        # first index). Only such rows need the (slow, indexed) argmax. (Finding them syncs with a
+        # GPU once per block: this path is the CPU's; a GPU has the kernel.)
         maybe = (keep & (x_t == m)).nonzero().squeeze(1)
         if len(maybe):
             hits += (x[maybe].max(dim=-1).indices == t[maybe]).sum()
@@ -273,9 +274,9 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: tor
     The logits are made a chunk of rows at a time (``LCE_CHUNK_BYTES``) in ``dtype`` (default: h's
     and the weight's promoted dtype; the model passes ``lm_head_dtype``), their softmax statistics
     in fp32 (fp64 for fp64). The gradients are made in the same pass, while a chunk of logits is at
-    hand: softmax - onehot overwrites the chunk, then dh = G @ W and dW += G.T @ h (fp32
-    accumulator, chunks in order: deterministic); the backward only scales them by the upstream
-    gradient over the count. Recomputing the logits in the backward instead would cost a fourth
+    hand: softmax - onehot overwrites the chunk, then dh = G @ W and dW += G.T @ h (each row weighed
+    by counted / count; an fp32 accumulator, chunks in order: deterministic); the backward only
+    scales them by the upstream gradient. Recomputing the logits in the backward instead would cost a fourth
     (N, V, C) GEMM, a third more head FLOPs, to free the dW accumulator (V x C, the size of the
     weight's own .grad) between forward and backward. Peak memory is one chunk of logits, not (N, V).
     """
