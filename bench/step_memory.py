@@ -1,8 +1,8 @@
 """Peak memory of one training step's forward + backward, fused LM head against the unfused one.
 
 Each measurement runs in a fresh Python process, so that nothing another measurement allocated
-(or the allocator kept) is counted: the model (impl torch, dropout off) and a random batch are
-built, gradients are absent, then one ``model(x, y).loss.backward()`` runs. On a CPU the figure is
+(or the allocator kept) is counted: the model (impl auto: the Triton kernels on CUDA, the PyTorch
+path on a CPU; dropout off) and a random batch are built, gradients are absent, then one ``model(x, y).loss.backward()`` runs. On a CPU the figure is
 the growth of the process's peak resident set over that step (Linux: the peak is reset through
 ``/proc/self/clear_refs`` just before, read from ``VmHWM``); on CUDA it is
 ``torch.cuda.max_memory_allocated`` above what was allocated before. The step's own gradient
@@ -37,15 +37,15 @@ def measure(head: str, batch: int, preset: str = "seed", dtype: str = "fp32", de
 
     from gpt import GPT2Model, get_preset
     from gpt.hardware import autocast
-    from gpt.ops import TORCH_OPS, linear_cross_entropy_unfused
+    from gpt.ops import linear_cross_entropy_unfused, select_ops
 
     config = get_preset(preset).model
     config = type(config)(**{**config.to_dict(), "dropout": 0.0})
     device = torch.device(device)
     torch.manual_seed(0)
-    model = GPT2Model(config, impl="torch").to(device)
+    model = GPT2Model(config, impl="auto").to(device)
     if head == "unfused":
-        model.impl = TORCH_OPS._replace(name="torch-unfused", linear_cross_entropy=linear_cross_entropy_unfused)
+        model.impl = select_ops("auto", device)._replace(linear_cross_entropy=linear_cross_entropy_unfused)
     T = config.max_seq_length
     x = torch.randint(0, config.vocab_size, (batch, T), device=device)
     y = torch.randint(0, config.vocab_size, (batch, T), device=device)
