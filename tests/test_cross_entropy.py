@@ -99,9 +99,15 @@ CASES = [  # N, C, V: N never a multiple of the 8-row chunk
 ]
 
 
-@pytest.mark.parametrize("impl,dtype", [("ref", torch.float64), ("ref", torch.float32), ("ref", torch.bfloat16),
-                                        ("triton", torch.float32), ("triton", torch.float16)],
-                         ids=["ref-fp64", "ref-fp32", "ref-bf16", "triton-fp32", "triton-fp16"])
+CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="bf16 through the kernel is checked on a GPU (the "
+                               "interpreter truncates fp32 -> bf16 casts)")
+
+
+@pytest.mark.parametrize("impl,dtype", [
+    pytest.param("ref", torch.float64, id="ref-fp64"), pytest.param("ref", torch.float32, id="ref-fp32"),
+    pytest.param("ref", torch.bfloat16, id="ref-bf16"), pytest.param("triton", torch.float32, id="triton-fp32"),
+    pytest.param("triton", torch.float16, id="triton-fp16"),
+    pytest.param("triton", torch.bfloat16, id="triton-bf16", marks=CUDA_ONLY)])
 @pytest.mark.parametrize("N,C,V", CASES)
 def test_matches_float64(monkeypatch, impl, dtype, N, C, V):
     set_chunk_rows(monkeypatch, V)
@@ -192,8 +198,9 @@ def test_upstream_gradient_scales_the_gradients(monkeypatch, impl):
 def test_bad_inputs_raise_one_line_errors():
     h, weight, targets = make_case(5, 8, 97, torch.float32)
     for fn in IMPLS.values():
-        with pytest.raises(ValueError, match=r"target 97 outside the vocabulary \[0, 97\)"):
-            fn(h, weight, torch.tensor([1, 2, 97, 3, 4], device=DEVICE))
+        if DEVICE == "cpu":  # checked on CPU tensors only: on a GPU it would cost a host sync per step
+            with pytest.raises(ValueError, match=r"target 97 outside the vocabulary \[0, 97\)"):
+                fn(h, weight, torch.tensor([1, 2, 97, 3, 4], device=DEVICE))
         with pytest.raises(ValueError, match="targets shape"):
             fn(h, weight, targets[:4])
         with pytest.raises(ValueError, match=r"weight \(V, C\)"):
@@ -251,7 +258,8 @@ def model_grads(impl, idx, targets, dtype="fp32"):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("impl,dtype", [("torch", "fp32"), ("triton", "fp32"), ("torch", "bf16")])
+@pytest.mark.parametrize("impl,dtype", [("torch", "fp32"), ("triton", "fp32"), ("torch", "bf16"),
+                                        pytest.param("triton", "bf16", marks=CUDA_ONLY)])
 def test_model_loss_and_every_gradient_match_the_unfused_head(monkeypatch, impl, dtype):
     set_chunk_rows(monkeypatch, CFG.vocab_size)
     g = torch.Generator().manual_seed(1)
