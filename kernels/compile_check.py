@@ -9,6 +9,14 @@ projection, slices of a ``KVCache``, (B, T, N) rows. Each ``JITFunction.run`` be
 its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strides as constants,
 divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
 
+Compiled (``cases()``): attention in fp16 and bf16 for every supported head dim -- training forward
+and backward (T = 256, and T = 16 for the 16-row configurations), backward with kv_start, a prompt
+prefilled into the KV cache, one-token decode with and without kv_start; LayerNorm and add +
+LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
+the autocast mix (bf16 branch + fp32 residual). fp32 attention, a test path whose dots run on FMA
+with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
+``KERNEL_MODULES`` and every CUDA autotune configuration must be reached (``uncovered``).
+
 Per compiled variant: registers, stack and local bytes (spills) from ``cuobjdump
 --dump-resource-usage`` on the cubin, shared memory (Triton's dynamic ``metadata.shared`` plus the
 cubin's static shared memory), the tensor-core form of every dot (from the TTGIR: wgmma = MMAv3,
@@ -53,6 +61,8 @@ from triton.backends.driver import DriverBase
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+from kernels import attention
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_MODULES = ("kernels.attention", "kernels.layernorm")
@@ -146,6 +156,7 @@ class Compiled:
     failed), the error, and the shared-memory estimate its autotuner's prune made (autotuned only)."""
 
     fn: JITFunction
+    dtype: str  # of the first tensor argument (the input rows, or Q)
     constexprs: dict
     kernel: object
     error: Optional[str]
@@ -160,8 +171,6 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
     launching; an autotuned kernel compiles every configuration its ``early_config_prune`` keeps,
     instead of benchmarking them; ``kernels.attention`` accepts CPU tensors. All restored on exit.
     """
-    from kernels import attention
-
     compiled: list[Compiled] = []
     pending_estimate: list[Optional[int]] = [None]
     jit_run, autotuner_run = JITFunction.run, Autotuner.run
@@ -177,9 +186,11 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
             error = None
         except Exception as e:  # reported per variant, and the other variants still compile
             kernel, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-        compiled.append(Compiled(self, {**constexprs, "num_warps": kwargs.get("num_warps", 4),
-                                        "num_stages": kwargs.get("num_stages", 3)},
-                                 kernel, error, pending_estimate[0]))
+        options = kernel.metadata if kernel is not None else argparse.Namespace(
+            num_warps=kwargs.get("num_warps"), num_stages=kwargs.get("num_stages"))
+        dtype = str(next(a.dtype for a in args if isinstance(a, torch.Tensor))).removeprefix("torch.")
+        compiled.append(Compiled(self, dtype, {**constexprs, "num_warps": options.num_warps,
+                                               "num_stages": options.num_stages}, kernel, error, pending_estimate[0]))
         return kernel
 
     def compile_every_config(self, *args, **kwargs):
@@ -249,11 +260,11 @@ LAYER_NORM_CASES = {
 def cases() -> list[Case]:
     """Every call pattern compiled for each architecture."""
     out = [Case("attention", what, dtype, d)
-           for d in (16, 32, 64, 128) for dtype in ATTENTION_DTYPES for what in ATTENTION_CASES]
+           for d in attention.SUPPORTED_HEAD_DIMS for dtype in ATTENTION_DTYPES for what in ATTENTION_CASES]
     for n in LAYER_NORM_NS:
-        for dtype in ("float32", "float16", "bfloat16"):
-            out += [Case("layernorm", "layer_norm", dtype, n), Case("layernorm", "add_layer_norm", dtype, n)]
-        out.append(Case("layernorm", "add_layer_norm bf16+fp32", "bfloat16", n))
+        for what in LAYER_NORM_CASES:
+            dtypes = ("bfloat16",) if "bf16+fp32" in what else ("float32", "float16", "bfloat16")
+            out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
     return out
 
 
@@ -368,7 +379,7 @@ def warps_per_sm(arch: Arch, regs: int, shared: int, warps: int) -> int:
 def describe(arch: Arch, case: Case, c: Compiled, bin_dir: Path) -> dict:
     """A JSON-able row for one compile."""
     row = {"arch": arch.name, "kernel": c.fn.fn.__name__, "case": case.label, "family": case.family,
-           "dtype": case.dtype, "size": case.size, "config": {k: _plain(v) for k, v in c.constexprs.items()},
+           "dtype": c.dtype, "size": case.size, "config": {k: _plain(v) for k, v in c.constexprs.items()},
            "estimate": c.estimate, "error": c.error}
     if c.kernel is None:
         return row
@@ -439,14 +450,13 @@ def _work(tmp: Path, worker: int) -> None:
 def merge(rows: list[dict]) -> list[dict]:
     """One row per (arch, compiled hash) -- or per failing compile -- listing every case that reached it."""
     merged: dict[tuple, dict] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r["arch"], r["case"])):
         key = (row["arch"], row.get("hash") or (row["kernel"], json.dumps(row["config"]), row["case"]))
         if key in merged:
             merged[key]["cases"].append(row["case"])
+            merged[key]["sizes"] = sorted({*merged[key]["sizes"], row["size"]})
         else:
-            merged[key] = {**row, "cases": [row["case"]]}
-    for row in merged.values():
-        row["cases"].sort()
+            merged[key] = {**row, "cases": [row["case"]], "sizes": [row["size"]]}
     return list(merged.values())
 
 
@@ -505,7 +515,7 @@ def launched_kernels() -> set[str]:
     for module in KERNEL_MODULES:
         tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
         for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+            if isinstance(node, ast.FunctionDef) and any(ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):
                 bodies[node.name] = {n.func.id for n in ast.walk(node)
                                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     called = set().union(*bodies.values())
@@ -514,8 +524,6 @@ def launched_kernels() -> set[str]:
 
 def uncovered(rows, archs=tuple(ARCHS)) -> list[str]:
     """Kernels never compiled, and CUDA autotune configurations no case compiles (dead entries)."""
-    from kernels import attention
-
     out = [f"{arch}: kernel {name} never compiled" for arch in archs for name in sorted(launched_kernels())
            if not any(r["arch"] == arch and r["kernel"] == name for r in rows)]
     for kernel, configs in attention._CUDA_CONFIGS.items():
@@ -538,19 +546,22 @@ def problems(rows, archs=tuple(ARCHS)) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], out: Path = TABLE) -> str:
+    """The table of ``rows``, to be written to ``out`` (named in its regeneration command)."""
+    out = out.resolve()
+    command = f"python -m kernels.compile_check --out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}"
     lines = [
         "# Kernels compiled for Hopper (sm_90) and Ampere (sm_80) without a GPU",
         "",
-        f"Triton {triton.__version__}, compiled on a CPU. Regenerate with `{COMMAND}` "
+        f"Triton {triton.__version__}, compiled on a CPU. Regenerate with `{command}` "
         "(see `kernels/compile_check.py`; CI runs the same checks in `tests/test_compile_check.py`).",
         "",
         "Every variant our launchers pick, compiled through the launchers with the JIT's own "
         "specialisation: attention for D in {16, 32, 64, 128}, fp16 and bf16, every autotune "
         "configuration kept by the launch-time prune for the case's query length bucket; LayerNorm "
         f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}. One row per distinct compiled kernel; *cases* lists the "
-        "calls that reach it (attention cases: " + "; ".join(f"*{k}*: {v}" for k, v in ATTENTION_CASES.items())
-        + ").",
+        "calls that reach it: " + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES}.items())
+        + ". fp32 attention (a test path: FMA dots, one configuration) is not compiled here.",
         "",
         "Columns: *regs* per thread, *spill* = stack / local bytes (cuobjdump), *shared* = Triton's "
         "dynamic shared memory + the cubin's static (bytes), *est* = the launch-time prune's estimate "
@@ -572,17 +583,18 @@ def markdown(rows: list[dict]) -> str:
                   "| warps/SM | cases |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["kernel"] == kernel),
-                        key=lambda r: (r["arch"], r["dtype"], r["size"], json.dumps(r["config"]), sorted(r["cases"]))):
+                        key=lambda r: (r["arch"], r["dtype"], r["sizes"], json.dumps(r["config"]), r["cases"])):
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("num_warps", "num_stages"))
             cases_ = "; ".join(sorted({c.rsplit(" ", 2)[0] for c in r["cases"]}))
+            sizes = "/".join(map(str, r["sizes"]))
             if r["error"]:
-                lines.append(f"| {r['arch']} | {r['dtype']} | {r['size']} | {cfg} | {r['config']['num_warps']} "
+                lines.append(f"| {r['arch']} | {r['dtype']} | {sizes} | {cfg} | {r['config']['num_warps']} "
                              f"| {r['config']['num_stages']} | error: {r['error']} | | | | | | | {cases_} |")
                 continue
             dots = ", ".join(f"{r['dots'].count(f)} {f}" for f in ("wgmma", "mma", "fma") if f in r["dots"])
             loads = ", ".join(name for name, on in (("cp.async", r["cp_async"]), ("v4", r["vector_loads"])) if on)
             lines.append(
-                f"| {r['arch']} | {r['dtype']} | {r['size']} | {cfg} | {r['config']['num_warps']} "
+                f"| {r['arch']} | {r['dtype']} | {sizes} | {cfg} | {r['config']['num_warps']} "
                 f"| {r['config']['num_stages']} | {r['regs']} | {r['stack']}/{r['local']} | {r['shared']:,} "
                 f"| {'' if r['estimate'] is None else format(r['estimate'], ',')} | {dots or '-'} | {loads or '-'} "
                 f"| {r['warps_per_sm']} | {cases_} |")
@@ -607,7 +619,7 @@ def main(argv=None) -> int:
     rows = compile_all(tuple(args.arch), args.jobs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows))
+        args.out.write_text(markdown(rows, args.out))
     found = problems(rows, tuple(args.arch))
     print(f"{len(rows)} compiled variants, {len(found)} problems", *found, sep="\n")
     return 1 if found else 0
