@@ -395,11 +395,13 @@ _CUDA_FWD = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
     # this tile spilled at D >= 64 on sm_90 (a (128, D) fp32 accumulator and (128, 64) scores over
     # 128 threads): removed.
     _Config(128, 64, 8, 3),
-    # Twice the keys per step: half the loop trips and rescales; the prune keeps it to D <= 64.
+    # Twice the keys per step: half the loop trips and rescales; its shared memory (estimate) keeps
+    # it to D <= 64.
     _Config(128, 128, 8, 3),
-    # One warpgroup of 64 rows: twice the programs, for short sequences or few heads.
+    # One warpgroup of 64 rows: twice the programs, for short sequences or few heads (at D = 128 on
+    # sm_80 it sits at 255 registers without spilling).
     _Config(64, 64, 4, 3),
-    # The smallest tiles with 4 stages: what fits sm_80's shared memory at D = 128.
+    # The smallest tiles and the deepest pipeline: the lightest footprint at every head dim.
     _Config(64, 32, 4, 4),
     # Decoding (query bucket 16): one 16-row mma tile, long key blocks to stream the cache.
     _Config(16, 64, 4, 3), _Config(16, 128, 4, 3),
@@ -491,7 +493,9 @@ def _tuned(kernel, interpret_configs, cuda_configs, prune):
 _attn_fwd = _tuned(_attn_fwd_kernel, _INTERPRET_FWD, _CUDA_FWD, _prune_fwd)
 _attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _INTERPRET_DKDV, _CUDA_DKDV, _prune_dkdv)
 _attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _INTERPRET_DQ, _CUDA_DQ, _prune_dq)
-_CUDA_CONFIGS = {"_attn_fwd_kernel": _CUDA_FWD, "_attn_bwd_dkdv_kernel": _CUDA_DKDV, "_attn_bwd_dq_kernel": _CUDA_DQ}
+_CUDA_CONFIGS = {  # by kernel name, for kernels.compile_check
+    "_attn_fwd_kernel": _CUDA_FWD, "_attn_bwd_dkdv_kernel": _CUDA_DKDV, "_attn_bwd_dq_kernel": _CUDA_DQ,
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import torch
 import gpt.model
 import kernels
 from gpt import GPTConfig
+from kernels import attention
+from kernels.attention import SUPPORTED_HEAD_DIMS
 from gpt.model import KVCache, Ops, causal_attention_ref
 
 from conftest import CUDA_ONLY_REASON, DEVICE, perturbed_model
@@ -267,3 +269,26 @@ def test_model_left_padded_decode_matches_unpadded(triton_attention):
     torch.testing.assert_close(padded_last, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step, alone_step, atol=1e-5, rtol=1e-5)
     assert math.isfinite(step.abs().sum().item())
+
+
+@pytest.mark.parametrize("prune,configs", [
+    (attention._prune_fwd, attention._CUDA_FWD),
+    (attention._prune_dkdv, attention._CUDA_DKDV),
+    (attention._prune_dq, attention._CUDA_DQ),
+])
+def test_cuda_prune_rules(monkeypatch, prune, configs):
+    """Which configurations the launch-time prune keeps (its estimate is checked against the compiled
+    kernels in tests/test_compile_check.py): 16-row blocks exactly for short queries, none past its
+    max_head_dim, and one configuration for fp32."""
+    monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 232_448)
+    for d in SUPPORTED_HEAD_DIMS:
+        for tq_bucket in (16, 256):
+            args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": d, "TQ_BUCKET": tq_bucket}
+            kept = prune(configs, args)
+            assert kept and all((c.kwargs["BLOCK_M"] == 16) == (tq_bucket == 16) for c in kept)
+            assert all(d <= c.max_head_dim and prune.estimate(c, args) <= 232_448 for c in kept)
+            assert len(prune(configs, {**args, "Q": torch.empty(0, dtype=torch.float32)})) == 1
+    monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 1024)  # nothing fits: the smallest
+    args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": 128, "TQ_BUCKET": 256}
+    within = [c for c in configs if c.max_head_dim >= 128]
+    assert prune(configs, args) == [min(within, key=lambda c: prune.estimate(c, args))]
