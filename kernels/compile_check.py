@@ -427,7 +427,13 @@ def compile_all(archs=tuple(ARCHS), jobs: int = 2) -> list[dict]:
         (Path(tmp) / "units.json").write_text(json.dumps(units))
         procs = [subprocess.Popen([sys.executable, "-m", "kernels.compile_check", "--worker", tmp, str(j)],
                                   env=env, cwd=REPO, stderr=subprocess.PIPE, text=True) for j in range(jobs)]
-        errors = [(proc.returncode, err) for proc in procs for _, err in [proc.communicate()] if proc.returncode]
+        try:
+            errors = [(proc.returncode, err) for proc in procs for _, err in [proc.communicate()] if proc.returncode]
+        finally:  # interrupted: stop the workers too
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if errors:
             raise RuntimeError(f"compile worker failed ({errors[0][0]}):\n{errors[0][1][-4000:]}")
         rows = [row for j in range(jobs) for row in json.loads((Path(tmp) / f"rows{j}.json").read_text())]

@@ -16,14 +16,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA_ONLY_REASON = "needs CUDA: Triton's interpreter returns garbage for tl.dot on bf16"
 
 
-def perturbed_model(config: GPTConfig, *, device, seed: int = 0, impl: str = "torch") -> GPT2Model:
-    """A model (eval mode, on ``device``) whose biases and LayerNorm weights are off their defaults
-    (zeros and ones), so that a kernel mixing them up cannot match the reference.
+def perturbed_model(config: GPTConfig, *, device, seed: int = 0) -> GPT2Model:
+    """An impl="torch" model (eval mode, on ``device``) whose biases and LayerNorm weights are off
+    their defaults (zeros and ones), so that a kernel mixing them up cannot match the reference.
 
     The weights come from ``seed`` on the CPU's generator: the same values on every device.
     """
     torch.manual_seed(seed)
-    model = GPT2Model(config, impl=impl)
+    model = GPT2Model(config, impl="torch")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):

@@ -2,9 +2,9 @@
 
 ``kernels.compile_check`` calls the public launchers under a stand-in Triton driver, compiles with
 the JIT's own specialisation (in two worker processes, with Triton's JIT rather than this process's
-interpreter) and reads each cubin's resources. Once per session: about 4 minutes of compiling on 2
-cores the first time, about 20 seconds from Triton's on-disk cache after that. Skipped only when
-the installed Triton has no NVIDIA backend.
+interpreter) and reads each cubin's resources. Once per session: about 8 CPU-minutes of compiling
+the first time (4-5 minutes on 2 quiet cores), 20-30 seconds from Triton's on-disk cache after that.
+Skipped only when the installed Triton has no NVIDIA backend.
 """
 
 import copy
