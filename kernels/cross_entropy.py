@@ -43,15 +43,15 @@ and picks BLOCK_V / num_warps, the chunk loop, a ``torch.library`` custom op wit
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import attention
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
 MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel: 16 fp32 values per thread over 8 warps
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read
@@ -60,6 +60,47 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may 
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_tile(
+    base,  # pointer to the row's first logit
+    start, cols, V, m, s, best,
+    MASKED: tl.constexpr,
+):
+    """Fold the tile [start, start + BLOCK_V) into the row's running max m (base-2 units), sum of
+    2^(x - m) s and first index of the max; only the last, ragged tile is masked (full tiles load
+    as 16-byte vectors)."""
+    if MASKED:
+        x = tl.load(base + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
+    else:
+        x = tl.load(base + start + cols).to(tl.float32)
+    x = x * LOG2E
+    tile_max = tl.max(x, axis=0)
+    tile_arg = tl.argmax(x, axis=0, tie_break_left=True)
+    best = tl.where(tile_max > m, start + tile_arg, best)  # a later tile wins only when strictly larger
+    m_new = tl.maximum(m, tile_max)
+    s = s * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new), axis=0)
+    return m_new, s, best
+
+
+@triton.jit
+def _grad_tile(
+    base,  # pointer to the row's first logit; the tile is overwritten with its gradient
+    start, cols, V, m, inv_s, target, keep,
+    MASKED: tl.constexpr,
+):
+    """softmax - onehot(target) over one tile, times keep (0 on an ignored row), in the logits' dtype."""
+    offs = start + cols
+    if MASKED:
+        x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(base + offs).to(tl.float32)
+    g = tl.math.exp2(x * LOG2E - m) * inv_s - tl.where(offs == target, keep, 0.0)
+    if MASKED:
+        tl.store(base + offs, g.to(base.dtype.element_ty), mask=offs < V)
+    else:
+        tl.store(base + offs, g.to(base.dtype.element_ty))
 
 
 @triton.jit
@@ -82,36 +123,29 @@ def _ce_rows_kernel(
     counted = target != ignore_index
     safe_target = tl.where(counted, target, 0)
     cols = tl.arange(0, BLOCK_V)
+    full = (V // BLOCK_V) * BLOCK_V  # tiles before this need no mask
 
-    # Pass 1: running max m, sum of exp(x - m) (base 2), and the first index of the max. Tiles go
-    # in vocabulary order and a later tile wins only with a strictly larger max, as torch.argmax.
-    m = -float("inf")
-    s = 0.0
-    best = 0
-    for start in range(0, V, BLOCK_V):
-        x = tl.load(base + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
-        x = x * LOG2E
-        tile_max = tl.max(x, axis=0)
-        tile_arg = tl.argmax(x, axis=0, tie_break_left=True)
-        best = tl.where(tile_max > m, start + tile_arg, best)
-        m_new = tl.maximum(m, tile_max)
-        s = s * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new), axis=0)
-        m = m_new
+    # Pass 1: running max, sum of exponentials and first index of the max, tiles in vocabulary order.
+    m = tl.cast(-float("inf"), tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    best = tl.cast(0, tl.int32)
+    for start in range(0, full, BLOCK_V):
+        m, s, best = _stats_tile(base, start, cols, V, m, s, best, False)
+    if full < V:
+        m, s, best = _stats_tile(base, full, cols, V, m, s, best, True)
     x_target = tl.load(base + safe_target).to(tl.float32)
     lse = (m + tl.math.log2(s)) / LOG2E  # natural-log log-sum-exp of the row's logits
     tl.store(LOSS + row, tl.where(counted, lse - x_target, 0.0))
     tl.store(HIT + row, (counted & (best == target)).to(tl.int32))
 
     if WRITE_GRAD:
-        # Pass 2: softmax - onehot(target) over the same tiles, in the logits' dtype; 0 if ignored.
+        # Pass 2: the gradient over the same tiles, in place.
         keep = counted.to(tl.float32)
         inv_s = keep / s
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            in_row = offs < V
-            x = tl.load(base + offs, mask=in_row, other=0.0).to(tl.float32)
-            g = tl.math.exp2(x * LOG2E - m) * inv_s - tl.where(offs == target, keep, 0.0)
-            tl.store(base + offs, g.to(LOGITS.dtype.element_ty), mask=in_row)
+        for start in range(0, full, BLOCK_V):
+            _grad_tile(base, start, cols, V, m, inv_s, target, keep, False)
+        if full < V:
+            _grad_tile(base, full, cols, V, m, inv_s, target, keep, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +229,7 @@ def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: 
     if weight.device != h.device or targets.device != h.device:
         raise ValueError(f"{name}: h, weight and targets on different devices ({h.device}, {weight.device}, "
                          f"{targets.device})")
-    if h.device.type != "cuda" and not (_INTERPRET and h.device.type == "cpu"):
+    if not attention._launchable(h.device):  # the one rule (the compile check stands in for it)
         raise ValueError(f"{name}: tensors on {h.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
     # Range check on CPU only: on CUDA it would cost a host sync per step (the data pipeline checks).
     if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():

@@ -5,7 +5,7 @@
 gradients for h and the weight; the expectation is float64 ``F.log_softmax`` over all (N, V) logits
 of the same (dtype-rounded) inputs. Chunk sizes are shrunk so that every case runs several row
 chunks with a ragged last one; V = 5,003 and 50,257 span several vocabulary tiles of the kernel
-(4,096 wide) with a ragged last tile, V = 97 one tile.
+(4,096 wide) with a ragged last tile, V = 8,192 whole tiles only, V = 97 one tile.
 
 Tolerances, relative to the largest reference value of each quantity (dh and dW are sums over
 V and N terms): float32 2e-5 (fp32 GEMMs over C <= 64 and fp32 softmax statistics; seen <= 2e-6),
@@ -96,6 +96,7 @@ CASES = [  # N, C, V: N never a multiple of the 8-row chunk
     pytest.param(37, 24, 97, id="N37-V97"),
     pytest.param(29, 40, 5003, id="N29-V5003"),
     pytest.param(11, 64, 50257, id="N11-V50257"),
+    pytest.param(13, 16, 8192, id="N13-V8192"),  # whole tiles only: no ragged last tile
 ]
 
 
