@@ -23,7 +23,8 @@ from gpt import GPT2Model, GPTConfig
 from gpt import ops
 from gpt.ops import TORCH_OPS, linear_cross_entropy_ref, linear_cross_entropy_unfused, triton_ops
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU-only machines
+from conftest import DEVICE  # the GPU, or the CPU with Triton's interpreter
+
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 IMPLS = {"ref": linear_cross_entropy_ref, "triton": kernels.linear_cross_entropy}
 ROWS_PER_CHUNK = 8
@@ -100,7 +101,7 @@ CASES = [  # N, C, V: N never a multiple of the 8-row chunk
 ]
 
 
-CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="bf16 through the kernel is checked on a GPU (the "
+CUDA_ONLY = pytest.mark.skipif(DEVICE.type != "cuda", reason="bf16 through the kernel is checked on a GPU (the "
                                "interpreter truncates fp32 -> bf16 casts)")
 
 
@@ -199,7 +200,7 @@ def test_upstream_gradient_scales_the_gradients(monkeypatch, impl):
 def test_bad_inputs_raise_one_line_errors():
     h, weight, targets = make_case(5, 8, 97, torch.float32)
     for fn in IMPLS.values():
-        if DEVICE == "cpu":  # checked on CPU tensors only: on a GPU it would cost a host sync per step
+        if DEVICE.type == "cpu":  # checked on CPU tensors only: on a GPU it would cost a host sync per step
             with pytest.raises(ValueError, match=r"target 97 outside the vocabulary \[0, 97\)"):
                 fn(h, weight, torch.tensor([1, 2, 97, 3, 4], device=DEVICE))
         with pytest.raises(ValueError, match="targets shape"):
@@ -253,7 +254,7 @@ UNFUSED = TORCH_OPS._replace(name="torch-unfused", linear_cross_entropy=linear_c
 def model_grads(impl, idx, targets, dtype="fp32"):
     torch.manual_seed(0)
     model = GPT2Model(CFG, impl=impl).to(DEVICE)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = model(idx, targets)
     out.loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
