@@ -189,8 +189,8 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     dw = torch.zeros((V, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
     rows = _chunk_rows(V)
     # One chunk of logits, reused. Its rows are padded to a multiple of 128 elements: with V = 50,257
-    # an unpadded row would start at odd addresses and keep cuBLAS off its 16-byte-aligned kernels
-    # (nanoGPT pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
+    # unpadded rows would start off 16-byte boundaries and keep cuBLAS off its aligned kernels (nanoGPT
+    # pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
     row_stride = triton.cdiv(V, 128) * 128
     buf = torch.empty(min(rows, N), row_stride, dtype=dtype, device=h.device)[:, :V]
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
