@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -63,11 +62,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         # torch's own message advises retrying with weights_only=False, which runs the file's code: not ours to give.
         raise CheckpointError(f"{path} is not a loadable checkpoint of this project: it is not a torch file, or it "
                               f"holds Python objects that a weights-only load refuses to run") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+    except PermissionError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    except Exception as e:  # torch.load fails on foreign bytes in many ways (zip, EOF, index, OS errors)
         raise CheckpointError(f"{path} is not a loadable checkpoint of this project: corrupt or truncated "
                               f"({type(e).__name__})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path} is not a loadable checkpoint: {e.strerror or one_line(e)}") from None
     if not isinstance(obj, dict) or "model_state_dict" not in obj or "config" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_state_dict/config)")
     try:

@@ -302,15 +302,15 @@ def run(ns: argparse.Namespace) -> int:
         tensorboard_writer_class()  # fail now, not after the data is ready
     trainer = Trainer(opts, model_cfg, tc)
     trainer.setup(ck)
-    if trainer.master:
-        if ns.overwrite:
-            remove_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        flags = [_flag(k) for cls in (GPTConfig, TrainConfig) for k in _given(ns, cls)
-                 if ck is None or k in RESUME_MAY_CHANGE]
-        print(_start_line(trainer, ck is not None, flags), flush=True)
     previous = signal.signal(signal.SIGINT, trainer.on_sigint)  # Ctrl-C: stop at a step boundary, twice: now
     try:
+        if trainer.master:
+            if ns.overwrite:
+                remove_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            flags = [_flag(k) for cls in (GPTConfig, TrainConfig) for k in _given(ns, cls)
+                     if ck is None or k in RESUME_MAY_CHANGE]
+            print(_start_line(trainer, ck is not None, flags), flush=True)
         reason = trainer.train()
     finally:
         signal.signal(signal.SIGINT, previous)
