@@ -288,8 +288,9 @@ def run(ns: argparse.Namespace) -> int:
     ck, out = _plan(ns)
     if ck is None:
         opts, model_cfg, tc = _new_run(ns)
-    else:
+    else:  # the run continues where its checkpoint was found, whatever directory it was started in
         opts, model_cfg, tc = _resumed_run(ns, ck, out / LAST_NAME)
+        opts = replace(opts, out_dir=str(out))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _validate_run_options(opts)
     validate_train_config(tc, world)
