@@ -665,10 +665,11 @@ class Trainer:
                     pbar.update(1)
                 eval_now = st.step == self.max_steps or (tc.eval_interval and st.step % tc.eval_interval == 0)
                 save_now = not eval_now and opts.checkpoint_interval and st.step % opts.checkpoint_interval == 0
-                if eval_now or save_now or st.step % opts.log_interval == 0:
+                stop_here = self.world == 1 and self._stop_requested  # (DDP agrees on it at log steps)
+                if eval_now or save_now or stop_here or st.step % opts.log_interval == 0:
                     self._log(acc, pbar)
                     acc.zero_()
-                if self._stop_agreed or (self.world == 1 and self._stop_requested):
+                if self._stop_agreed or stop_here:
                     raise StopTraining
                 if save_now:
                     self.save_last()
@@ -683,6 +684,8 @@ class Trainer:
                         if self.master:
                             self._print(pbar, f"early stop: no validation improvement in {tc.patience} evaluations")
                         break
+            if self._stop_now:  # Ctrl-C twice during the last step's bookkeeping: still a stop
+                raise KeyboardInterrupt
         except StopTraining:
             reason = "interrupted"
         except KeyboardInterrupt:
