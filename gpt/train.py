@@ -212,6 +212,8 @@ def _resumed_run(ns: argparse.Namespace, ck: dict, last: Path) -> tuple[RunOptio
 def _plan(ns: argparse.Namespace) -> tuple[dict | None, Path]:
     """What to do with --out-dir: the checkpoint to resume (None: a new run), or a one-line refusal."""
     out = Path(ns.out_dir or DEFAULTS.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out-dir {out} is a file, not a directory")
     last = out / LAST_NAME
     existing = run_files(out)
     if ns.resume and ns.overwrite:

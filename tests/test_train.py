@@ -228,7 +228,7 @@ def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "resume_without_ckpt",
                                   "corrupt_ckpt", "text_as_ckpt", "triton_missing", "bad_device", "no_tensorboard",
-                                  "refusal", "resume_and_overwrite", "weight_decay_on"])
+                                  "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file"])
 def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -245,6 +245,7 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         "bad_device": "--device 'tpu' is not a device name", "no_tensorboard": "pip install tensorboard",
         "refusal": "continue it with --resume, replace it with --overwrite, or choose another --out-dir",
         "resume_and_overwrite": "choose one", "weight_decay_on": "invalid choice",
+        "out_dir_is_a_file": "is a file, not a directory",
     }[case]
     if case == "missing_data":
         args += ["--data", str(tmp_path / "nope.jsonl")]
@@ -282,6 +283,9 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         args += ["--resume"]
     elif case == "weight_decay_on":
         args += ["--weight-decay-on", "biases"]
+    elif case == "out_dir_is_a_file":
+        (tmp_path / "notes.txt").write_text("mine")
+        args += ["--out-dir", str(tmp_path / "notes.txt")]
     if case == "weight_decay_on":  # argparse's own one-line usage error, exit 2
         with pytest.raises(SystemExit) as exc:
             main(args)
