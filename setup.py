@@ -7,8 +7,8 @@ setup(
     packages=find_packages(include=["gpt", "gpt.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "torch>=2.11",  # checked: 2.11 and 2.13 (README, Kernels)
+        "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",  # checked: 3.6 and 3.9
         "numpy",
         "transformers",
         "datasets",

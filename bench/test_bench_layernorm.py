@@ -81,7 +81,8 @@ def check_against_reference(ours, ref, inputs, grads):
         torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=2e-2)
     for t, r in zip(inputs, ref_inputs):
         # weight / bias grads are sums over all rows: compare relative to their largest entry.
-        torch.testing.assert_close(t.grad.float(), r.grad, atol=2e-2 * r.grad.abs().max().item(), rtol=2e-2)
+        tol = 2e-2 if t.dtype == DTYPE else 1e-4  # bf16 activation grads; fp32-accumulated weight / bias grads
+        torch.testing.assert_close(t.grad.float(), r.grad, atol=tol * r.grad.abs().max().item(), rtol=tol)
         t.grad = None
 
 

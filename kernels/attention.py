@@ -20,7 +20,9 @@ deterministic. The grid is (batch*head, block) with the longest causal blocks la
 
 Launch configurations: fixed under Triton's interpreter (TRITON_INTERPRET=1); on CUDA, autotuned
 once per (head dim, power-of-two query / key length buckets, dtype, kv_start or not) from a list
-aimed at Hopper, with configurations pruned by a shared-memory estimate.
+aimed at Hopper, pruned by head dim and a shared-memory estimate. ``python -m kernels.compile_check``
+compiles every configuration the launchers can pick for sm_90 and sm_80 without a GPU and checks
+it (no register spills, shared memory within the limit and the estimate, tensor cores).
 
 The op is registered with ``torch.library.custom_op`` (forward and backward ops, fake
 implementations, autograd), so ``torch.compile`` traces through it.
@@ -369,64 +371,116 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+class _Config(triton.Config):
+    """BLOCK_M query rows by BLOCK_N key rows, for head dims up to ``max_head_dim`` (above it the
+    compiled kernel spills registers on sm_80 or sm_90: see ``kernels.compile_check``)."""
+
+    def __init__(self, block_m: int, block_n: int, warps: int, stages: int,
+                 max_head_dim: int = max(SUPPORTED_HEAD_DIMS)):
+        super().__init__({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        self.max_head_dim = max_head_dim
 
 
 # The interpreter ignores warps and stages; uneven blocks exercise the block-boundary logic.
-_INTERPRET_FWD = [_config(32, 16, 4, 1)]
-_INTERPRET_DKDV = [_config(16, 32, 4, 1)]
-_INTERPRET_DQ = [_config(32, 16, 4, 1)]
+_INTERPRET_FWD = [_Config(32, 16, 4, 1)]
+_INTERPRET_DKDV = [_Config(16, 32, 4, 1)]
+_INTERPRET_DQ = [_Config(32, 16, 4, 1)]
 
-# Hopper candidates (BLOCK_M = query rows, BLOCK_N = key rows); BLOCK_M == 16 only for decoding.
-_CUDA_FWD = [
-    _config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3),
-    _config(64, 32, 4, 4),
-    _config(16, 64, 4, 3), _config(16, 128, 4, 3),
+# CUDA candidates, aimed at Hopper and checked for sm_90 and sm_80 by kernels.compile_check (no
+# register spills, shared memory within the block limit, tensor cores in every dot: the table is in
+# bench/results/2026-11-26-static/compile.md). On sm_90 a dot runs on wgmma when its rows (BLOCK_M
+# here and in dQ, BLOCK_N in dK/dV) fill 64-row warpgroups, else on mma. BLOCK_M == 16 only decodes.
+_CUDA_FWD = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
+    # Two warpgroups of 64 query rows (wgmma), 64-key blocks, K/V in a 3-stage pipeline. With 4 warps
+    # this tile spilled at D >= 64 on sm_90 (a (128, D) fp32 accumulator and (128, 64) scores over
+    # 128 threads): removed.
+    _Config(128, 64, 8, 3),
+    # Twice the keys per step: half the loop trips and rescales; its shared memory (estimate) keeps
+    # it to D <= 64.
+    _Config(128, 128, 8, 3),
+    # One warpgroup of 64 rows: twice the programs, for short sequences or few heads (at D = 128 on
+    # sm_80 it sits at 255 registers without spilling).
+    _Config(64, 64, 4, 3),
+    # The smallest tiles and the deepest pipeline: the lightest footprint at every head dim.
+    _Config(64, 32, 4, 4),
+    # Decoding (query bucket 16): one 16-row mma tile, long key blocks to stream the cache.
+    _Config(16, 64, 4, 3), _Config(16, 128, 4, 3),
 ]
 _CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
-    _config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(32, 64, 4, 3), _config(64, 64, 4, 2),
-    _config(16, 64, 4, 2),
+    # 128 held key rows (two warpgroups) reuse K/V over the most queries. At D = 128 its two
+    # (128, 128) fp32 accumulators spill on sm_80 (with kv_start): D <= 64 only.
+    _Config(32, 128, 8, 2, max_head_dim=64),
+    # 64 held rows, 32 streamed, over 8 warps: the one configuration that compiles without spills at
+    # every head dim on both archs under Triton 3.6 and 3.9 (the sm_80 backward is register-bound).
+    _Config(32, 64, 8, 3),
+    # The same tile on one warpgroup: 4 warps reach 255 registers at D = 128 on sm_80 (spilling 8
+    # bytes under Triton 3.6): D <= 64 only.
+    _Config(32, 64, 4, 3, max_head_dim=64),
+    # Backward of sequences up to 16 tokens.
+    _Config(16, 64, 4, 2),
+    # Removed: (64, 128, 8 warps, 2 stages) and (64, 64, 4 warps, 2 stages) spilled at D = 128 on
+    # sm_90 and D >= 64 on sm_80; (64, 64, 8 warps) with 2 or 3 stages still spilled on sm_80 at
+    # D = 32 or 64 (Triton 3.6 or 3.9).
 ]
 _CUDA_DQ = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
-    _config(128, 32, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 2),
-    _config(16, 64, 4, 2),
+    # Two warpgroups of query rows, short key steps.
+    _Config(128, 32, 8, 2),
+    # Longer key steps with 3 stages; (128, 64) with 2 stages spilled on sm_80 at D = 32 and 128.
+    _Config(128, 64, 8, 3),
+    # One warpgroup.
+    _Config(64, 64, 4, 2),
+    # Backward of sequences up to 16 tokens; 3 stages, as the mma path keeps num_stages - 1 buffers.
+    _Config(16, 64, 4, 3),
 ]
 
 
-def _shared_memory_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 101376)
+def _shared_memory_limit() -> int:
+    """Opt-in shared memory per block of the device Triton launches on: the limit its loader enforces."""
+    active = triton.runtime.driver.active
+    return active.utils.get_device_properties(active.get_current_device())["max_shared_mem"]
 
 
-def _prune(configs, named_args, streamed_rows: str, held_rows: str, **kwargs):
-    """Drop configurations over the shared-memory budget and mismatched to the query length.
+class _Prune:
+    """``early_config_prune`` of one attention kernel: the configurations that fit the launch.
 
-    Estimate (conservative): two held tiles, ``num_stages`` copies of the two streamed tiles (K and
-    V, or Q and dO) and one (BLOCK_M, BLOCK_N) tile for the probabilities, in the input's element size.
+    Kept: BLOCK_M == 16 exactly when decoding (query bucket 16), head dim within the configuration's
+    ``max_head_dim``, and the shared-memory estimate within the device's per-block limit. fp32
+    (tests only: its dots run on FMA, compile slowly and spill) gets the one smallest of those.
+    If none fits, the smallest configuration within its head dim.
     """
-    args = {**named_args, **kwargs}
-    q = args["Q"]
-    elem = q.element_size()
-    d = args["HEAD_DIM"]
-    budget = _shared_memory_limit(q.device)
-    decoding = args["TQ_BUCKET"] <= 16
 
-    def smem(c):
-        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        held, streamed = c.kwargs[held_rows], c.kwargs[streamed_rows]
-        return (2 * held * d + c.num_stages * 2 * streamed * d + m * n) * elem
+    def __init__(self, held_rows: str, streamed_rows: str, held_tiles: int):
+        self.held_rows = held_rows  # the block whose (rows, D) tiles are loaded once
+        self.streamed_rows = streamed_rows  # the block loaded afresh on every step of the inner loop
+        self.held_tiles = held_tiles  # tiles loaded once: Q (forward); Q and dO (dQ); K and V (dK/dV)
 
-    fitting = [c for c in configs if smem(c) <= budget and (c.kwargs["BLOCK_M"] == 16) == decoding]
-    return fitting or [min(configs, key=smem)]
+    def estimate(self, config: triton.Config, args: dict) -> int:
+        """Shared-memory bytes of ``config`` for the launch arguments ``args`` (name -> value).
+
+        The held tiles, ``num_stages`` buffers of the two streamed tiles (the pipeline; sm_80 and the
+        mma path keep one fewer) and of two fp32 statistics per streamed row (dK/dV's lse and delta),
+        and 2 KiB for barriers and static shared memory. ``kernels.compile_check`` holds it to 1-2x
+        the compiled kernels' shared memory on sm_90 and sm_80.
+        """
+        d, elem = args["HEAD_DIM"], args["Q"].element_size()
+        held, streamed = config.kwargs[self.held_rows], config.kwargs[self.streamed_rows]
+        stages = config.num_stages
+        return (self.held_tiles * held * d + stages * 2 * streamed * d) * elem + stages * 2 * streamed * 4 + 2048
+
+    def __call__(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        budget = _shared_memory_limit()
+        decoding = args["TQ_BUCKET"] <= 16
+        within = [c for c in configs if args["HEAD_DIM"] <= c.max_head_dim]
+        fitting = [c for c in within
+                   if self.estimate(c, args) <= budget and (c.kwargs["BLOCK_M"] == 16) == decoding]
+        smallest = min(fitting or within, key=lambda c: self.estimate(c, args))
+        return fitting if fitting and args["Q"].element_size() < 4 else [smallest]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    return _prune(configs, named_args, streamed_rows="BLOCK_N", held_rows="BLOCK_M", **kwargs)
-
-
-def _prune_dkdv(configs, named_args, **kwargs):
-    return _prune(configs, named_args, streamed_rows="BLOCK_M", held_rows="BLOCK_N", **kwargs)
+_prune_fwd = _Prune(held_rows="BLOCK_M", streamed_rows="BLOCK_N", held_tiles=1)
+_prune_dkdv = _Prune(held_rows="BLOCK_N", streamed_rows="BLOCK_M", held_tiles=2)
+_prune_dq = _Prune(held_rows="BLOCK_M", streamed_rows="BLOCK_N", held_tiles=2)
 
 
 def _tuned(kernel, interpret_configs, cuda_configs, prune):
@@ -438,12 +492,20 @@ def _tuned(kernel, interpret_configs, cuda_configs, prune):
 
 _attn_fwd = _tuned(_attn_fwd_kernel, _INTERPRET_FWD, _CUDA_FWD, _prune_fwd)
 _attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _INTERPRET_DKDV, _CUDA_DKDV, _prune_dkdv)
-_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _INTERPRET_DQ, _CUDA_DQ, _prune_fwd)
+_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _INTERPRET_DQ, _CUDA_DQ, _prune_dq)
+_CUDA_CONFIGS = {  # by kernel name, for kernels.compile_check
+    "_attn_fwd_kernel": _CUDA_FWD, "_attn_bwd_dkdv_kernel": _CUDA_DKDV, "_attn_bwd_dq_kernel": _CUDA_DQ,
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+
+
+def _launchable(device: torch.device) -> bool:
+    """Whether the kernels run on tensors of this device: CUDA, or the CPU under Triton's interpreter."""
+    return device.type == "cuda" or (_INTERPRET and device.type == "cpu")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor]) -> None:
@@ -466,7 +528,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: O
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"causal_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+    if not _launchable(q.device):
         raise ValueError(f"causal_attention: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
     if kv_start is not None:
         if kv_start.dtype != torch.int64 or tuple(kv_start.shape) != (B,) or kv_start.device != q.device:

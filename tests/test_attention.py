@@ -1,7 +1,8 @@
 """Fused causal attention kernel vs float64 math: values, gradients, KV-cache shapes, kv_start, model parity.
 
-Runs on the GPU when there is one, else in Triton's interpreter on CPU. fp32 and fp16 only: the
-interpreter's bf16 tl.dot is unusable, so bf16 is checked on CUDA in bench/test_bench_attention.py.
+Runs on DEVICE: the GPU when there is one, else Triton's interpreter on the CPU. The interpreter's
+bf16 tl.dot is unusable, so the bf16 tests run on CUDA only. What the kernels compile to on sm_90
+and sm_80 (spills, shared memory against the launch-time estimate) is tests/test_compile_check.py.
 """
 
 import math
@@ -10,13 +11,18 @@ import pytest
 import torch
 
 import kernels
-from gpt import GPT2Model, GPTConfig
+from gpt import GPTConfig
 from gpt.kvcache import KVCache
 from gpt.ops import TORCH_OPS, causal_attention_ref, triton_ops
+from kernels import attention
+from kernels.attention import SUPPORTED_HEAD_DIMS
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU-only machines
+from conftest import CUDA_ONLY_REASON, DEVICE, perturbed_model
+
 FP32_TOL = 2e-5  # fp32 kernel vs float64: accumulation-order error only
-FP16_FLOOR = 2e-3  # absolute slack added to FlashAttention's "2x the fp16 PyTorch error" rule
+HALF_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # absolute slack added to FlashAttention's
+# "2x the PyTorch error in the same dtype" rule: about 2 ulps at 1 for fp16 (2**-10) and bf16 (2**-7)
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_ONLY_REASON)
 
 
 def qkv_views(B, H, T, D, dtype, seed=0):
@@ -62,12 +68,13 @@ def check_against_float64(q, k, v, kv_start=None):
             assert a.dtype == torch.float32 and a.shape == e.shape, name
             torch.testing.assert_close(a.double(), e, atol=FP32_TOL, rtol=FP32_TOL, msg=name)
         return
-    peer = run(causal_attention_ref, q, k, v, do, kv_start)  # fp16 PyTorch implementation
+    peer = run(causal_attention_ref, q, k, v, do, kv_start)  # PyTorch in the same half dtype
     for name, a, p, e in zip(names, ours, peer, exact):
         assert a.dtype == q.dtype and a.shape == e.shape, name
         ours_err = (a.double() - e).abs().max().item()
         peer_err = (p.double() - e).abs().max().item()
-        assert ours_err <= 2 * peer_err + FP16_FLOOR, f"{name}: error {ours_err:.3g} vs fp16 torch {peer_err:.3g}"
+        assert ours_err <= 2 * peer_err + HALF_FLOOR[q.dtype], \
+            f"{name}: error {ours_err:.3g} vs torch {q.dtype} {peer_err:.3g}"
 
 
 # Every T and D appears with gradients; the costly end (T=256 with D=128) is left out.
@@ -94,6 +101,24 @@ def test_fp32_strided_qkv_matches_float64(B, H, T, D):
 @pytest.mark.parametrize("B,H,T,D", FP16_CASES)
 def test_fp16_within_twice_torch_fp16_error(B, H, T, D):
     check_against_float64(*qkv_views(B, H, T, D, torch.float16))
+
+
+@cuda_only
+@pytest.mark.parametrize("B,H,T,D", FP16_CASES + [(2, 3, 256, 128)])
+def test_bf16_within_twice_torch_bf16_error(B, H, T, D):
+    check_against_float64(*qkv_views(B, H, T, D, torch.bfloat16))
+
+
+@cuda_only
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 130), (20, 53)])
+def test_bf16_decode_and_chunked_prefill_against_cache(Tq, Tk):
+    check_against_float64(*cache_views(2, 3, Tq, Tk, 64, torch.bfloat16))
+
+
+@cuda_only
+def test_bf16_kv_start():
+    q, k, v = cache_views(3, 2, 30, 45, 32, torch.bfloat16, seed=4)
+    check_against_float64(q, k, v, torch.tensor([0, 19, 44], device=DEVICE))
 
 
 def test_contiguous_inputs_and_custom_scale():
@@ -187,18 +212,8 @@ TINY = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_
 ATTN_TRITON = TORCH_OPS._replace(name="attn-triton", attention=triton_ops().attention)  # torch LayerNorm
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    model = GPT2Model(TINY, impl="torch").to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def test_model_logits_loss_and_grads_match_torch():
-    model = tiny_model()
+    model = perturbed_model(TINY, device=DEVICE)
     idx = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
     targets = torch.randint(0, TINY.vocab_size, (2, 29), device=DEVICE)
     results = {}
@@ -217,7 +232,7 @@ def test_model_logits_loss_and_grads_match_torch():
 
 
 def test_model_kv_cache_prefill_and_decode_match_full_forward():
-    model = tiny_model().eval()
+    model = perturbed_model(TINY, device=DEVICE)
     model.impl = ATTN_TRITON
     idx = torch.randint(0, TINY.vocab_size, (2, 23), device=DEVICE)
     with torch.no_grad():
@@ -231,7 +246,7 @@ def test_model_kv_cache_prefill_and_decode_match_full_forward():
 
 def test_model_left_padded_decode_matches_unpadded():
     """A row left-padded by 5 (cache.start) gives the same logits as the same prompt alone."""
-    model = tiny_model().eval()
+    model = perturbed_model(TINY, device=DEVICE)
     model.impl = ATTN_TRITON
     prompt = torch.randint(0, TINY.vocab_size, (1, 9), device=DEVICE)
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long, device=DEVICE), prompt], dim=1)
@@ -248,21 +263,24 @@ def test_model_left_padded_decode_matches_unpadded():
     assert math.isfinite(step.abs().sum().item())
 
 
-def test_cuda_config_pruning_respects_shared_memory(monkeypatch):
-    """Kept configs fit the shared-memory budget by the launcher's estimate; BLOCK_M = 16 only to decode."""
-    from kernels import attention
-
-    monkeypatch.setattr(attention, "_shared_memory_limit", lambda device: 227 * 1024)
-    for dtype in (torch.bfloat16, torch.float32):
-        q = torch.empty(0, dtype=dtype)
-        for tq_bucket in (16, 4096):
-            args = {"Q": q, "TQ_BUCKET": tq_bucket}
-            kept = attention._prune_fwd(attention._CUDA_FWD, args, HEAD_DIM=128)
+@pytest.mark.parametrize("prune,configs", [
+    (attention._prune_fwd, attention._CUDA_FWD),
+    (attention._prune_dkdv, attention._CUDA_DKDV),
+    (attention._prune_dq, attention._CUDA_DQ),
+])
+def test_cuda_prune_rules(monkeypatch, prune, configs):
+    """Which configurations the launch-time prune keeps (its estimate is checked against the compiled
+    kernels in tests/test_compile_check.py): 16-row blocks exactly for short queries, none past its
+    max_head_dim, and one configuration for fp32."""
+    monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 232_448)
+    for d in SUPPORTED_HEAD_DIMS:
+        for tq_bucket in (16, 256):
+            args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": d, "TQ_BUCKET": tq_bucket}
+            kept = prune(configs, args)
             assert kept and all((c.kwargs["BLOCK_M"] == 16) == (tq_bucket == 16) for c in kept)
-            for c in kept:
-                m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                assert (2 * m * 128 + c.num_stages * 2 * n * 128 + m * n) * q.element_size() <= 227 * 1024
-    big = attention._prune_fwd(attention._CUDA_FWD, {"Q": torch.empty(0), "TQ_BUCKET": 4096}, HEAD_DIM=128)
-    small = attention._prune_fwd(attention._CUDA_FWD, {"Q": torch.empty(0, dtype=torch.bfloat16),
-                                                       "TQ_BUCKET": 4096}, HEAD_DIM=128)
-    assert len(big) < len(small)  # fp32 tiles are twice the bytes: fewer configs fit
+            assert all(d <= c.max_head_dim and prune.estimate(c, args) <= 232_448 for c in kept)
+            assert len(prune(configs, {**args, "Q": torch.empty(0, dtype=torch.float32)})) == 1
+    monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 1024)  # nothing fits: the smallest
+    args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": 128, "TQ_BUCKET": 256}
+    within = [c for c in configs if c.max_head_dim >= 128]
+    assert prune(configs, args) == [min(within, key=lambda c: prune.estimate(c, args))]

@@ -1,7 +1,7 @@
 """End to end, llm.c style: the Triton path against the reference path on the whole model.
 
-Under Triton's interpreter on a CPU (fp32), impl="triton" must give the same logits, loss, every
-parameter gradient and the same losses over a few AdamW steps as impl="torch".
+In fp32 on DEVICE (the GPU, or Triton's interpreter on a CPU), impl="triton" must give the same
+logits, loss, every parameter gradient and the same losses over a few AdamW steps as impl="torch".
 """
 
 import copy
@@ -9,20 +9,15 @@ import copy
 import pytest
 import torch
 
-from gpt import GPT2Model, GPTConfig, KVCache
+from gpt import GPTConfig, KVCache
 
-pytest.importorskip("triton")
+from conftest import DEVICE, perturbed_model
 
 CFG = GPTConfig(vocab_size=97, max_seq_length=48, num_layers=2, num_heads=3, d_model=48, d_ff=96, dropout=0.0)
 
 
 def models():
-    torch.manual_seed(0)
-    ref = GPT2Model(CFG, impl="torch")
-    with torch.no_grad():  # biases and LayerNorm affine off their defaults
-        for name, p in ref.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    ref = perturbed_model(CFG, device=DEVICE)
     fast = copy.deepcopy(ref)
     fast.impl = "triton"
     return ref, fast
@@ -30,7 +25,7 @@ def models():
 
 def batch(T=29, B=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g)
+    idx = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g).to(DEVICE)
     return idx[:, :-1], idx[:, 1:]
 
 
@@ -69,7 +64,7 @@ def test_cached_decode_matches_reference():
     x, _ = batch(T=20, B=3)
     with torch.no_grad():
         full = ref(x)
-        cache = KVCache.allocate(CFG, 3, "cpu", torch.float32)
+        cache = KVCache.allocate(CFG, 3, DEVICE, torch.float32)
         cache.start[1] = 4  # row 1 is left-padded: its first 4 slots are padding
         steps = [fast(x[:, :12], cache=cache)] + [fast(x[:, t:t + 1], cache=cache) for t in range(12, 20)]
     got = torch.cat(steps, 1)

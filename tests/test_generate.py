@@ -12,6 +12,8 @@ from gpt.checkpoint import save_checkpoint
 from gpt.generate import TextStream, column_major_weights_, decode_one, generate, left_pad, prefill, sample_next
 from gpt.kvcache import KVCache
 
+from conftest import DEVICE
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, max_seq_length=64, num_layers=2, num_heads=3, d_model=48, d_ff=64, dropout=0.0)
 EOS = SMALL.vocab_size - 1
@@ -207,11 +209,9 @@ def test_emoji_prompt_and_streaming_partial_utf8(tokenizer_dir):
 
 
 def test_triton_attention_gives_the_same_greedy_tokens():
-    kernels = pytest.importorskip("kernels")
-    if not hasattr(kernels, "causal_attention"):
-        pytest.skip("kernels.causal_attention not written yet")
+    """Cached decoding through the kernels on DEVICE (the GPU, or the interpreter on a CPU)."""
     config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
-    model = spread_model(config, seed=8)
+    model = spread_model(config, seed=8).to(DEVICE)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     want = generate(model, prompts, 20, temperature=0, eos_id=None)  # crosses the context once
     model.impl = "triton"

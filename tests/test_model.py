@@ -9,23 +9,14 @@ from gpt import GPT2Model, GPTConfig, get_preset
 from gpt.hf import export_hf, from_transformers, to_transformers
 from gpt.ops import TORCH_OPS
 
+from conftest import perturbed_model
+
 ODD = GPTConfig(vocab_size=101, max_seq_length=40, num_layers=3, num_heads=3, d_model=48, d_ff=80,
                 dropout=0.0)
 
 
-def perturbed_model(config=ODD, seed=0):
-    """A model whose biases and LayerNorm weights are off their defaults (zeros / ones)."""
-    torch.manual_seed(seed)
-    model = GPT2Model(config, impl="torch")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 def test_logits_match_transformers_and_round_trip_is_exact():
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     hf = to_transformers(model)
     idx = torch.randint(0, ODD.vocab_size, (2, 37))  # T not a multiple of 8, 3 heads
     with torch.no_grad():
@@ -42,7 +33,7 @@ def test_logits_match_transformers_and_round_trip_is_exact():
 def test_export_loads_with_auto_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     export_hf(model, tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -52,7 +43,7 @@ def test_export_loads_with_auto_model(tmp_path):
 
 
 def test_causality():
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     idx = torch.randint(0, ODD.vocab_size, (1, 30))
     changed = idx.clone()
     t = 17
@@ -64,11 +55,11 @@ def test_causality():
 
 
 def test_determinism_under_seed():
-    a, b = perturbed_model(seed=3), perturbed_model(seed=3)
+    a, b = perturbed_model(ODD, device="cpu", seed=3), perturbed_model(ODD, device="cpu", seed=3)
     idx = torch.randint(0, ODD.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(a(idx), b(idx))
-    assert not torch.equal(a.wte.weight, perturbed_model(seed=4).wte.weight)
+    assert not torch.equal(a.wte.weight, perturbed_model(ODD, device="cpu", seed=4).wte.weight)
 
 
 def test_seed_preset_parameter_count():
@@ -103,7 +94,7 @@ def test_config_dict_round_trip_and_presets():
 
 
 def test_bad_input_raises_value_error_naming_the_limit():
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     with pytest.raises(ValueError, match=r"\[0, 101\)"):
         model(torch.tensor([[1, 2, 101]]))
     with pytest.raises(ValueError, match=r"\[0, 101\)"):
@@ -115,7 +106,7 @@ def test_bad_input_raises_value_error_naming_the_limit():
 
 
 def test_loss_matches_cross_entropy_and_counts_real_tokens():
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     idx = torch.randint(0, ODD.vocab_size, (2, 12))
     targets = torch.randint(0, ODD.vocab_size, (2, 12))
     targets[1, 5:] = -1  # ignored
@@ -132,7 +123,7 @@ def test_loss_matches_cross_entropy_and_counts_real_tokens():
 def test_kv_cache_prefill_and_decode_match_full_forward():
     from gpt import KVCache
 
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     idx = torch.randint(0, ODD.vocab_size, (2, 15))
     with torch.no_grad():
         full = model(idx)
@@ -154,7 +145,7 @@ def textbook_block(block, s):
 
 def test_block_is_a_pre_ln_block_with_the_add_carried_over():
     """Block(x, delta) is the textbook block applied to x + delta, its own output returned unsummed."""
-    block = perturbed_model().h[1]
+    block = perturbed_model(ODD, device="cpu").h[1]
     x, delta = torch.randn(2, 11, ODD.d_model), torch.randn(2, 11, ODD.d_model)
     with torch.no_grad():
         out, resid = block(x, delta, TORCH_OPS)
@@ -169,7 +160,7 @@ def test_block_is_a_pre_ln_block_with_the_add_carried_over():
 
 def test_per_block_activation_checkpointing_gives_the_same_gradients():
     """Blocks are self-contained modules: recomputing each one in backward changes nothing."""
-    model = perturbed_model()
+    model = perturbed_model(ODD, device="cpu")
     idx = torch.randint(0, ODD.vocab_size, (2, 13))
 
     def loss(recompute: bool):

@@ -1,0 +1,635 @@
+"""Compile every kernel variant the launchers can pick for NVIDIA GPUs, on a machine without a GPU.
+
+Triton compiles for any CUDA target without a GPU. Here Triton's active driver is a stand-in that
+reports a target (sm_90 or sm_80) and its shared-memory limit, and our public functions
+(``kernels.causal_attention``, ``kernels.layer_norm``, ``kernels.add_layer_norm``, forward and
+backward) are called on CPU tensors shaped as the model makes them: strided views of the fused qkv
+projection, slices of a ``KVCache``, (B, T, N) rows. Each ``JITFunction.run`` becomes a warm-up
+(compile, no launch), and each autotuned kernel is compiled once per configuration that survives
+its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strides as constants,
+divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
+
+Compiled (``cases()``): attention in fp16 and bf16 for every supported head dim -- training forward
+and backward (T = 256, and T = 16 for the 16-row configurations), backward with kv_start, a prompt
+prefilled into the KV cache, one-token decode with and without kv_start; LayerNorm and add +
+LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
+the autocast mix (bf16 branch + fp32 residual). fp32 attention, a test path whose dots run on FMA
+with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
+``KERNEL_MODULES`` and every CUDA autotune configuration must be reached (``uncovered``).
+
+Per compiled variant: registers, stack and local bytes (spills) from ``cuobjdump
+--dump-resource-usage`` on the cubin, shared memory (Triton's dynamic ``metadata.shared`` plus the
+cubin's static shared memory), the tensor-core form of every dot (from the TTGIR: wgmma = MMAv3,
+mma = MMAv2, fma = none), ``cp.async`` and 128-bit global loads in the PTX, the launch-time shared
+memory estimate of autotuned kernels, and the estimated occupancy::
+
+    regs/warp    = ceil(32 * regs / 256) * 256           (allocation unit 256 registers per warp)
+    smem/block   = ceil((dynamic + static + 1024) / 128) * 128   (1 KiB per block reserved by CUDA)
+    blocks/SM    = min(65536 // (regs/warp * warps), smem/SM // smem/block, 32, 64 // warps)
+    warps/SM     = blocks/SM * warps                      (of at most 64)
+
+The JIT, not the interpreter, is needed: the work runs in worker processes with TRITON_INTERPRET
+unset, split over ``--jobs`` processes. Triton's on-disk cache keeps compiled kernels between runs.
+
+    python -m kernels.compile_check --out bench/results/2026-11-26-static/compile.md
+
+writes the table and exits 1 if any check fails (compile error, spill, shared-memory overflow,
+missing tensor cores, estimate off, kernel or configuration never compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+from kernels import attention
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_MODULES = ("kernels.attention", "kernels.layernorm")
+TABLE = REPO / "bench" / "results" / "2026-11-26-static" / "compile.md"
+COMMAND = f"python -m kernels.compile_check --out {TABLE.relative_to(REPO)}"
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    capability: int
+    max_shared_per_block: int  # opt-in limit per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+    shared_per_sm: int  # shared memory per SM usable by blocks (cudaDevAttrMaxSharedMemoryPerMultiprocessor)
+    sms: int  # multiprocessors of the reference part (H100 SXM, A100)
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    reserved_shared_per_block: int = 1024  # cudaDevAttrReservedSharedMemoryPerBlock
+
+
+ARCHS = {
+    "sm_90": Arch("sm_90", 90, max_shared_per_block=232_448, shared_per_sm=233_472, sms=132),
+    "sm_80": Arch("sm_80", 80, max_shared_per_block=166_912, shared_per_sm=167_936, sms=108),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton without a GPU: a stand-in driver, and launches turned into compiles
+# ----------------------------------------------------------------------------------------------
+
+
+def nvidia_tools() -> tuple[Optional[Path], str]:
+    """(directory of Triton's bundled cuobjdump, "") or (None, why the check cannot run here)."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        return None, f"the installed Triton {triton.__version__} has no NVIDIA backend"
+    from triton.backends import nvidia
+
+    return Path(nvidia.__file__).parent / "bin", ""
+
+
+class _DeviceProperties:
+    def __init__(self, arch: Arch):
+        self.arch = arch
+
+    def get_device_properties(self, device: int) -> dict:
+        a = self.arch
+        return {"max_shared_mem": a.max_shared_per_block, "max_num_regs": a.regs_per_sm,
+                "multiprocessor_count": a.sms, "warpSize": 32}
+
+
+class StandInDriver(DriverBase):
+    """Triton's driver for a GPU that is not there: reports ``arch`` as the target and its limits.
+
+    The current device is numbered by the capability, so kernels compiled for different targets
+    sit in different JIT caches. Nothing can be launched or benchmarked.
+    """
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        self.utils = _DeviceProperties(arch)
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("the stand-in driver builds no launchers")
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch.capability, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("the stand-in driver cannot time kernels")
+
+    def get_current_device(self) -> int:
+        return self.arch.capability
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+
+@dataclass
+class Compiled:
+    """One compile through the launchers: the JIT function, its constexprs, the kernel (None if it
+    failed), the error, and the shared-memory estimate its autotuner's prune made (autotuned only)."""
+
+    fn: JITFunction
+    dtype: str  # of the first tensor argument (the input rows, or Q)
+    constexprs: dict
+    kernel: object
+    error: Optional[str]
+    estimate: Optional[int]
+
+
+@contextlib.contextmanager
+def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
+    """Within the block, kernel launches compile for ``arch`` and are appended to the yielded list.
+
+    Triton's active driver is the stand-in; ``JITFunction.run`` compiles (``warmup=True``) instead of
+    launching; an autotuned kernel compiles every configuration its ``early_config_prune`` keeps,
+    instead of benchmarking them; ``kernels.attention`` accepts CPU tensors. All restored on exit.
+    """
+    compiled: list[Compiled] = []
+    pending_estimate: list[Optional[int]] = [None]
+    jit_run, autotuner_run = JITFunction.run, Autotuner.run
+    launchable, previous_driver = attention._launchable, driver._active
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        bound = inspect.signature(self.fn).bind_partial(
+            *args, **{k: v for k, v in kwargs.items() if k in self.arg_names})
+        constexprs = {p.name: bound.arguments[p.name] for p in self.params
+                      if p.is_constexpr and p.name in bound.arguments}
+        try:
+            kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+            error = None
+        except Exception as e:  # reported per variant, and the other variants still compile
+            kernel, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        options = kernel.metadata if kernel is not None else argparse.Namespace(
+            num_warps=kwargs.get("num_warps"), num_stages=kwargs.get("num_stages"))
+        dtype = str(next(a.dtype for a in args if isinstance(a, torch.Tensor))).removeprefix("torch.")
+        compiled.append(Compiled(self, dtype, {**constexprs, "num_warps": options.num_warps,
+                                               "num_stages": options.num_stages}, kernel, error, pending_estimate[0]))
+        return kernel
+
+    def compile_every_config(self, *args, **kwargs):
+        kwargs.pop("warmup")
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            configs = self.prune_configs(kwargs)
+            named = {**self.nargs, **kwargs}
+        finally:
+            self.nargs = None
+        estimate = getattr(self.early_config_prune, "estimate", None)
+        for config in configs:
+            pending_estimate[0] = None if estimate is None else estimate(config, named)
+            self.fn.run(*args, **kwargs, **config.all_kwargs(), warmup=True)
+        pending_estimate[0] = None
+
+    driver.set_active(StandInDriver(arch))
+    JITFunction.run, Autotuner.run = compile_instead, compile_every_config
+    attention._launchable = lambda device: True
+    try:
+        yield compiled
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, autotuner_run
+        attention._launchable = launchable
+        driver._active = previous_driver
+
+
+# ----------------------------------------------------------------------------------------------
+# The launches: what the model and its users call, with the model's tensor layouts
+# ----------------------------------------------------------------------------------------------
+
+ATTENTION_DTYPES = ("float16", "bfloat16")
+LAYER_NORM_NS = (128, 512, 768, 1024, 4096, 8192)
+HEADS = 3  # neither 1 nor a multiple of 16, as the JIT would specialise those
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call pattern: ``family`` (attention / layernorm), what it is, dtype, head dim or N."""
+
+    family: str
+    what: str
+    dtype: str
+    size: int
+
+    @property
+    def label(self) -> str:
+        unit = "D" if self.family == "attention" else "N"
+        return f"{self.what} {self.dtype} {unit}={self.size}"
+
+
+ATTENTION_CASES = {
+    "train T=256": "forward and backward on the fused projection's views, T a multiple of 16",
+    "train T=16": "forward and backward of short sequences (query bucket 16: BLOCK_M = 16 configs)",
+    "backward kv_start T=37": "forward and backward with left padding masked (kv_start), odd T",
+    "prefill T=37 cache": "a prompt written to the KV cache and attended with the cache's kv_start",
+    "decode Tq=1 cache": "one token against the cache slice with kv_start, as the model decodes",
+    "decode Tq=1": "one token against the cache slice without kv_start",
+}
+LAYER_NORM_CASES = {
+    "layer_norm": "LayerNorm forward and backward, weights in the input dtype",
+    "add_layer_norm": "residual add + LayerNorm forward and backward, weights in the input dtype",
+    "add_layer_norm bf16+fp32": "autocast: bf16 branch output added to the fp32 residual, fp32 weights",
+}
+
+
+def cases() -> list[Case]:
+    """Every call pattern compiled for each architecture."""
+    out = [Case("attention", what, dtype, d)
+           for d in attention.SUPPORTED_HEAD_DIMS for dtype in ATTENTION_DTYPES for what in ATTENTION_CASES]
+    for n in LAYER_NORM_NS:
+        for what in LAYER_NORM_CASES:
+            dtypes = ("bfloat16",) if "bf16+fp32" in what else ("float32", "float16", "bfloat16")
+            out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
+    return out
+
+
+def _attention_call(case: Case) -> None:
+    import kernels
+    from gpt.config import GPTConfig
+    from gpt.kvcache import KVCache
+
+    dtype, D, B, H = getattr(torch, case.dtype), case.size, 2, HEADS
+    config = GPTConfig(vocab_size=64, max_seq_length=64, num_layers=1, num_heads=H, d_model=H * D, d_ff=64)
+
+    def projection(T, requires_grad=False):
+        """q, k, v (B, H, T, D): views of the fused projection's (B, T, 3 * C) output, as the model makes."""
+        qkv = torch.randn(B, T, 3 * H * D, dtype=dtype, requires_grad=requires_grad)
+        return qkv, [t.transpose(1, 2) for t in qkv.view(B, T, 3, H, D).unbind(2)]
+
+    def train(T, kv_start=None):
+        _, (q, k, v) = projection(T, requires_grad=True)
+        y = kernels.causal_attention(q, k, v, kv_start=kv_start)
+        merged = y.transpose(1, 2).reshape(B, T, H * D)  # the model's head merge: dO arrives strided
+        merged.backward(torch.ones_like(merged))
+
+    def cached(prompt, decode, kv_start):
+        """A prompt of ``prompt`` tokens into the cache, then (if ``decode``) one more token, attending
+        to the cache slices [0, pos + T) as the model does; only the last step calls the kernel."""
+        cache = KVCache.allocate(config, B, "cpu", dtype)
+        steps = [prompt, 1] if decode else [prompt]
+        with torch.no_grad():
+            for i, T in enumerate(steps):
+                _, (q, k, v) = projection(T)
+                k, v = cache.update(0, k, v)  # views of the (L, B, H, max_len, D) cache
+                if i == len(steps) - 1:
+                    kernels.causal_attention(q, k, v, kv_start=cache.start if kv_start else None)
+                cache.pos += T
+
+    calls: dict[str, Callable[[], None]] = {
+        "train T=256": lambda: train(256),
+        "train T=16": lambda: train(16),
+        "backward kv_start T=37": lambda: train(37, kv_start=torch.tensor([0, 5])),
+        "prefill T=37 cache": lambda: cached(37, decode=False, kv_start=True),
+        "decode Tq=1 cache": lambda: cached(37, decode=True, kv_start=True),
+        "decode Tq=1": lambda: cached(37, decode=True, kv_start=False),
+    }
+    calls[case.what]()
+
+
+def _layer_norm_call(case: Case) -> None:
+    import kernels
+
+    dtype, N = getattr(torch, case.dtype), case.size
+    shape = (2, 64, N)  # (B, T, N) activations: 128 rows
+
+    def leaf(*size, dt=dtype):
+        return torch.randn(*size, dtype=dt).requires_grad_()
+
+    weight_dtype = torch.float32 if "fp32" in case.what else dtype
+    weight, bias = leaf(N, dt=weight_dtype), leaf(N, dt=weight_dtype)
+    if case.what == "layer_norm":
+        y = kernels.layer_norm(leaf(*shape), weight, bias)
+        y.backward(torch.ones_like(y))
+    else:
+        residual = leaf(*shape, dt=torch.float32 if "fp32" in case.what else dtype)
+        y, s = kernels.add_layer_norm(leaf(*shape), residual, weight, bias)
+        torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
+
+
+def launch(case: Case) -> None:
+    """Make the calls of one case (under ``compiling_for`` they compile instead of running)."""
+    (_attention_call if case.family == "attention" else _layer_norm_call)(case)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a compiled kernel uses
+# ----------------------------------------------------------------------------------------------
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_MMA_LAYOUT = re.compile(r"^(#\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+)", re.M)
+_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<[^>]*, (#\w+)>")
+_VECTOR_LOAD = re.compile(r"ld\.global[.\w]*\.v4\.")
+
+
+def resource_usage(cubin: bytes, bin_dir: Path) -> dict:
+    """Registers, stack, static shared and local bytes of the cubin's one kernel, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    found = _RESOURCES.findall(out)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one kernel in cuobjdump's resource usage, got:\n{out}")
+    regs, stack, shared, local = map(int, found[0])
+    return {"regs": regs, "stack": stack, "static_shared": shared, "local": local}
+
+
+def dot_forms(ttgir: str) -> list[str]:
+    """The tensor-core form of each dot in the TTGIR: "wgmma" (MMAv3), "mma" (MMAv2) or "fma"."""
+    versions = {name: int(v) for name, v in _MMA_LAYOUT.findall(ttgir)}
+    forms = {3: "wgmma", 2: "mma"}
+    return [forms.get(versions.get(layout, 0), "fma") for layout in _DOT.findall(ttgir)]
+
+
+def warps_per_sm(arch: Arch, regs: int, shared: int, warps: int) -> int:
+    """Estimated resident warps per SM from registers and shared memory (formula in the docstring)."""
+    regs_per_warp = math.ceil(32 * max(regs, 1) / 256) * 256
+    smem = math.ceil((shared + arch.reserved_shared_per_block) / 128) * 128
+    blocks = min(arch.regs_per_sm // (regs_per_warp * warps), arch.shared_per_sm // smem,
+                 arch.max_blocks_per_sm, arch.max_warps_per_sm // warps)
+    return blocks * warps
+
+
+def describe(arch: Arch, case: Case, c: Compiled, bin_dir: Path) -> dict:
+    """A JSON-able row for one compile."""
+    row = {"arch": arch.name, "kernel": c.fn.fn.__name__, "case": case.label, "family": case.family,
+           "dtype": c.dtype, "size": case.size, "config": {k: _plain(v) for k, v in c.constexprs.items()},
+           "estimate": c.estimate, "error": c.error}
+    if c.kernel is None:
+        return row
+    usage = resource_usage(c.kernel.asm["cubin"], bin_dir)
+    ptx = c.kernel.asm["ptx"]
+    shared = c.kernel.metadata.shared + usage["static_shared"]
+    row.update(usage, hash=c.kernel.metadata.hash, dynamic_shared=c.kernel.metadata.shared, shared=shared,
+               dots=dot_forms(c.kernel.asm["ttgir"]), cp_async="cp.async" in ptx,
+               vector_loads=bool(_VECTOR_LOAD.search(ptx)),
+               warps_per_sm=warps_per_sm(arch, usage["regs"], shared, c.constexprs["num_warps"]))
+    return row
+
+
+def _plain(v):
+    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+
+def compile_cases(units: list[tuple[str, Case]]) -> list[dict]:
+    """Compile every (arch name, case) in this process: one row per compile (JIT's TRITON_INTERPRET unset)."""
+    bin_dir, why = nvidia_tools()
+    if bin_dir is None:
+        raise RuntimeError(why)
+    rows = []
+    for arch_name, case in units:
+        arch = ARCHS[arch_name]
+        with compiling_for(arch) as compiled:
+            launch(case)
+        rows += [describe(arch, case, c, bin_dir) for c in compiled]
+    return rows
+
+
+def compile_all(archs=tuple(ARCHS), jobs: int = 2) -> list[dict]:
+    """Compile every case for every arch in ``jobs`` worker processes; one row per distinct variant.
+
+    Workers take (arch, case) units from a shared list, largest head dims first, claiming each with
+    a file so that a slow unit does not hold the others back. Rows of the same compiled kernel (same
+    arch and hash, reached from several cases) are merged, their cases listed in ``cases``.
+    """
+    every = cases()
+    order = sorted(range(len(every)), key=lambda i: (every[i].family != "attention", -every[i].size))
+    units = [(a, i) for i in order for a in archs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "units.json").write_text(json.dumps(units))
+        procs = [subprocess.Popen([sys.executable, "-m", "kernels.compile_check", "--worker", tmp, str(j)],
+                                  env=env, cwd=REPO, stderr=subprocess.PIPE, text=True) for j in range(jobs)]
+        try:
+            errors = [(proc.returncode, err) for proc in procs for _, err in [proc.communicate()] if proc.returncode]
+        finally:  # interrupted: stop the workers too
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if errors:
+            raise RuntimeError(f"compile worker failed ({errors[0][0]}):\n{errors[0][1][-4000:]}")
+        rows = [row for j in range(jobs) for row in json.loads((Path(tmp) / f"rows{j}.json").read_text())]
+    return merge(rows)
+
+
+def _work(tmp: Path, worker: int) -> None:
+    """A worker: compile the units no other worker has claimed yet; write the rows."""
+    every = cases()
+    rows = []
+    for n, (arch, i) in enumerate(json.loads((tmp / "units.json").read_text())):
+        try:
+            os.close(os.open(tmp / f"{n}.claim", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        rows += compile_cases([(arch, every[i])])
+    (tmp / f"rows{worker}.json").write_text(json.dumps(rows))
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """One row per (arch, compiled hash) -- or per failing compile -- listing every case that reached it."""
+    merged: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: (r["arch"], r["case"])):
+        key = (row["arch"], row.get("hash") or (row["kernel"], json.dumps(row["config"]), row["case"]))
+        if key in merged:
+            merged[key]["cases"].append(row["case"])
+            merged[key]["sizes"] = sorted({*merged[key]["sizes"], row["size"]})
+        else:
+            merged[key] = {**row, "cases": [row["case"]], "sizes": [row["size"]]}
+    return list(merged.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (each returns one line per failure)
+# ----------------------------------------------------------------------------------------------
+
+
+def _name(row: dict) -> str:
+    cfg = ", ".join(f"{k}={v}" for k, v in row["config"].items())
+    return f"{row['arch']} {row['kernel']}({cfg}) [{row['cases'][0]}]"
+
+
+def compile_errors(rows) -> list[str]:
+    return [f"{_name(r)}: {r['error']}" for r in rows if r["error"]]
+
+
+def spills(rows) -> list[str]:
+    return [f"{_name(r)}: {r['stack']} stack / {r['local']} local bytes ({r['regs']} registers)"
+            for r in rows if not r["error"] and (r["stack"] or r["local"])]
+
+
+def shared_overflows(rows) -> list[str]:
+    return [f"{_name(r)}: {r['shared']} B shared > {ARCHS[r['arch']].max_shared_per_block} B per block"
+            for r in rows if not r["error"] and r["shared"] > ARCHS[r["arch"]].max_shared_per_block]
+
+
+def missing_tensor_cores(rows) -> list[str]:
+    """fp16/bf16 dots on tensor cores: wgmma on sm_90 when each dot's rows fill a warpgroup's 64
+    (forward and dQ: BLOCK_M rows; dK/dV: BLOCK_N rows), else mma; mma on sm_80."""
+    bad = []
+    for r in rows:
+        if r["error"] or not r["dots"] or r["dtype"] not in ("float16", "bfloat16"):
+            continue
+        rows_per_dot = r["config"]["BLOCK_N" if "dkdv" in r["kernel"] else "BLOCK_M"]
+        want = "wgmma" if r["arch"] == "sm_90" and rows_per_dot >= 64 else "mma"
+        if any(form != want for form in r["dots"]):
+            bad.append(f"{_name(r)}: dots {r['dots']}, expected all {want}")
+    return bad
+
+
+def estimate_mismatches(rows, slack: float = 2.0) -> list[str]:
+    """The prune's estimate must cover the compiled shared memory (else it could admit a config that
+    fails to launch) and stay within ``slack`` times it (else it throws good configs away)."""
+    return [f"{_name(r)}: estimate {r['estimate']} B vs compiled {r['shared']} B"
+            for r in rows if not r["error"] and r["estimate"] is not None
+            and not r["shared"] <= r["estimate"] <= slack * r["shared"]]
+
+
+def launched_kernels() -> set[str]:
+    """Every ``@triton.jit`` function of the kernel modules that no other one calls: the kernels."""
+    import ast
+    import importlib
+
+    bodies = {}
+    for module in KERNEL_MODULES:
+        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any(ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):
+                bodies[node.name] = {n.func.id for n in ast.walk(node)
+                                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    called = set().union(*bodies.values())
+    return {name for name in bodies if name not in called}
+
+
+def uncovered(rows, archs=tuple(ARCHS)) -> list[str]:
+    """Kernels never compiled, and CUDA autotune configurations no case compiles (dead entries)."""
+    out = [f"{arch}: kernel {name} never compiled" for arch in archs for name in sorted(launched_kernels())
+           if not any(r["arch"] == arch and r["kernel"] == name for r in rows)]
+    for kernel, configs in attention._CUDA_CONFIGS.items():
+        for c in configs:
+            want = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            for arch in archs:
+                if not any(r["arch"] == arch and r["kernel"] == kernel
+                           and all(r["config"].get(k) == v for k, v in want.items()) for r in rows):
+                    out.append(f"{arch}: {kernel} config {want} compiled by no case")
+    return out
+
+
+def problems(rows, archs=tuple(ARCHS)) -> list[str]:
+    return (compile_errors(rows) + spills(rows) + shared_overflows(rows) + missing_tensor_cores(rows)
+            + estimate_mismatches(rows) + uncovered(rows, archs))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[dict], out: Path = TABLE) -> str:
+    """The table of ``rows``, to be written to ``out`` (named in its regeneration command)."""
+    out = out.resolve()
+    command = f"python -m kernels.compile_check --out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}"
+    lines = [
+        "# Kernels compiled for Hopper (sm_90) and Ampere (sm_80) without a GPU",
+        "",
+        f"Triton {triton.__version__}, compiled on a CPU. Regenerate with `{command}` "
+        "(see `kernels/compile_check.py`; CI runs the same checks in `tests/test_compile_check.py`).",
+        "",
+        "Every variant our launchers pick, compiled through the launchers with the JIT's own "
+        "specialisation: attention for D in {16, 32, 64, 128}, fp16 and bf16, every autotune "
+        "configuration kept by the launch-time prune for the case's query length bucket; LayerNorm "
+        f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}. One row per distinct compiled kernel; *cases* lists the "
+        "calls that reach it: " + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES}.items())
+        + ". fp32 attention (a test path: FMA dots, one configuration) is not compiled here.",
+        "",
+        "Columns: *regs* per thread, *spill* = stack / local bytes (cuobjdump), *shared* = Triton's "
+        "dynamic shared memory + the cubin's static (bytes), *est* = the launch-time prune's estimate "
+        "(autotuned kernels), *dots* = tensor-core form of each dot (wgmma, mma, fma = none), "
+        "*loads* = cp.async / 128-bit global loads in the PTX, *warps/SM* = estimated occupancy: "
+        "blocks/SM = min(65536 // (ceil(32 regs / 256) * 256 * warps), smem/SM // "
+        "ceil((shared + 1024) / 128) * 128, 32, 64 // warps), warps/SM = blocks/SM * warps "
+        "(smem/SM: sm_90 233,472 B, sm_80 167,936 B; per-block limit sm_90 232,448 B, sm_80 166,912 B).",
+        "",
+    ]
+    found = problems(rows)
+    lines += ["**Checks: all passed** (compiles, no spills, shared memory within the per-block limit, "
+              "tensor cores in every fp16/bf16 dot, estimate within [1, 2] x compiled, every kernel "
+              "and configuration compiled)." if not found else "**Checks failed:**"]
+    lines += [f"- {p}" for p in found]
+    for kernel in sorted({r["kernel"] for r in rows}):
+        lines += ["", f"## {kernel}", "",
+                  "| arch | dtype | D/N | config | warps | stages | regs | spill | shared | est | dots | loads "
+                  "| warps/SM | cases |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if r["kernel"] == kernel),
+                        key=lambda r: (r["arch"], r["dtype"], r["sizes"], json.dumps(r["config"]), r["cases"])):
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("num_warps", "num_stages"))
+            cases_ = "; ".join(sorted({c.rsplit(" ", 2)[0] for c in r["cases"]}))
+            sizes = "/".join(map(str, r["sizes"]))
+            if r["error"]:
+                lines.append(f"| {r['arch']} | {r['dtype']} | {sizes} | {cfg} | {r['config']['num_warps']} "
+                             f"| {r['config']['num_stages']} | error: {r['error']} | | | | | | | {cases_} |")
+                continue
+            dots = ", ".join(f"{r['dots'].count(f)} {f}" for f in ("wgmma", "mma", "fma") if f in r["dots"])
+            loads = ", ".join(name for name, on in (("cp.async", r["cp_async"]), ("v4", r["vector_loads"])) if on)
+            lines.append(
+                f"| {r['arch']} | {r['dtype']} | {sizes} | {cfg} | {r['config']['num_warps']} "
+                f"| {r['config']['num_stages']} | {r['regs']} | {r['stack']}/{r['local']} | {r['shared']:,} "
+                f"| {'' if r['estimate'] is None else format(r['estimate'], ',')} | {dots or '-'} | {loads or '-'} "
+                f"| {r['warps_per_sm']} | {cases_} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="write the markdown table here")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    p.add_argument("--worker", nargs=2, metavar=("DIR", "INDEX"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+        _work(Path(args.worker[0]), int(args.worker[1]))
+        return 0
+    _, why = nvidia_tools()
+    if why:
+        print(why, file=sys.stderr)
+        return 1
+    rows = compile_all(tuple(args.arch), args.jobs)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown(rows, args.out))
+    found = problems(rows, tuple(args.arch))
+    print(f"{len(rows)} compiled variants, {len(found)} problems", *found, sep="\n")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
