@@ -17,5 +17,6 @@ setup(
         "tqdm",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+    # tensorboard: train.py --tensorboard DIR (optional); dev installs it so the tests cover it.
+    extras_require={"tensorboard": ["tensorboard"], "dev": ["pytest", "pytest-benchmark", "tensorboard"]},
 )

@@ -41,7 +41,7 @@ timeout 330 $PY -m pytest -q bench --ignore bench/test_bench_data.py -p no:cache
 # 3. A short training run through each impl on the same data and seed.
 for impl in torch triton; do
   timeout 120 $PY train.py --preset seed --data "$DATA/tinystories/tinystories-sample.jsonl" \
-    --tokenizer "$DATA/gpt2-tokenizer" --cache-dir /tmp/gpt_cache --out-dir "/tmp/train_$impl" \
+    --tokenizer "$DATA/gpt2-tokenizer" --cache-dir /tmp/gpt_cache --out-dir "/tmp/train_$impl" --overwrite \
     --impl "$impl" --max-steps 150 --warmup-steps 30 --eval-interval 50 --eval-tokens 65536 --seed 1 2>&1 \
     | tail -n 25 | tee "$RES/train_$impl.log" || status=1
   cp "/tmp/train_$impl/training_history.json" "$RES/train_${impl}_history.json" 2>/dev/null || status=1

@@ -4,7 +4,7 @@ Model: post-LN blocks (``x = LN(x + drop(attn(x)))``, then the same around the M
 positions added to token embeddings scaled by sqrt(d_model), dropout 0.1, q/k/v/o projections without
 bias, exact-GELU MLP, a final LayerNorm, LM head tied to the token embedding.
 
-Recipe: every story on its own row, truncated/padded to 256 tokens with EOS; the loss ignores token id
+Recipe: every story on its own row, truncated/padded to 256 tokens with EOS (``gpt.data.story_rows``); the loss ignores token id
 0 -- as the seed did. Token 0 is "!" in GPT-2's vocabulary and the padding is EOS (50256), so the seed
 trained on padding (predicting EOS after EOS) and never on "!". Reproduced faithfully here. Batch 4 x
 accumulation 8, AdamW (lr 2e-4, weight decay 0.01 on every parameter, betas (0.9, 0.95)), 500 warmup
@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt.data import SEED_IGNORE_INDEX
 from gpt.model import LMLoss
-
-SEED_IGNORE_INDEX = 0  # the seed's ignore_index: the id of "!", not of its padding
 
 
 @dataclass(frozen=True)
@@ -116,17 +115,6 @@ class SeedGPT(nn.Module):
         counted = flat_t != ignore_index
         loss = F.cross_entropy(flat.float(), flat_t, ignore_index=ignore_index)
         return LMLoss(loss, ((flat.argmax(-1) == flat_t) & counted).sum(), counted.sum())
-
-
-def story_rows(tokens: np.ndarray, eos_id: int, seq_len: int = 256) -> np.ndarray:
-    """The seed's rows from a packed EOS-separated stream: story + EOS, truncated/padded with EOS. (N, seq_len)"""
-    ends = np.flatnonzero(np.asarray(tokens) == eos_id)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    rows = np.full((len(ends), seq_len), eos_id, dtype=np.int64)
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        n = min(e + 1 - s, seq_len)
-        rows[i, :n] = tokens[s:s + n]
-    return rows
 
 
 class SeedBatches:

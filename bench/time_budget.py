@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.seed_recipe import SeedBatches, SeedGPT, SeedRecipe, seed_loss, seed_lr, seed_optimizer, story_rows  # noqa: E402
+from bench.seed_recipe import SeedBatches, SeedGPT, SeedRecipe, seed_loss, seed_lr, seed_optimizer  # noqa: E402
 from gpt.config import get_preset  # noqa: E402
-from gpt.data import DEFAULT_CACHE_DIR, TrainBatches, prepare_data  # noqa: E402
+from gpt.data import DEFAULT_CACHE_DIR, TrainBatches, prepare_data, story_rows  # noqa: E402
 from gpt.model import GPT2Model  # noqa: E402
 from gpt.tokenizer import get_tokenizer  # noqa: E402
 from gpt.hardware import default_dtype  # noqa: E402

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -59,10 +58,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            AttributeError, TypeError, OSError) as e:
-        raise CheckpointError(f"{path} is not a loadable checkpoint (corrupt, or not a weights-only file): "
-                              f"{one_line(e)}") from None
+    except pickle.UnpicklingError:
+        # torch's own message advises retrying with weights_only=False, which runs the file's code: not ours to give.
+        raise CheckpointError(f"{path} is not a loadable checkpoint of this project: it is not a torch file, or it "
+                              f"holds Python objects that a weights-only load refuses to run") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    except Exception as e:  # torch.load fails on foreign bytes in many ways (zip, EOF, index, OS errors)
+        raise CheckpointError(f"{path} is not a loadable checkpoint of this project: corrupt or truncated "
+                              f"({type(e).__name__})") from None
     if not isinstance(obj, dict) or "model_state_dict" not in obj or "config" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_state_dict/config)")
     try:

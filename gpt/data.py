@@ -23,6 +23,8 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ FULL_HASH_BYTES = 16 << 20  # files up to this size are hashed whole; larger one
 CHUNK_STORIES = 4096  # stories per tokenizer batch
 MAX_EXAMPLES = 5  # skipped-story locations kept per reason
 DEFAULT_CACHE_DIR = "data_cache"  # tokenized splits, one subdirectory per source and settings
+HUB_PROBE_SECONDS = 5.0  # how long to wait for the hub to answer before failing (instead of ~30 s of retries)
+SEED_ROW_TOKENS = 256  # the seed's rows: every story truncated/padded to 256 tokens with EOS
+SEED_IGNORE_INDEX = 0  # the seed's loss ignored target id 0: the id of "!", not of its padding
 
 
 class DataError(UserError, ValueError):
@@ -100,10 +105,15 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
 
 
 def _read_txt(path: Path, skips: _Skips) -> Iterator[_Story]:
-    """Official format: stories separated by lines holding only <|endoftext|>. CRLF reads as LF."""
+    """Official format: stories separated by lines holding only <|endoftext|>. CRLF reads as LF.
+
+    A file with text but no such line is not in this format (a whole file as one story is never
+    what was meant): a ``DataError`` names the separator it expects.
+    """
     official = "valid" in path.name.lower()
     lines: list[str] = []
     start = 1
+    separators = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             line = _decode_line(raw, path, lineno)
@@ -111,6 +121,7 @@ def _read_txt(path: Path, skips: _Skips) -> Iterator[_Story]:
             if line.strip() != EOS_TOKEN:
                 lines.append(line)
                 continue
+            separators += 1
             text = "\n".join(lines)
             if text.strip():
                 yield _Story(text, official)
@@ -118,6 +129,9 @@ def _read_txt(path: Path, skips: _Skips) -> Iterator[_Story]:
                 skips.add("empty story", f"{path}:{start}")
             lines, start = [], lineno + 1
     text = "\n".join(lines)
+    if text.strip() and not separators:
+        raise DataError(f"{path}: not in TinyStories .txt format: no line holding only {EOS_TOKEN}, the line "
+                        f"that separates stories (or pass .jsonl with a \"text\" field per story)")
     if text.strip():  # a last story without a closing separator; trailing blank lines are no story
         yield _Story(text, official)
 
@@ -199,7 +213,33 @@ def _read_files(files: list[Path], skips: _Skips) -> Iterator[_Story]:
             yield from _read_parquet(p, skips)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub does not answer within ``HUB_PROBE_SECONDS`` (None: it answers, or
+    offline mode is set and ``datasets`` will read its own cache). Proxies in the environment apply."""
+    if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (with an error status): reachable
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, a malformed HF_ENDPOINT
+        return f"{endpoint}: {getattr(e, 'reason', None) or e}"
+    return None
+
+
 def _read_hub(split: str, skips: _Skips) -> Iterator[_Story]:
+    """The hub split's stories. Connects at once (not at the first ``next``), so an unreachable hub
+    fails in seconds, before any progress bar, with one line."""
+    why = _hub_unreachable()
+    if why is not None:
+        raise DataError(f"cannot load {HUB_DATASET} ({split}) from the Hugging Face hub, which does not answer "
+                        f"({why}): pass local files with --data PATH (or set HF_DATASETS_OFFLINE=1 to use a "
+                        f"copy cached by `datasets`)")
     try:
         import datasets
 
@@ -210,6 +250,10 @@ def _read_hub(split: str, skips: _Skips) -> Iterator[_Story]:
             f"cannot load {HUB_DATASET} ({split}) from the Hugging Face hub ({type(e).__name__}): "
             f"pass local files with --data PATH"
         ) from None
+    return _hub_stories(split, first, rows, skips)
+
+
+def _hub_stories(split: str, first, rows, skips: _Skips) -> Iterator[_Story]:
     official = split == "validation"
     for i, row in enumerate(itertools.chain([] if first is None else [first], rows)):
         text = row.get("text")
@@ -239,6 +283,12 @@ def _file_fingerprint(p: Path) -> dict:
 def _cache_key(fingerprint, num_stories: int, test_split: str, tokenizer_hash: str) -> str:
     blob = json.dumps([FORMAT_VERSION, fingerprint, num_stories, test_split, tokenizer_hash], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _counted_stories(meta: dict) -> int:
+    """Stories that ``num_stories`` counts: all kept ones, official validation stories excepted."""
+    s = meta["stories"]
+    return s["train"] + s["val"] + (s["test"] if meta["test_split"] == "seed" else 0)
 
 
 def _load_cached(directory: Path) -> TokenSplits | None:
@@ -318,6 +368,13 @@ def prepare_data(
     cached = _load_cached(final)
     if cached is not None:
         return cached
+    # A source with fewer than num_stories stories gives the same splits as num_stories=0 (all):
+    # one cache entry, under the key of "all", whatever count each command asked for.
+    every = cache_dir / _cache_key(fingerprint, 0, test_split, tokenizer.hash)
+    if num_stories:
+        cached = _load_cached(every)
+        if cached is not None and _counted_stories(cached.meta) < num_stories:
+            return cached
 
     skips = _Skips()
     if files is not None:
@@ -340,6 +397,8 @@ def prepare_data(
                 "'split' column or a file named *valid*); this source has no such story (use test_split='seed')"
             )
         meta = _layout(kept, held, official, skips)
+        if num_stories and len(kept) < num_stories:  # the source ran out: these are all its stories
+            num_stories, final = 0, every
         meta.update(
             format_version=FORMAT_VERSION, test_split=test_split, num_stories_requested=num_stories,
             stories_read=len(kept) + len(held), skipped=dict(skips.counts), skipped_examples=skips.examples,
@@ -506,6 +565,19 @@ class TrainBatches:
         if theirs != mine:
             raise ValueError(f"batch state is for {theirs}; this loader has {mine}")
         self.seed, self.drawn = int(state["seed"]), int(state["drawn"])
+
+
+def story_rows(tokens: np.ndarray, eos_id: int = EOS_ID, seq_len: int = SEED_ROW_TOKENS) -> np.ndarray:
+    """The seed's rows from a packed EOS-separated stream: each story + EOS on its own row, truncated
+    or padded with EOS to ``seq_len`` tokens. (n_stories, seq_len) int64"""
+    tokens = np.asarray(tokens)
+    ends = np.flatnonzero(tokens == eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    rows = np.full((len(ends), seq_len), eos_id, dtype=np.int64)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        n = min(e + 1 - s, seq_len)
+        rows[i, :n] = tokens[s:s + n]
+    return rows
 
 
 def eval_batches(tokens: np.ndarray, context: int, batch_size: int,

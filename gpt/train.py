@@ -1,68 +1,135 @@
 """The training command line: ``python train.py`` (or ``python -m gpt.train``); ``--help`` lists every flag.
 
 Every ``GPTConfig``/``TrainConfig`` field is a flag (``--d-model``, ``--warmup-steps``...) overriding
-the chosen preset. Outputs in ``--out-dir``: ``gpt2_best_model.pt`` (best validation loss),
+the chosen preset; ``--preset NAME --help`` shows that preset's values and ``--show-config`` the
+resolved configuration. Outputs in ``--out-dir``: ``gpt2_best_model.pt`` (best validation loss),
 ``last.pt`` (for ``--resume``), ``training_history.json`` and ``training_curves_with_accuracy.png``.
+
+What happens to ``--out-dir``:
+
+* it holds no run: a new run starts (``--resume auto`` too);
+* it holds a run: without ``--resume`` or ``--overwrite`` the command refuses (one line, nothing
+  touched); ``--resume`` (or ``--resume auto``) continues it from ``last.pt`` with its data,
+  tokenizer, preset and overrides; ``--overwrite`` deletes its outputs and starts a new run.
+
+A resumed run keeps its model, recipe, seed and data: a flag that contradicts them is an error, except
+the ones in ``RESUME_MAY_CHANGE`` (how long it runs, how it runs, what it reports). ``--data`` and
+``--tokenizer`` may point somewhere else if the content is the same (checked by hash).
 The training itself is ``gpt.trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import re
 import signal
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch.distributed as dist
 
 from .checkpoint import load_checkpoint
-from .config import PRESETS, GPTConfig, TrainConfig, get_preset
-from .data import DEFAULT_CACHE_DIR
+from .config import PRESETS, WEIGHT_DECAY_ON, GPTConfig, TrainConfig, get_preset
 from .errors import UserError
 from .hardware import CPU_DEFAULT_DTYPE, DTYPES
 from .ops import IMPLS, resolve_impl
-from .trainer import LAST_NAME, RunOptions, TrainError, Trainer
+from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOptions, TrainError, Trainer,
+                      remove_run, run_files, tensorboard_writer_class)
+
+DEFAULTS = RunOptions()
+# Flags a resumed run may change: where and how it runs, how long, how often it reports and saves.
+RESUME_MAY_CHANGE = frozenset({
+    "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "log_interval", "checkpoint_interval",
+    "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval", "patience",
+})
+METAVARS = {int: "N", float: "X", str: "S"}
+CONTENT_CHECKED = frozenset({"data", "tokenizer"})  # may move; the trainer checks the content is the same
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def field_comments(cls) -> dict[str, str]:
+    """Each dataclass field's trailing ``# comment`` in its source: the one home of its description."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _preset_from_argv(argv: list[str]) -> str:
+    """The --preset given on the command line (for --help's preset values), else the default."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=DEFAULTS.preset)
+    name = pre.parse_known_args(argv)[0].preset
+    return name if name in PRESETS else DEFAULTS.preset
+
+
+def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
+    """The parser; ``preset`` is whose values the help of the model and training flags shows.
+
+    Every flag's default is None (= not given), so the command line knows what the user set: the
+    preset's values (or, on --resume, the run's) fill the rest.
+    """
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Train a GPT-2 on TinyStories. Preset values can be overridden by any flag below.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a GPT-2 on TinyStories. Preset values can be overridden by any flag below; "
+                    "`train.py --preset NAME --help` shows that preset's values, --show-config the resolved ones.",
     )
     run = p.add_argument_group("run")
-    run.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model + recipe preset ('tiny' for a CPU)")
-    run.add_argument("--data", default=None, help="TinyStories .txt/.jsonl/.parquet file or directory (default: the HF hub)")
-    run.add_argument("--tokenizer", default=None, help="GPT-2 tokenizer directory (vocab.json, merges.txt)")
-    run.add_argument("--out-dir", default="out")
-    run.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where tokenized splits are cached")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    run.add_argument("--impl", default="auto", choices=IMPLS, help="hot-op implementation (auto: triton on CUDA)")
-    run.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+    run.add_argument("--preset", choices=sorted(PRESETS),
+                     help=f"model + recipe preset: 'seed' (the seed's recipe, for a GPU), 'tiny' (a CPU), 'gpt2' "
+                          f"(default: {DEFAULTS.preset})")
+    run.add_argument("--data", help="TinyStories .txt/.jsonl/.parquet file or directory (default: the Hugging Face "
+                                    "hub's roneneldan/TinyStories)")
+    run.add_argument("--tokenizer", help="GPT-2 tokenizer directory holding vocab.json + merges.txt (default: "
+                                         "$GPT2_TOKENIZER_DIR, else tiktoken's gpt2, else the hub)")
+    run.add_argument("--out-dir", help=f"the run's directory: checkpoints, history, curves (default: {DEFAULTS.out_dir})")
+    run.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), metavar="auto",
+                     help=f"continue the run in --out-dir from its {LAST_NAME}, with its data, tokenizer, preset and "
+                          "overrides; 'auto': continue if there is one, else start one (for torchrun --max-restarts)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its outputs "
+                                                              "are deleted once the new run has started)")
+    run.add_argument("--cache-dir", help=f"where tokenized splits are cached, shared with `python -m gpt.data` "
+                                         f"(default: {DEFAULTS.cache_dir})")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    run.add_argument("--impl", choices=IMPLS, help=f"hot-op implementation; auto: triton on CUDA, torch "
+                                                   f"elsewhere (default: {DEFAULTS.impl})")
+    run.add_argument("--dtype", choices=sorted(DTYPES),
                      help=f"autocast dtype (default: bf16 on CUDA, {CPU_DEFAULT_DTYPE} on CPU)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{LAST_NAME}")
-    run.add_argument("--seed", type=int, default=1337)
-    run.add_argument("--log-interval", type=int, default=10, help="steps between metric reads (host syncs)")
-    run.add_argument("--sample-length", type=int, default=100, help="tokens per generated sample at the end")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    # Every dataclass field is a flag; None means "the preset's value".
-    for title, cls in (("model (GPTConfig)", GPTConfig), ("training (TrainConfig)", TrainConfig)):
-        group = p.add_argument_group(title)
+    run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    run.add_argument("--seed", type=int, help=f"seed of the initial weights, data order and dropout (default: {DEFAULTS.seed})")
+    run.add_argument("--log-interval", type=int, help="steps between reads of the training metrics (host "
+                                                      f"syncs): the train loss is their mean (default: {DEFAULTS.log_interval})")
+    run.add_argument("--checkpoint-interval", type=int,
+                     help=f"steps between writes of {LAST_NAME}, which is also written at every evaluation, on "
+                          f"Ctrl-C and at the end; 0: only then (default: {DEFAULTS.checkpoint_interval})")
+    run.add_argument("--sample-length", type=int, help="tokens per generated sample at the end, prompt included "
+                                                       f"(default: {DEFAULTS.sample_length})")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                     help="hide the progress bars (shown by default)")
+    run.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR (needs the "
+                                                          "optional tensorboard package)")
+    run.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
+    values = get_preset(preset)
+    for title, cls, chosen in (("model (GPTConfig)", GPTConfig, values.model), ("training (TrainConfig)", TrainConfig, values.train)):
+        group = p.add_argument_group(f"{title}; values of preset {preset!r} shown")
+        comments = field_comments(cls)
         for f in fields(cls):
-            group.add_argument(_flag(f.name), type=type(f.default), default=None, dest=f.name,
-                               help=f"preset value if omitted (seed: {f.default})")
+            extra = {"choices": WEIGHT_DECAY_ON} if f.name == "weight_decay_on" else {}
+            group.add_argument(_flag(f.name), type=type(f.default), dest=f.name, metavar=METAVARS[type(f.default)], **extra,
+                               help=f"{comments.get(f.name, f.name)} (preset {preset}: {getattr(chosen, f.name)})")
     return p
 
 
-def _overrides(ns: argparse.Namespace, cls) -> dict:
-    return {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name) is not None}
+def _given(ns: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name, None) is not None}
 
 
 def validate_train_config(tc: TrainConfig, world_size: int = 1) -> None:
@@ -72,6 +139,7 @@ def validate_train_config(tc: TrainConfig, world_size: int = 1) -> None:
         (tc.lr > 0, f"--lr must be > 0, got {tc.lr}"),
         (0 <= tc.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {tc.min_lr_ratio}"),
         (tc.weight_decay >= 0, f"--weight-decay must be >= 0, got {tc.weight_decay}"),
+        (tc.weight_decay_on in WEIGHT_DECAY_ON, f"--weight-decay-on must be one of {WEIGHT_DECAY_ON}, got {tc.weight_decay_on!r}"),
         (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1, f"betas must be in [0, 1), got ({tc.beta1}, {tc.beta2})"),
         (tc.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {tc.grad_clip}"),
         (tc.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {tc.warmup_steps}"),
@@ -89,73 +157,190 @@ def validate_train_config(tc: TrainConfig, world_size: int = 1) -> None:
             raise TrainError(msg)
 
 
-def _configs(ns: argparse.Namespace, resume_ckpt: dict | None) -> tuple[GPTConfig, TrainConfig]:
-    preset = get_preset(ns.preset)
-    model_over, train_over = _overrides(ns, GPTConfig), _overrides(ns, TrainConfig)
+def _validate_run_options(opts: RunOptions) -> None:
+    for name in ("log_interval", "sample_length"):
+        if getattr(opts, name) < 1:
+            raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(opts, name)}")
+    if opts.checkpoint_interval < 0:
+        raise TrainError(f"--checkpoint-interval must be >= 0 (0 = at evaluations only), got {opts.checkpoint_interval}")
+
+
+def _absolute(opts: RunOptions) -> RunOptions:
+    """Paths a resumed run must find again from any working directory, made absolute."""
+    return replace(opts, **{k: str(Path(getattr(opts, k)).resolve()) for k in ("data", "tokenizer", "cache_dir")
+                            if getattr(opts, k) is not None})
+
+
+def _new_run(ns: argparse.Namespace) -> tuple[RunOptions, GPTConfig, TrainConfig]:
+    preset = get_preset(ns.preset or DEFAULTS.preset)
+    opts = _absolute(replace(DEFAULTS, **_given(ns, RunOptions)))
     try:
-        if resume_ckpt is None:
-            return replace(preset.model, **model_over), replace(preset.train, **train_over)
-        cfg = GPTConfig.from_dict(resume_ckpt["config"])
-        for k, v in model_over.items():
-            if getattr(cfg, k) != v:
-                raise TrainError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {getattr(cfg, k)}; "
-                                 "a resumed run keeps its model")
-        return cfg, replace(TrainConfig(**resume_ckpt["train_config"]), **train_over)
-    except (ValueError, TypeError, KeyError) as e:
+        return opts, replace(preset.model, **_given(ns, GPTConfig)), replace(preset.train, **_given(ns, TrainConfig))
+    except (ValueError, TypeError) as e:
         raise TrainError(str(e)) from None
 
 
-def run(ns: argparse.Namespace) -> int:
-    opts = RunOptions(**{f.name: getattr(ns, f.name) for f in fields(RunOptions)})
-    if opts.log_interval < 1:
-        raise TrainError(f"--log-interval must be >= 1, got {opts.log_interval}")
-    if opts.sample_length < 1:
-        raise TrainError(f"--sample-length must be >= 1, got {opts.sample_length}")
-    resume_ckpt = None
-    if opts.resume:
-        last = Path(opts.out_dir) / LAST_NAME
+def _resumed_run(ns: argparse.Namespace, ck: dict, last: Path) -> tuple[RunOptions, GPTConfig, TrainConfig]:
+    """The run recorded in ``ck``, with the flags given on this command line checked against it."""
+    try:
+        recorded = {f.name: ck["run_options"][f.name] for f in fields(RunOptions) if f.name in ck["run_options"]}
+        opts = replace(DEFAULTS, **recorded)
+        cfg = GPTConfig.from_dict(ck["config"])
+        tc = TrainConfig(**ck["train_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"{last} does not record its run's settings ({e}); it cannot be resumed") from None
+    changes = {}
+    for cls, current in ((RunOptions, opts), (GPTConfig, cfg), (TrainConfig, tc)):
+        for name, value in _given(ns, cls).items():
+            if name in RESUME_MAY_CHANGE or name in CONTENT_CHECKED:
+                changes.setdefault(cls, {})[name] = value
+                continue
+            theirs = getattr(current, name)
+            if value != theirs:
+                raise TrainError(
+                    f"{_flag(name)} {value} contradicts the run in {last.parent} ({name} {theirs}): a resumed run keeps "
+                    "its preset, seed, model, recipe and data; on --resume only --max-steps, --epochs, --eval-interval, "
+                    "--patience and where/how it runs (--device, --dtype, --impl, ...) may change; start a new run "
+                    "with another --out-dir")
+    opts = _absolute(replace(opts, **changes.get(RunOptions, {})))
+    tc = replace(tc, **changes.get(TrainConfig, {}))
+    if opts.data is not None and not Path(opts.data).exists():
+        raise TrainError(f"the run's data {opts.data} is gone; pass --data PATH to the same data where it is now")
+    return opts, cfg, tc
+
+
+def _plan(ns: argparse.Namespace) -> tuple[dict | None, Path]:
+    """What to do with --out-dir: the checkpoint to resume (None: a new run), or a one-line refusal."""
+    out = Path(ns.out_dir or DEFAULTS.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out-dir {out} is a file, not a directory")
+    last = out / LAST_NAME
+    existing = run_files(out)
+    if ns.resume and ns.overwrite:
+        raise TrainError("--resume continues the run in --out-dir and --overwrite replaces it: choose one")
+    resume = ns.resume == "yes" or (ns.resume == "auto" and last.exists())
+    if resume:
         if not last.exists():
-            raise TrainError(f"--resume: no checkpoint at {last}; start a run without --resume first")
-        resume_ckpt = load_checkpoint(last)
-        if "optimizer" not in resume_ckpt or "step" not in resume_ckpt:
+            held = f" (it holds {', '.join(p.name for p in existing)} but no {LAST_NAME})" if existing else ""
+            raise TrainError(f"--resume: no run to continue in {out}{held}; start one without --resume")
+        ck = load_checkpoint(last)
+        if "optimizer" not in ck or "step" not in ck:
             raise TrainError(f"--resume: {last} is a model-only checkpoint, not a resumable one")
-    model_cfg, tc = _configs(ns, resume_ckpt)
+        return ck, out
+    if existing and not ns.overwrite and not ns.show_config:
+        if last.exists():
+            raise TrainError(f"{out} already holds a run (step {_step_of(last)}): continue it with --resume, replace "
+                             "it with --overwrite, or choose another --out-dir")
+        raise TrainError(f"{out} already holds a run's outputs ({', '.join(p.name for p in existing)}) but no "
+                         f"{LAST_NAME} to continue from: replace them with --overwrite, or choose another --out-dir")
+    return None, out
+
+
+def _step_of(last: Path):
+    try:
+        return load_checkpoint(last).get("step", "?")
+    except UserError:
+        return "? (unreadable last.pt)"
+
+
+def _show_config(opts: RunOptions, cfg: GPTConfig, tc: TrainConfig, resumed: Path | None) -> None:
+    print(f"# {'the run in ' + str(resumed) if resumed else 'a new run'}; preset {opts.preset}")
+    for title, obj in (("run", opts), ("model", cfg), ("training", tc)):
+        print(f"[{title}]")
+        for k, v in asdict(obj).items():
+            print(f"{_flag(k)} {v}")
+
+
+def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
+    opts, tc, cfg = trainer.opts, trainer.tc, trainer.model_cfg
+    steps = f"{trainer.max_steps:,} steps"
+    if not tc.max_steps:
+        steps += f" (--max-steps 0: {tc.epochs:g} epochs of {len(trainer.splits.train):,} train tokens)"
+    saves = f"{LAST_NAME} every {opts.checkpoint_interval} steps and " if opts.checkpoint_interval else f"{LAST_NAME} "
+    evals = f"every {tc.eval_interval} steps" if tc.eval_interval else "at the end"
+    where = (f"resuming at step {trainer.state.step} of {trainer.out / LAST_NAME}" if resumed
+             else f"new run in {trainer.out}")
+    if resumed:
+        settings = "the run's settings" + (f"; from this command: {' '.join(flags)}" if flags else "")
+    else:
+        settings = f"{len(flags)} override{'s' * (len(flags) != 1)}" if flags else "no overrides"
+    return (f"train: preset {opts.preset} ({settings}) | "
+            f"{trainer.raw.num_params() / 1e6:.2f}M parameters | {trainer.tokens_per_step:,} tokens/step "
+            f"({tc.batch_size} seqs x {cfg.max_seq_length} tokens x {tc.grad_accum} accumulation) | {steps} | "
+            f"{trainer.device} {trainer.dtype}, impl {resolve_impl(opts.impl, trainer.device)}, {trainer.world} "
+            f"process(es) | validation {evals}, {saves}at each validation | {where}")
+
+
+def _report(trainer: Trainer, result: dict) -> None:
+    seed = result["seed_protocol_test"]
+    seed_text = (f"perplexity {seed['perplexity']:.2f}, accuracy {100 * seed['accuracy']:.1f}% over {seed['rows']:,} stories"
+                 if seed["perplexity"] is not None else f"not computed: {seed['reason']}")
+    print(f"test perplexity {result['final_perplexity']:.2f} | test accuracy {100 * result['test_accuracy']:.1f}% "
+          f"(every real token of the test split, {result['test_tokens']:,})")
+    print(f"test by the seed's protocol (stories padded to 256 with EOS, pads counted): {seed_text}")
+    print(f"{result['tokens_per_sec']:,.0f} tokens/s steady ({result['tokens_per_sec_measured_over']}); "
+          f"{result['tokens_per_sec_with_startup']:,.0f} with start-up | outputs in {trainer.out}: {BEST_NAME}, "
+          f"{LAST_NAME}, {HISTORY_NAME}, {CURVES_NAME}")
+    print(f"samples from the best checkpoint ({trainer.opts.sample_length} tokens at most):")
+    for prompt, text in result["generated_texts"].items():
+        print(f"--- {prompt!r}\n{text}")
+
+
+def run(ns: argparse.Namespace) -> int:
+    ck, out = _plan(ns)
+    if ck is None:
+        opts, model_cfg, tc = _new_run(ns)
+    else:  # the run continues where its checkpoint was found, whatever directory it was started in
+        opts, model_cfg, tc = _resumed_run(ns, ck, out / LAST_NAME)
+        opts = replace(opts, out_dir=str(out))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _validate_run_options(opts)
     validate_train_config(tc, world)
-    if resume_ckpt is not None and resume_ckpt.get("world_size", 1) != world:
-        raise TrainError(f"--resume: the checkpoint was written by {resume_ckpt.get('world_size')} processes, "
-                         f"this run has {world}")
+    if ns.show_config:
+        _show_config(opts, model_cfg, tc, out if ck is not None else None)
+        return 0
+    if ck is not None and ck.get("world_size", 1) != world:
+        raise TrainError(f"--resume: the checkpoint was written by {ck.get('world_size')} processes, this run has {world}")
+    if opts.tensorboard:
+        tensorboard_writer_class()  # fail now, not after the data is ready
     trainer = Trainer(opts, model_cfg, tc)
-    trainer.setup(resume_ckpt)
-    previous = signal.signal(signal.SIGINT, trainer._request_stop)  # from here on Ctrl-C stops at a step boundary
+    trainer.setup(ck)
+    previous = signal.signal(signal.SIGINT, trainer.on_sigint)  # Ctrl-C: stop at a step boundary, twice: now
     try:
         if trainer.master:
-            trainer.out.mkdir(parents=True, exist_ok=True)
-            n = trainer.raw.num_params()
-            print(f"model: {n / 1e6:.2f}M parameters ({model_cfg.num_layers} layers, d_model {model_cfg.d_model}, "
-                  f"context {model_cfg.max_seq_length}) | impl {resolve_impl(opts.impl, trainer.device)} | "
-                  f"{trainer.device} {trainer.dtype} | {world} process(es)")
-            print(f"tokens per optimizer step: {tc.batch_size} seqs x {model_cfg.max_seq_length} tokens x "
-                  f"{tc.grad_accum} accumulation = {trainer.tokens_per_step:,} | {trainer.max_steps} steps "
-                  f"| train split {len(trainer.splits.train):,} tokens"
-                  + (f" | resuming at step {trainer.state.step}" if resume_ckpt is not None else ""))
+            if ns.overwrite:
+                remove_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            flags = [_flag(k) for cls in (GPTConfig, TrainConfig) for k in _given(ns, cls)
+                     if ck is None or k in RESUME_MAY_CHANGE]
+            print(_start_line(trainer, ck is not None, flags), flush=True)
         reason = trainer.train()
     finally:
         signal.signal(signal.SIGINT, previous)
-    if reason == "interrupted":
+    if reason in ("interrupted", "stopped_now"):
         if trainer.master:
-            print(f"interrupted at step {trainer.state.step}: saved {trainer.out / LAST_NAME}; continue with --resume",
+            st = trainer.state.step
+            saved = (f"saved {trainer.out / LAST_NAME}" if reason == "interrupted" or trainer.world == 1
+                     else f"{trainer.out / LAST_NAME} holds the last checkpoint written")
+            how = "at the end of a step" if reason == "interrupted" else "now, the step in progress dropped"
+            print(f"interrupted at step {st} ({how}): {saved}; continue with --resume --out-dir {trainer.out}",
                   file=sys.stderr)
         return 130
-    result = trainer.finish()
+    try:
+        result = trainer.finish()
+    except KeyboardInterrupt:
+        if trainer.master:
+            print(f"interrupted during the final test pass: training is complete in {trainer.out / LAST_NAME}; "
+                  f"--resume --out-dir {trainer.out} redoes the test pass and samples", file=sys.stderr)
+        return 130
     if trainer.master:
-        print(f"test perplexity {result['final_perplexity']:.2f} | test accuracy {100 * result['test_accuracy']:.1f}% "
-              f"| {result['tokens_per_sec']:,.0f} tokens/s | outputs in {trainer.out}")
+        _report(trainer, result)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser(_preset_from_argv(argv)).parse_args(argv)
     try:
         return run(ns)
     except UserError as e:

@@ -1,9 +1,10 @@
 """Training: one optimizer step, one evaluation, the state a checkpoint holds, and the loop around them.
 
 * ``train_step`` and ``evaluate`` are the building blocks; the loop, the benchmarks and
-  ``bench/time_budget.py`` all call them.
+  ``bench/time_budget.py`` all call them. ``evaluate_seed_protocol`` scores a model the way the
+  seed did (stories padded to 256 with EOS, padding counted), for comparison with its figures.
 * ``TrainState`` is everything a resumable checkpoint holds (weights, optimizer, scaler, data
-  position, RNG streams, counters, history) and how it is written and restored.
+  position, RNG streams, counters, history, which data) and how it is written and restored.
 * ``Trainer`` is the loop: schedule, logging, evaluation and early stopping, checkpoints, Ctrl-C,
   DDP, and the final test pass, samples, history JSON and curves.
 
@@ -18,8 +19,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -30,14 +32,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import GPTConfig, TrainConfig
-from .data import DEFAULT_CACHE_DIR, TrainBatches, eval_batches
+from .data import (DEFAULT_CACHE_DIR, SEED_IGNORE_INDEX, SEED_ROW_TOKENS, TrainBatches, eval_batches,
+                   story_rows)
 from .errors import UserError, one_line
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
+from .tokenizer import EOS_ID
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
 BEST_NAME, LAST_NAME = "gpt2_best_model.pt", "last.pt"
 HISTORY_NAME, CURVES_NAME = "training_history.json", "training_curves_with_accuracy.png"
+RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME, CURVES_NAME)  # what a run writes into --out-dir
+ETA_AFTER_STEPS = 3  # the start-up ETA line is printed after this many steps of a session
+TEST_PROTOCOL = "every real token of the test split once: stories packed with one EOS between them, no padding"
+SEED_PROTOCOL = (f"the seed's: every test story on its own row, truncated or padded with EOS to {SEED_ROW_TOKENS} "
+                 f"tokens, padding counted as targets, target id {SEED_IGNORE_INDEX} ('!') ignored; "
+                 "text not stripped of quotes as the seed's was")
 
 
 class TrainError(UserError):
@@ -61,11 +71,26 @@ class RunOptions:
     impl: str = "auto"
     dtype: str | None = None  # None: hardware.default_dtype(device)
     compile: bool = False
-    resume: bool = False
     seed: int = 1337
     log_interval: int = 10
+    checkpoint_interval: int = 100  # steps between last.pt writes (also at every evaluation); 0 = evaluations only
     sample_length: int = 100
     progress: bool = True
+    tensorboard: str | None = None  # TensorBoard log directory; None: no event files
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The outputs of a run present in ``out_dir`` (empty: the directory holds no run)."""
+    return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def remove_run(out_dir: Path) -> None:
+    """Delete a run's outputs from ``out_dir`` (and temp files of interrupted writes); nothing else."""
+    for path in run_files(out_dir):
+        path.unlink()
+    for name in RUN_FILES:
+        for tmp in out_dir.glob(f"{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,13 +99,17 @@ class RunOptions:
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2, embeddings included) only; fused (one pass over
-    each parameter) on CUDA and CPU: 57 vs 250 ms for the seed model on one CPU thread."""
+    """AdamW with weight decay on every parameter (``weight_decay_on='all'``, the seed's) or on
+    matrices only (dim >= 2, embeddings included; 'matrices'); fused (one pass over each parameter)
+    on CUDA and CPU: 57 vs 250 ms a step for the seed model on one CPU thread."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    if tc.weight_decay_on == "all":
+        groups = [{"params": params, "weight_decay": tc.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type in ("cuda", "cpu"))
 
 
@@ -136,25 +165,38 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 
 @torch.no_grad()
-def evaluate(model, tokens, context: int, batch_size: int, device: torch.device, dtype: str,
-             max_tokens: int = 0, rank: int = 0, world_size: int = 1, should_stop=None) -> dict:
-    """Loss, perplexity and next-token accuracy over the real tokens of ``tokens`` (each once).
+def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int = 0, world_size: int = 1,
+          should_stop=None, desc: str | None = None, total: int | None = None) -> dict:
+    """Loss, perplexity and accuracy over the targets (!= -1) of ``batches`` [(x, y), ...].
 
     ``model(x, y)`` must return an ``LMLoss``. Under DDP each rank takes every world_size-th batch
-    and the sums are all-reduced, so every rank gets the same numbers.
+    and the sums are all-reduced, so every rank gets the same numbers. ``desc``: show a progress
+    bar (with an ETA) of ``total`` batches under that name.
     """
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * count, correct, count
-    for i, (x, y) in enumerate(eval_batches(tokens, context, batch_size, max_tokens)):
-        if should_stop is not None and should_stop():
-            raise StopTraining
-        if i % world_size != rank:
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            out = model(x, y)
-        sums += torch.stack([out.loss.double() * out.count, out.correct.double(), out.count.double()])
+    bar = None
+    if desc is not None:
+        mine = None if total is None else len(range(rank, total, world_size))
+        bar = tqdm(total=mine, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for i, (x, y) in enumerate(batches):
+            if should_stop is not None and should_stop():
+                raise StopTraining
+            if i % world_size != rank:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                out = model(x, y)
+            sums += torch.stack([out.loss.double() * out.count, out.correct.double(), out.count.double()])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     if world_size > 1:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -162,6 +204,30 @@ def evaluate(model, tokens, context: int, batch_size: int, device: torch.device,
     loss = loss_sum / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1.0),
             "tokens": int(count)}
+
+
+def evaluate(model, tokens, context: int, batch_size: int, device: torch.device, dtype: str,
+             max_tokens: int = 0, rank: int = 0, world_size: int = 1, should_stop=None,
+             desc: str | None = None) -> dict:
+    """Loss, perplexity and next-token accuracy over the real tokens of ``tokens`` (each once), in
+    non-overlapping windows of ``context`` (``gpt.data.eval_batches``); see ``score``."""
+    targets = len(tokens) - 1 if max_tokens <= 0 else min(len(tokens) - 1, max_tokens)
+    total = math.ceil(math.ceil(targets / context) / batch_size)  # batches eval_batches yields
+    return score(model, eval_batches(tokens, context, batch_size, max_tokens), device, dtype, rank, world_size,
+                 should_stop, desc, total)
+
+
+def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device, dtype: str, rank: int = 0,
+                           world_size: int = 1, desc: str | None = None) -> dict:
+    """The seed's test figures for ``model`` on the packed split ``tokens`` (``SEED_PROTOCOL``): every
+    story on its own row of ``SEED_ROW_TOKENS`` (``gpt.data.story_rows``), x = row[:-1], y = row[1:],
+    the EOS padding counted as targets and target id ``SEED_IGNORE_INDEX`` ignored, as the seed did.
+    Adds ``rows`` (stories scored) to ``score``'s dict."""
+    rows = torch.from_numpy(story_rows(tokens, EOS_ID, SEED_ROW_TOKENS))
+    targets = rows[:, 1:].masked_fill(rows[:, 1:] == SEED_IGNORE_INDEX, -1)
+    batches = ((rows[i:i + batch_size, :-1], targets[i:i + batch_size]) for i in range(0, len(rows), batch_size))
+    total = -(-len(rows) // batch_size)
+    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +259,12 @@ def set_rng_states(s: dict, device: torch.device) -> None:
 
 
 def new_history() -> dict:
-    """The seed's per-evaluation keys, plus when each evaluation happened and every logged train step."""
+    """The seed's per-evaluation keys, plus when each evaluation happened and every logged train step.
+
+    One train-loss definition everywhere (console, plot, both keys): the token-weighted mean loss
+    over the steps since the previous log point (``--log-interval``); ``train_losses[i]`` is that
+    figure at evaluation i.
+    """
     return {
         "train_losses": [], "train_accuracies": [], "val_losses": [], "val_accuracies": [],
         "val_perplexities": [], "val_steps": [], "val_tokens": [],
@@ -203,7 +274,8 @@ def new_history() -> dict:
 
 class TrainState:
     """Everything a resumable checkpoint holds: the weights, optimizer and scaler, this rank's data
-    position and RNG streams, the step and token counters, early-stopping bookkeeping and the history.
+    position and RNG streams, the step and token counters, early-stopping bookkeeping, the history,
+    and which data the run trains on (``data``: source, tokenizer hash, split sizes).
 
     ``checkpoint(gather)`` builds the checkpoint dict (a collective under DDP: ``gather`` collects one
     object from every rank); ``restore(ckpt)`` puts a checkpoint back. Both the best-model and the
@@ -211,9 +283,9 @@ class TrainState:
     """
 
     def __init__(self, model: GPT2Model, optimizer, scaler, batches: TrainBatches, tc: TrainConfig,
-                 opts: RunOptions, device: torch.device):
+                 opts: RunOptions, device: torch.device, data: dict):
         self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
-        self.tc, self.opts, self.device = tc, opts, device
+        self.tc, self.opts, self.device, self.data = tc, opts, device, data
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # training tokens over all ranks
         self.best_val = math.inf  # best validation loss so far
@@ -225,7 +297,7 @@ class TrainState:
         rng = gather(rng_states(self.device))
         return {
             "model_state_dict": self.model.state_dict(), "config": self.model.config.to_dict(),
-            "train_config": asdict(self.tc), "run_options": asdict(self.opts),
+            "train_config": asdict(self.tc), "run_options": asdict(self.opts), "data": self.data,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val, "bad_evals": self.bad_evals, "history": self.history,
@@ -247,15 +319,71 @@ def write_json(obj: dict, path: Path) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
+def data_identity(meta: dict) -> dict:
+    """What identifies a run's data in its checkpoint, wherever the files are now: the tokenizer,
+    the split mode and sizes, the source files' hashes (``source``, the path then, is for messages)."""
+    fingerprint = meta.get("fingerprint")
+    hashes = [f["sha256"] for f in fingerprint] if isinstance(fingerprint, list) else fingerprint
+    return {"source": meta.get("source"), "tokenizer_hash": meta.get("tokenizer_hash"),
+            "test_split": meta.get("test_split"), "tokens": meta.get("tokens"), "sha256": hashes}
+
+
+def same_data(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+
+
+def init_distributed(backend: str) -> None:
+    """``init_process_group`` from torchrun's environment, with a store namespace per restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, the rendezvous store still holds the
+    previous attempt's keys; without a fresh namespace gloo reads a dead peer's address from them
+    and the restarted job fails (or hangs) in connecting.
+    """
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _say(message: str) -> None:
+    """Print one line to stderr from anywhere, a signal handler included (no buffered-writer re-entry)."""
+    try:
+        os.write(sys.stderr.fileno(), f"\n{message}\n".encode())
+    except (AttributeError, OSError, ValueError):  # a replaced stderr without a file descriptor (tests)
+        print(message, file=sys.stderr, flush=True)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """One training run: ``setup()``, ``train()`` (checkpoints on the way), then ``finish()`` (test, samples, outputs)."""
+    """One training run: ``setup()``, ``train()`` (checkpoints on the way), then ``finish()`` (test, samples, outputs).
+
+    Ctrl-C: the first one stops at the end of the current step and writes ``last.pt`` (said at once);
+    a second one stops now: the step in progress is dropped and ``last.pt`` holds the state at the
+    step boundary before it (weights, optimizer, data position and RNG, all of that boundary). The
+    parts that move state forward (optimizer update, counters, logs, checkpoint writes) finish first;
+    an evaluation in progress is dropped. Under DDP a second Ctrl-C exits without writing (the ranks
+    may be inside different collectives); the last checkpoint written stays.
+
+    Timing: ``train_seconds`` is the loop without evaluation passes (their checkpoint writes
+    included); ``tokens_per_sec`` is the steady state, every step of this session but its first, and
+    ``tokens_per_sec_with_startup`` counts every step and the set-up (data, model) before them.
+    """
 
     def __init__(self, opts: RunOptions, model_cfg: GPTConfig, tc: TrainConfig):
+        self.t_created = time.perf_counter()
         self.opts, self.model_cfg, self.tc = opts, model_cfg, tc
         self.out = Path(opts.out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -266,8 +394,11 @@ class Trainer:
         self.dtype = opts.dtype or default_dtype(self.device)
         self.accum = tc.grad_accum // self.world  # micro-batches per rank per optimizer step
         self.tokens_per_step = tc.batch_size * tc.grad_accum * model_cfg.max_seq_length
-        self._stop_requested = False  # set by the SIGINT handler of this process
+        self._stop_requested = False  # first Ctrl-C: stop at the next step boundary
+        self._stop_now = False  # second Ctrl-C: stop as soon as no state is half-updated
+        self._interruptible = False  # a KeyboardInterrupt now loses nothing the boundary snapshot lacks
         self._stop_agreed = False  # acted on: every rank sees the same value (agreed at log steps under DDP)
+        self.tb = None  # TensorBoard SummaryWriter (rank 0, --tensorboard)
 
     def _pick_device(self) -> torch.device:
         name = self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,11 +431,14 @@ class Trainer:
                 import kernels  # noqa: F401
             except (ImportError, AttributeError) as e:
                 raise TrainError(f"--impl triton: the Triton kernels are unavailable ({e})") from None
+        summary_writer = tensorboard_writer_class() if opts.tensorboard and self.master else None
         self.tokenizer = get_tokenizer(opts.tokenizer)
+        if opts.tokenizer is None and self.tokenizer.source.startswith("dir:"):  # found via $GPT2_TOKENIZER_DIR:
+            self.opts = opts = replace(opts, tokenizer=str(Path(self.tokenizer.source[4:]).resolve()))  # recorded
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise TrainError(f"tokenizer has {self.tokenizer.vocab_size} tokens but --vocab-size is {cfg.vocab_size}")
         if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            init_distributed("nccl" if self.device.type == "cuda" else "gloo")
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
         # Rank 0 tokenizes and caches first; the others then read the cache.
@@ -319,6 +453,10 @@ class Trainer:
             if len(getattr(self.splits, name)) < ctx + 1:
                 raise TrainError(f"the {name} split has {len(getattr(self.splits, name))} tokens, fewer than "
                                  f"one context of {ctx + 1}; use more stories or a smaller --max-seq-length")
+        data = data_identity(self.splits.meta)
+        if resume_ckpt is not None and not same_data(resume_ckpt.get("data", data), data):
+            raise TrainError(f"the data ({data['source']}) differs from the data of the run in {self.out} "
+                             f"({resume_ckpt['data']['source']}): tokens, tokenizer or files changed")
         self.max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(self.splits.train) / self.tokens_per_step))
 
         if self.device.type == "cuda":
@@ -327,11 +465,13 @@ class Trainer:
         torch.manual_seed(opts.seed)  # same initial weights on every rank
         self.raw = GPT2Model(cfg, impl=opts.impl).to(self.device)
         self.optimizer = build_optimizer(self.raw, tc, self.device)
+        # The optimizer update must never be torn by a second Ctrl-C: from here the step is committed.
+        self.optimizer.register_step_pre_hook(self._enter_update)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")  # a no-op unless fp16
         self.batches = TrainBatches(self.splits.train, tc.batch_size, ctx, seed=opts.seed,
                                     rank=self.rank, world_size=self.world)
         torch.manual_seed(opts.seed + self.rank)  # dropout streams differ per rank
-        self.state = TrainState(self.raw, self.optimizer, self.scaler, self.batches, tc, opts, self.device)
+        self.state = TrainState(self.raw, self.optimizer, self.scaler, self.batches, tc, opts, self.device, data)
         if resume_ckpt is not None:
             try:
                 self.state.restore(resume_ckpt, self.rank)
@@ -341,6 +481,9 @@ class Trainer:
         self.model = self.fwd  # training calls this: DDP-wrapped under torchrun
         if self.world > 1:
             self.model = DistributedDataParallel(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if summary_writer is not None:
+            self.tb = summary_writer(opts.tensorboard)
+        self.setup_seconds = time.perf_counter() - self.t_created
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -357,15 +500,42 @@ class Trainer:
         if self.master:
             save_checkpoint(ck, self.out / LAST_NAME)
 
-    # -- the loop ------------------------------------------------------------------------------
+    def _boundary(self) -> tuple:
+        """What the compute of the next step consumes: the data position and the dropout RNG streams."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return self.batches.drawn, torch.get_rng_state(), cuda
 
-    def _request_stop(self, signum, frame) -> None:
-        if self._stop_requested:  # second Ctrl-C: stop now
+    def _back_to(self, boundary: tuple) -> None:
+        """Undo a step's compute (a second Ctrl-C): data position and RNG as at ``boundary``, no gradients."""
+        self.batches.drawn, cpu, cuda = boundary
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- Ctrl-C --------------------------------------------------------------------------------
+
+    def on_sigint(self, signum, frame) -> None:
+        """The SIGINT handler while training (installed by the command line)."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            if self.master:
+                _say(f"Ctrl-C: stopping after the current step (step {self.state.step + 1}) and saving "
+                     f"{self.out / LAST_NAME}; press Ctrl-C again to stop now")
+            return
+        if not self._stop_now and self.master:
+            _say("Ctrl-C again: stopping now" + (", saving the last step boundary" if self.world == 1 else ""))
+        self._stop_now = True
+        if self._interruptible:
             raise KeyboardInterrupt
-        self._stop_requested = True
+
+    def _enter_update(self, optimizer, args, kwargs) -> None:
+        self._interruptible = False
 
     def _should_stop(self) -> bool:
         return self._stop_requested
+
+    # -- logging -------------------------------------------------------------------------------
 
     def _log(self, acc: torch.Tensor, pbar) -> None:
         """Read the accumulated metrics (the one host sync), check them, append to the history."""
@@ -383,35 +553,37 @@ class Trainer:
             raise TrainError(f"training loss became {loss} by step {st.step} (lr {self.lr:.3g}); "
                              f"stopped, the last good checkpoint is kept in {self.out / LAST_NAME}")
         log = st.history["train_log"]
-        log["steps"].append(st.step)
-        log["tokens"].append(st.tokens_seen)
-        log["losses"].append(loss)
-        log["accuracies"].append(correct / count)
+        for key, value in (("steps", st.step), ("tokens", st.tokens_seen), ("losses", loss),
+                           ("accuracies", correct / count)):
+            log[key].append(value)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, st.step)
+            self.tb.add_scalar("train/accuracy_pct", 100 * correct / count, st.step)
+            self.tb.add_scalar("train/lr", self.lr, st.step)
         if pbar is not None:
-            tps = self.session_tokens / max(self.train_time + time.perf_counter() - self.t_mark, 1e-9)
-            pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            tps = self.steady_tokens_per_sec()
+            pbar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * correct / count:.1f}%",
+                             **({"tok_s": f"{tps:,.0f}"} if tps else {}), refresh=False)
 
-    def _evaluate_and_checkpoint(self, pbar, since_eval: dict) -> bool:
+    def _print(self, pbar, message: str) -> None:
+        (pbar.write if pbar is not None else print)(message)
+
+    def _evaluate_and_checkpoint(self, pbar) -> bool:
         """Validation pass, best/last checkpoints, early-stopping bookkeeping. True = stop early."""
         tc, st = self.tc, self.state
+        self._interruptible = True  # a second Ctrl-C drops this evaluation; the state is at a boundary
         m = evaluate(self.fwd, self.splits.val, self.model_cfg.max_seq_length, tc.batch_size, self.device,
                      self.dtype, tc.eval_tokens, self.rank, self.world,
-                     self._should_stop if self.world == 1 else None)
+                     self._should_stop if self.world == 1 else None,
+                     desc="validation" if self.master and self.opts.progress else None)
+        self._interruptible = False
         if not math.isfinite(m["loss"]):
             raise TrainError(f"validation loss became {m['loss']} at step {st.step}; "
                              f"stopped, the last good checkpoint is kept in {self.out / LAST_NAME}")
         h = st.history
         log = h["train_log"]
-        new = slice(since_eval["n"], None)
-        tr_tokens = sum(np.diff([since_eval["tokens"]] + log["tokens"][new]))
-        if len(log["losses"][new]):
-            weights = np.diff([since_eval["tokens"]] + log["tokens"][new]) / max(tr_tokens, 1)
-            h["train_losses"].append(float(np.dot(weights, log["losses"][new])))
-            h["train_accuracies"].append(float(np.dot(weights, log["accuracies"][new])))
-        else:
-            h["train_losses"].append(log["losses"][-1] if log["losses"] else math.nan)
-            h["train_accuracies"].append(log["accuracies"][-1] if log["accuracies"] else math.nan)
-        since_eval.update(n=len(log["losses"]), tokens=st.tokens_seen)
+        h["train_losses"].append(log["losses"][-1] if log["losses"] else math.nan)
+        h["train_accuracies"].append(log["accuracies"][-1] if log["accuracies"] else math.nan)
         h["val_losses"].append(m["loss"])
         h["val_accuracies"].append(m["accuracy"])
         h["val_perplexities"].append(m["perplexity"])
@@ -422,82 +594,140 @@ class Trainer:
             st.best_val, st.bad_evals = m["loss"], 0
         else:
             st.bad_evals += 1
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", m["loss"], st.step)
+            self.tb.add_scalar("val/perplexity", m["perplexity"], st.step)
+            self.tb.add_scalar("val/accuracy_pct", 100 * m["accuracy"], st.step)
         ck = st.checkpoint(self._gather)
         if self.master:
             if improved:
                 save_checkpoint(ck, self.out / BEST_NAME)
             save_checkpoint(ck, self.out / LAST_NAME)
-            msg = (f"step {st.step}/{self.max_steps} | val loss {m['loss']:.4f} ppl {m['perplexity']:.2f} "
-                   f"acc {100 * m['accuracy']:.1f}% | train loss {h['train_losses'][-1]:.4f}"
-                   + (" | best" if improved else f" | no improvement ({st.bad_evals}/{tc.patience})"))
-            (pbar.write if pbar is not None else print)(msg)
+            self._print(pbar, f"step {st.step}/{self.max_steps} | val loss {m['loss']:.4f} ppl {m['perplexity']:.2f} "
+                              f"acc {100 * m['accuracy']:.1f}% | train loss {h['train_losses'][-1]:.4f} "
+                              f"acc {100 * h['train_accuracies'][-1]:.1f}%"
+                              + (" | best" if improved else f" | no improvement ({st.bad_evals}/{tc.patience})"))
         return tc.patience > 0 and st.bad_evals >= tc.patience
 
+    # -- timing --------------------------------------------------------------------------------
+
+    def steady_tokens_per_sec(self) -> float | None:
+        """Tokens/s of this session's steps after its first (evaluations excluded); None before step 2."""
+        steps = self.session_steps - 1
+        seconds = self.train_time + (time.perf_counter() - self.t_mark if self._timing else 0.0) - self.first_step_seconds
+        if steps < 1 or seconds <= 0:
+            return None
+        return steps * self.tokens_per_step / seconds
+
+    def _eta_line(self) -> str:
+        tps = self.steady_tokens_per_sec()
+        steps_left = self.max_steps - self.state.step
+        return (f"speed after {self.session_steps} steps: {tps:,.0f} tokens/s (first step {self.first_step_seconds:.1f} s); "
+                f"ETA {format_seconds(steps_left * self.tokens_per_step / tps)} for the {steps_left:,} steps left "
+                f"(training only: validation passes and the final test come on top)")
+
+    # -- the loop ------------------------------------------------------------------------------
+
     def train(self) -> str:
-        """Run the optimizer steps. Returns why it ended: 'done', 'early_stop' or 'interrupted'."""
+        """Run the optimizer steps. Returns why it ended: 'done', 'early_stop', 'interrupted' (first
+        Ctrl-C: at a step boundary) or 'stopped_now' (second Ctrl-C: the step in progress dropped)."""
         from tqdm import tqdm
 
         tc, opts, st = self.tc, self.opts, self.state
         acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * count, correct, count
-        pbar = tqdm(total=self.max_steps, initial=st.step, unit="step", dynamic_ncols=True,
+        pbar = tqdm(total=self.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                     disable=not (self.master and opts.progress)) if self.master else None
-        self.session_tokens, self.train_time, self.eval_time = 0, 0.0, 0.0
-        since_eval = {"n": len(st.history["train_log"]["losses"]), "tokens": st.tokens_seen}
+        self.session_steps, self.train_time, self.eval_time, self.first_step_seconds = 0, 0.0, 0.0, 0.0
         reason = "done"
         self.lr = lr_at(st.step, tc, self.max_steps)
-        self.t_mark = time.perf_counter()
+        boundary = self._boundary()
+        self.t_mark, self._timing = time.perf_counter(), True
         try:
             while st.step < self.max_steps:
+                self._interruptible = True  # until the optimizer's pre-hook: compute only, undone by _back_to
+                if self._stop_now:  # a second Ctrl-C came while the state was moving forward
+                    raise KeyboardInterrupt
                 self.lr = lr_at(st.step, tc, self.max_steps)
                 micro = [self.batches.next() for _ in range(self.accum)]
                 acc += train_step(self.model, self.optimizer, micro, device=self.device, dtype=self.dtype,
                                   grad_clip=tc.grad_clip, scaler=self.scaler, lr=self.lr)
+                self._interruptible = False  # (the pre-hook did too; a scaler-skipped update has no hook)
                 st.step += 1
                 st.tokens_seen += self.tokens_per_step
-                self.session_tokens += self.tokens_per_step
+                self.session_steps += 1
+                boundary = self._boundary()
+                if self.session_steps == 1:
+                    _sync(self.device)  # one-off: the first step's time (start-up) is reported apart
+                    self.first_step_seconds = self.train_time + time.perf_counter() - self.t_mark
+                if self.session_steps == ETA_AFTER_STEPS and self.master and st.step < self.max_steps:
+                    _sync(self.device)
+                    self._print(pbar, self._eta_line())
                 if pbar is not None:
                     pbar.update(1)
                 eval_now = st.step == self.max_steps or (tc.eval_interval and st.step % tc.eval_interval == 0)
-                if eval_now or st.step % opts.log_interval == 0:
+                save_now = not eval_now and opts.checkpoint_interval and st.step % opts.checkpoint_interval == 0
+                stop_here = self.world == 1 and self._stop_requested  # (DDP agrees on it at log steps)
+                if eval_now or save_now or stop_here or st.step % opts.log_interval == 0:
                     self._log(acc, pbar)
                     acc.zero_()
-                if self._stop_agreed or (self.world == 1 and self._stop_requested):
+                if self._stop_agreed or stop_here:
                     raise StopTraining
+                if save_now:
+                    self.save_last()
                 if eval_now:
                     now = time.perf_counter()
                     self.train_time += now - self.t_mark
-                    stop = self._evaluate_and_checkpoint(pbar, since_eval)
+                    stop = self._evaluate_and_checkpoint(pbar)
                     self.t_mark = time.perf_counter()
                     self.eval_time += self.t_mark - now
                     if stop:
                         reason = "early_stop"
                         if self.master:
-                            (pbar.write if pbar else print)(
-                                f"early stop: no validation improvement in {tc.patience} evaluations")
+                            self._print(pbar, f"early stop: no validation improvement in {tc.patience} evaluations")
                         break
+            if self._stop_now:  # Ctrl-C twice during the last step's bookkeeping: still a stop
+                raise KeyboardInterrupt
         except StopTraining:
             reason = "interrupted"
+        except KeyboardInterrupt:
+            reason = "stopped_now"
         finally:
+            self._interruptible = False
+            _sync(self.device)
+            self.train_time += time.perf_counter() - self.t_mark
+            self._timing = False
             if pbar is not None:
                 pbar.close()
-        self.train_time += time.perf_counter() - self.t_mark
-        if reason == "interrupted":
+        if reason == "stopped_now":
+            self._back_to(boundary)
+        if reason == "interrupted" or (reason == "stopped_now" and self.world == 1):
             self.save_last()
         return reason
 
     def finish(self) -> dict:
-        """Best model -> test metrics and samples; write the history JSON and the curves."""
+        """Best model -> test metrics (ours and the seed's protocol) and samples; write the history
+        JSON and the curves; print the results."""
         from .curves import plot_curves
         from .generate import generate_text
 
-        st = self.state
+        st, cfg = self.state, self.model_cfg
         best = self.out / BEST_NAME
         if self.world > 1:
             dist.barrier()  # rank 0 has finished writing the best checkpoint
         if best.exists():
             self.raw.load_state_dict(load_checkpoint(best, map_location=self.device)["model_state_dict"])
-        test = evaluate(self.raw, self.splits.test, self.model_cfg.max_seq_length, self.tc.batch_size,
-                        self.device, self.dtype, 0, self.rank, self.world)
+        show = self.master and self.opts.progress
+        if self.master:
+            print(f"final test pass with the best checkpoint ({len(self.splits.test) - 1:,} test tokens)", flush=True)
+        test = evaluate(self.raw, self.splits.test, cfg.max_seq_length, self.tc.batch_size, self.device, self.dtype,
+                        0, self.rank, self.world, desc="test" if show else None)
+        if cfg.max_seq_length >= SEED_ROW_TOKENS - 1:
+            seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.tc.batch_size, self.device, self.dtype,
+                                          self.rank, self.world, desc="test, the seed's protocol" if show else None)
+        else:
+            seed_test = {"perplexity": None, "reason": f"needs a context of at least {SEED_ROW_TOKENS - 1} tokens; "
+                                                       f"this model's is {cfg.max_seq_length}"}
+        seed_test["protocol"] = SEED_PROTOCOL
         if not self.master:
             return {}
         samples = {}
@@ -505,22 +735,47 @@ class Trainer:
             with autocast(self.device, self.dtype):
                 samples[prompt] = generate_text(self.raw, self.tokenizer, prompt=prompt,
                                                 max_length=self.opts.sample_length, device=self.device)
-        tps = self.session_tokens / self.train_time if self.train_time > 0 else 0.0
+        session_tokens = self.session_steps * self.tokens_per_step
+        tps = self.steady_tokens_per_sec() or (session_tokens / self.train_time if self.train_time > 0 else 0.0)
         peak = peak_flops(self.device)
-        flops = self.model_cfg.flops_per_token()
+        flops = cfg.flops_per_token()
         result = {
             **st.history,
             "final_perplexity": test["perplexity"], "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-            "test_tokens": test["tokens"], "generated_texts": samples,
+            "test_tokens": test["tokens"], "test_protocol": TEST_PROTOCOL, "seed_protocol_test": seed_test,
+            "generated_texts": samples,
             "steps": st.step, "max_steps": self.max_steps, "tokens_seen": st.tokens_seen,
-            "tokens_per_step": self.tokens_per_step, "tokens_per_sec": tps,
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_sec": tps,
+            "tokens_per_sec_measured_over": (f"steps {st.step - self.session_steps + 2}-{st.step} of this session: "
+                                             "its first step and every evaluation excluded"
+                                             if self.session_steps > 1 else "the session's only step"),
+            "tokens_per_sec_with_startup": session_tokens / (self.setup_seconds + self.train_time),
+            "setup_seconds": self.setup_seconds, "first_step_seconds": self.first_step_seconds,
             "train_seconds": self.train_time, "eval_seconds": self.eval_time,
             "flops_per_token": flops, "mfu": flops * tps / peak if peak else None,
             "best_val_loss": st.best_val, "num_params": self.raw.num_params(),
-            "config": self.model_cfg.to_dict(), "train_config": asdict(self.tc),
+            "config": cfg.to_dict(), "train_config": asdict(self.tc),
             "run_options": {**asdict(self.opts), "dtype": self.dtype, "world_size": self.world},
             "data": self.splits.meta, "environment": environment(self.device),
         }
         write_json(result, self.out / HISTORY_NAME)
-        plot_curves(st.history, self.out / CURVES_NAME)
+        title = (f"{self.opts.preset} preset, {self.raw.num_params() / 1e6:.2f}M parameters, {st.step:,} steps: "
+                 f"test perplexity {test['perplexity']:.2f}"
+                 + (f" ({seed_test['perplexity']:.2f} by the seed's protocol)" if seed_test["perplexity"] is not None else ""))
+        plot_curves(st.history, self.out / CURVES_NAME, title, self.tokens_per_step)
+        if self.tb is not None:
+            self.tb.add_scalar("test/perplexity", test["perplexity"], st.step)
+            self.tb.add_scalar("test/accuracy_pct", 100 * test["accuracy"], st.step)
+            self.tb.close()
         return result
+
+
+def tensorboard_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or a TrainError naming the missing optional package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--tensorboard needs the optional tensorboard package: pip install tensorboard "
+                         "(or pip install -e \".[tensorboard]\")") from None
+    return SummaryWriter

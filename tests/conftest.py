@@ -1,4 +1,4 @@
-"""What the tests share: the device kernel tests run on, and the perturbed model.
+"""What the tests share: the device kernel tests run on, the perturbed model, and the tiny training run.
 
 DEVICE is CUDA when there is a GPU, else the CPU, where the root ``conftest.py`` has turned on
 Triton's interpreter. Every test that runs a Triton kernel puts its tensors and models there (test
@@ -6,8 +6,15 @@ modules import it: ``from conftest import DEVICE, perturbed_model``; pytest load
 ``conftest`` before it collects the modules beside it). Tests of the reference path alone stay on
 the CPU. Triton is a hard dependency on Linux x86_64 (setup.py): the kernel tests fail, not skip,
 without it.
+
+The training tests (test_train.py, test_train_cli.py) share ``base_args``: a 1-layer d_model-32
+model, context 32, on 150 stories of the shared sample, tokenized once into ``train_cache``.
 """
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig
@@ -29,3 +36,25 @@ def perturbed_model(config: GPTConfig, *, device, seed: int = 0) -> GPT2Model:
             if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
                 p.add_(0.1 * torch.randn_like(p))
     return model.to(device).eval()
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory):
+    """One token cache for every training test (tokenized once)."""
+    return tmp_path_factory.mktemp("train_cache")
+
+
+@pytest.fixture(scope="session")
+def base_args(train_cache, stories_dir, tokenizer_dir):
+    """A 1-layer d_model-32 model, context 32, on 150 stories: a step takes milliseconds."""
+    return ["--preset", "tiny", "--data", str(stories_dir / "tinystories-sample.jsonl"),
+            "--tokenizer", str(tokenizer_dir), "--cache-dir", str(train_cache), "--num-stories", "150",
+            "--num-layers", "1", "--d-model", "32", "--num-heads", "2", "--d-ff", "64",
+            "--max-seq-length", "32", "--batch-size", "4", "--eval-tokens", "512", "--sample-length", "8",
+            "--no-progress", "--log-interval", "5"]
+
+
+@pytest.fixture(scope="session")
+def history():
+    """``history(out_dir)``: a run's training_history.json."""
+    return lambda out_dir: json.loads((Path(out_dir) / "training_history.json").read_text())

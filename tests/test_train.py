@@ -1,36 +1,32 @@
-"""The training loop end to end on a CPU, with a 1-layer d_model-32 model on 150 shared-sample stories."""
+"""The training loop end to end on a CPU, in process: a 1-layer d_model-32 model on 150 shared-sample stories.
 
-import json
+The command-line behaviours that need a real process (the refusal, one-flag resume from another
+directory, Ctrl-C, torchrun with a killed worker) are in test_train_cli.py.
+"""
+
 import math
 import os
 import signal
-import subprocess
+import socket
 import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import gpt.curves
 import gpt.trainer as trainer_mod
 from gpt.checkpoint import load_checkpoint
-from gpt.config import GPTConfig
+from gpt.config import PRESETS, GPTConfig, TrainConfig
+from gpt.data import EOS_ID, SEED_IGNORE_INDEX, story_rows
 from gpt.model import GPT2Model, LMLoss
-from gpt.train import main
-from gpt.trainer import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS
+from gpt.train import build_parser, field_comments, main
+from gpt.trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS, build_optimizer,
+                         evaluate_seed_protocol)
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED_KEYS = {"train_losses", "val_losses", "train_accuracies", "val_accuracies", "final_perplexity",
              "generated_texts"}
-
-
-@pytest.fixture(scope="module")
-def base_args(tmp_path_factory, stories_dir, tokenizer_dir):
-    cache = tmp_path_factory.mktemp("cache")
-    return ["--preset", "tiny", "--data", str(stories_dir / "tinystories-sample.jsonl"),
-            "--tokenizer", str(tokenizer_dir), "--cache-dir", str(cache), "--num-stories", "150",
-            "--num-layers", "1", "--d-model", "32", "--num-heads", "2", "--d-ff", "64",
-            "--max-seq-length", "32", "--batch-size", "4", "--eval-tokens", "512", "--sample-length", "8",
-            "--no-progress", "--log-interval", "5"]
 
 
 def run_main(args, capsys):
@@ -39,19 +35,25 @@ def run_main(args, capsys):
     return rc, out.out, out.err
 
 
-def history(out_dir: Path) -> dict:
-    return json.loads((out_dir / HISTORY_NAME).read_text())
-
-
-def test_outputs_loss_and_exact_resume(base_args, tmp_path, capsys):
+def test_outputs_loss_and_one_flag_exact_resume(base_args, tmp_path, capsys, history, monkeypatch):
     # Warmup of 30 steps, then flat: the schedule does not depend on --max-steps, so a 10-step run
     # continued to 20 must retrace the 20-step run.
     common = base_args + ["--eval-interval", "10", "--warmup-steps", "30", "--min-lr-ratio", "1",
                           "--lr", "1e-2", "--grad-accum", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
+    titles = []
+    real_plot = gpt.curves.plot_curves
+    monkeypatch.setattr(gpt.curves, "plot_curves", lambda h, p, title, tps: (titles.append(title), real_plot(h, p, title, tps)))
     rc, out, err = run_main(common + ["--max-steps", "20", "--out-dir", str(straight)], capsys)
     assert rc == 0, err
-    assert "tokens per optimizer step: 4 seqs x 32 tokens x 2 accumulation = 256" in out
+    start = out.splitlines()[0]
+    for part in ("train: preset tiny (", "1.62M parameters", "256 tokens/step (4 seqs x 32 tokens x 2 accumulation)",
+                 "| 20 steps |", "cpu fp32, impl torch, 1 process", "validation every 10 steps",
+                 f"{LAST_NAME} every 100 steps", f"new run in {straight}"):
+        assert part in start, (part, start)
+    assert "speed after 3 steps:" in out and "ETA" in out
+    for prompt in SEED_PROMPTS:  # the samples are printed, not only stored
+        assert f"--- {prompt!r}\n{prompt}" in out
 
     for name in (BEST_NAME, LAST_NAME, HISTORY_NAME, CURVES_NAME):
         assert (straight / name).stat().st_size > 0, name
@@ -61,11 +63,20 @@ def test_outputs_loss_and_exact_resume(base_args, tmp_path, capsys):
     assert all(t.startswith(p) for p, t in h["generated_texts"].items())
     assert h["steps"] == 20 and h["tokens_seen"] == 20 * 256 and h["val_steps"] == [10, 20]
     assert math.isclose(h["final_perplexity"], math.exp(h["test_loss"]), rel_tol=1e-9)
-    assert 0 < h["test_accuracy"] < 1 and h["tokens_per_sec"] > 0
-    assert h["environment"]["torch"] == torch.__version__
+    assert 0 < h["test_accuracy"] < 1 and h["environment"]["torch"] == torch.__version__
+    assert h["tokens_per_sec"] > 0 and h["tokens_per_sec_with_startup"] > 0
+    assert h["tokens_per_sec_measured_over"].startswith("steps 2-20 of this session")
+    assert h["train_seconds"] > h["first_step_seconds"] > 0 and h["setup_seconds"] > 0
+    # Context 32 < 255: the seed's protocol cannot run, and the history says why.
+    assert h["seed_protocol_test"]["perplexity"] is None and "255" in h["seed_protocol_test"]["reason"]
+    # One train-loss definition: the value at each evaluation is the logged one at that step.
+    log = h["train_log"]
+    assert h["train_losses"] == [log["losses"][log["steps"].index(s)] for s in h["val_steps"]]
+    assert f"train loss {h['train_losses'][-1]:.4f}" in out
+    assert titles == [f"tiny preset, 1.62M parameters, 20 steps: test perplexity {h['final_perplexity']:.2f}"]
     # Loss decreases: validation between evaluations, training from first to last log.
     assert h["val_losses"][1] < h["val_losses"][0] - 0.1
-    assert h["train_log"]["losses"][-1] < h["train_log"]["losses"][0] - 0.1
+    assert log["losses"][-1] < log["losses"][0] - 0.1
 
     ck = torch.load(straight / BEST_NAME, weights_only=True)
     model = GPT2Model(GPTConfig.from_dict(ck["config"]), impl="torch")
@@ -75,18 +86,55 @@ def test_outputs_loss_and_exact_resume(base_args, tmp_path, capsys):
     rc, _, err = run_main(common + ["--max-steps", "10", "--out-dir", str(split)], capsys)
     assert rc == 0, err
     assert torch.load(split / LAST_NAME, weights_only=True)["step"] == 10
-    rc, out, err = run_main(common + ["--max-steps", "20", "--out-dir", str(split), "--resume"], capsys)
+    # One flag (+ the longer run): data, tokenizer, preset and every override come from the checkpoint.
+    monkeypatch.delenv("GPT2_TOKENIZER_DIR", raising=False)
+    rc, out, err = run_main(["--resume", "--out-dir", str(split), "--max-steps", "20", "--no-progress"], capsys)
     assert rc == 0, err
-    assert "resuming at step 10" in out
+    assert f"resuming at step 10 of {split / LAST_NAME}" in out and "from this command: --max-steps" in out
     hs = history(split)
     assert hs["val_losses"] == h["val_losses"]  # bitwise: same data, optimizer, RNG
-    assert hs["train_log"]["losses"] == h["train_log"]["losses"]
+    assert hs["train_log"]["losses"] == log["losses"]
+    assert hs["run_options"]["out_dir"] == str(split) and hs["train_config"] == h["train_config"]
     a = torch.load(straight / LAST_NAME, weights_only=True)["model_state_dict"]
     b = torch.load(split / LAST_NAME, weights_only=True)["model_state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_early_stopping(base_args, tmp_path, capsys, monkeypatch):
+def test_resume_keeps_the_run_and_rejects_contradictions(base_args, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    rc, _, err = run_main(base_args + ["--max-steps", "2", "--eval-interval", "0", "--out-dir", str(out_dir)], capsys)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    for flags, words in ((["--lr", "0.5"], "--lr 0.5 contradicts"), (["--preset", "seed"], "--preset seed contradicts"),
+                         (["--d-model", "64"], "--d-model 64 contradicts"), (["--seed", "7"], "--seed 7 contradicts"),
+                         (["--overwrite"], "choose one")):
+        rc, _, err = run_main(["--resume", "--out-dir", str(out_dir), *flags], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and words in lines[0], err
+    # The same values as the run (a torchrun restart repeats its whole command line) are fine.
+    rc, out, err = run_main(base_args + ["--resume", "auto", "--out-dir", str(out_dir), "--max-steps", "3",
+                                         "--eval-interval", "0", "--show-config"], capsys)
+    assert rc == 0, err
+    assert "# the run in" in out and "--max-steps 3" in out and "--d-model 32" in out
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # --show-config writes nothing
+
+
+def test_overwrite_replaces_the_run_as_a_whole(base_args, tmp_path, capsys, history):
+    out_dir = tmp_path / "o"
+    args = base_args + ["--eval-interval", "0", "--out-dir", str(out_dir)]
+    rc, _, err = run_main(args + ["--max-steps", "4"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_main(args + ["--max-steps", "2"], capsys)
+    assert rc == 1 and "--resume" in err and "--overwrite" in err and history(out_dir)["steps"] == 4
+    (out_dir / "notes.txt").write_text("mine")
+    rc, _, err = run_main(args + ["--max-steps", "2", "--overwrite"], capsys)
+    assert rc == 0, err
+    assert history(out_dir)["steps"] == 2 and load_checkpoint(out_dir / LAST_NAME)["step"] == 2
+    assert load_checkpoint(out_dir / BEST_NAME)["step"] == 2
+    assert (out_dir / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_early_stopping_and_steps_from_epochs(base_args, tmp_path, capsys, monkeypatch, history):
     losses = iter([5.0, 4.0, 4.5, 4.2, 3.0])  # best, best, worse, worse -> stop after the 4th
     real = trainer_mod.evaluate
 
@@ -96,13 +144,29 @@ def test_early_stopping(base_args, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "evaluate", scripted)
     out_dir = tmp_path / "es"
-    rc, out, err = run_main(base_args + ["--max-steps", "50", "--eval-interval", "2", "--patience", "2",
-                                         "--out-dir", str(out_dir)], capsys)
+    rc, out, err = run_main(base_args + ["--max-steps", "0", "--epochs", "0.3", "--eval-interval", "2",
+                                         "--patience", "2", "--out-dir", str(out_dir)], capsys)
     assert rc == 0, err
+    # 0.3 epochs of the train split, 128 tokens a step: said at the start.
+    train_tokens = load_checkpoint(out_dir / LAST_NAME)["data"]["tokens"]["train"]
+    steps = math.ceil(0.3 * train_tokens / 128)
+    assert f"| {steps} steps (--max-steps 0: 0.3 epochs of {train_tokens:,} train tokens) |" in out
     assert "early stop" in out
     h = history(out_dir)
-    assert h["val_steps"] == [2, 4, 6, 8] and h["steps"] == 8
+    assert h["val_steps"] == [2, 4, 6, 8] and h["steps"] == 8 and h["max_steps"] == steps
     assert load_checkpoint(out_dir / BEST_NAME)["step"] == 4  # the best evaluation's weights
+
+
+def test_checkpoint_interval(base_args, tmp_path, capsys, monkeypatch):
+    saved = []
+    real = trainer_mod.save_checkpoint
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda ck, path: (saved.append((path.name, ck["step"])), real(ck, path)))
+    rc, _, err = run_main(base_args + ["--max-steps", "7", "--eval-interval", "0", "--checkpoint-interval", "3",
+                                       "--out-dir", str(tmp_path / "ci")], capsys)
+    assert rc == 0, err
+    assert saved == [(LAST_NAME, 3), (LAST_NAME, 6), (BEST_NAME, 7), (LAST_NAME, 7)]
+    ck = load_checkpoint(tmp_path / "ci" / LAST_NAME)
+    assert ck["history"]["train_log"]["steps"] == [3, 5, 6, 7]  # a checkpoint step is also a log step
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, capsys, monkeypatch):
@@ -129,15 +193,60 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, caps
     assert not (out_dir / HISTORY_NAME).exists()
 
 
+def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path, capsys, monkeypatch, history):
+    args = base_args + ["--max-steps", "8", "--eval-interval", "0", "--grad-accum", "2", "--dropout", "0.1"]
+    rc, _, err = run_main(args + ["--out-dir", str(tmp_path / "straight")], capsys)
+    assert rc == 0, err
+    real_forward = GPT2Model.forward
+    calls = {"n": 0}
+
+    def interrupted(self, idx, targets=None, **kw):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 12:  # step 6, its second micro-batch: Ctrl-C twice, mid-step
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(GPT2Model, "forward", interrupted)
+    out_dir = tmp_path / "int"
+    rc, _, err = run_main(args + ["--out-dir", str(out_dir)], capsys)
+    assert rc == 130
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("Ctrl-C: stopping after the current step (step 6)"), err
+    assert lines[1].startswith("Ctrl-C again: stopping now"), err
+    assert lines[2].startswith("interrupted at step 5 (now, the step in progress dropped)") and "--resume" in lines[2]
+    ck = load_checkpoint(out_dir / LAST_NAME)
+    assert ck["step"] == 5 and ck["batches"][0]["drawn"] == 10  # the boundary: 5 steps x 2 micro-batches
+    monkeypatch.setattr(GPT2Model, "forward", real_forward)
+    rc, _, err = run_main(["--resume", "--out-dir", str(out_dir)], capsys)
+    assert rc == 0, err
+    # Dropout on, so the RNG stream had to be rewound too: bitwise the uninterrupted run.
+    assert history(out_dir)["train_log"]["losses"] == history(tmp_path / "straight")["train_log"]["losses"]
+    assert history(out_dir)["final_perplexity"] == history(tmp_path / "straight")["final_perplexity"]
+
+
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "resume_without_ckpt",
-                                  "corrupt_ckpt", "triton_missing", "bad_device"])
+                                  "corrupt_ckpt", "text_as_ckpt", "triton_missing", "bad_device", "no_tensorboard",
+                                  "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file"])
 def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     old = {BEST_NAME: b"earlier best", HISTORY_NAME: b'{"earlier": 1}'}
     for name, data in old.items():
         (out_dir / name).write_bytes(data)
-    args = base_args + ["--max-steps", "2", "--out-dir", str(out_dir)]
+    # --overwrite (the old run's files are there) must not delete anything when the new run fails.
+    args = base_args + ["--max-steps", "2", "--out-dir", str(out_dir), "--overwrite"]
+    expect = {
+        "missing_data": "nope.jsonl does not exist", "empty_data": "empty.txt is empty",
+        "batch_size_0": "--batch-size must be >= 1", "accum_0": "--grad-accum must be >= 1",
+        "resume_without_ckpt": f"no run to continue in {out_dir} (it holds", "corrupt_ckpt": "corrupt or truncated",
+        "text_as_ckpt": "not a loadable checkpoint of this project", "triton_missing": "Triton kernels are unavailable",
+        "bad_device": "--device 'tpu' is not a device name", "no_tensorboard": "pip install tensorboard",
+        "refusal": "continue it with --resume, replace it with --overwrite, or choose another --out-dir",
+        "resume_and_overwrite": "choose one", "weight_decay_on": "invalid choice",
+        "out_dir_is_a_file": "is a file, not a directory",
+    }[case]
     if case == "missing_data":
         args += ["--data", str(tmp_path / "nope.jsonl")]
     elif case == "empty_data":
@@ -147,70 +256,136 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         args += ["--batch-size", "0"]
     elif case == "accum_0":
         args += ["--grad-accum", "0"]
-    elif case == "resume_without_ckpt":
-        args += ["--resume"]
-    elif case == "corrupt_ckpt":
-        old[LAST_NAME] = b"\x00not a checkpoint"
-        (out_dir / LAST_NAME).write_bytes(old[LAST_NAME])
-        args += ["--resume"]
+    elif case in ("resume_without_ckpt", "corrupt_ckpt", "text_as_ckpt"):
+        args = ["--resume", "--out-dir", str(out_dir)]
+        if case != "resume_without_ckpt":
+            if case == "corrupt_ckpt":  # a real checkpoint, cut short
+                torch.save({"model_state_dict": {"w": torch.zeros(1000)}, "config": GPTConfig().to_dict()}, out_dir / LAST_NAME)
+                old[LAST_NAME] = (out_dir / LAST_NAME).read_bytes()[:-100]
+            else:
+                old[LAST_NAME] = b"step 40, trust me\n"
+            (out_dir / LAST_NAME).write_bytes(old[LAST_NAME])
     elif case == "triton_missing":
         monkeypatch.setitem(sys.modules, "kernels", None)  # `import kernels` raises ImportError
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         args += ["--impl", "triton"]
     elif case == "bad_device":
         args += ["--device", "tpu"]
-    rc, _, err = run_main(args, capsys)
-    assert rc == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    elif case == "no_tensorboard":
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+        args += ["--tensorboard", str(tmp_path / "tb")]
+    elif case == "refusal":
+        args.remove("--overwrite")
+        torch.save({"model_state_dict": {}, "config": GPTConfig().to_dict(), "step": 40}, out_dir / LAST_NAME)
+        old[LAST_NAME] = (out_dir / LAST_NAME).read_bytes()
+        expect = "holds a run (step 40): " + expect
+    elif case == "resume_and_overwrite":
+        args += ["--resume"]
+    elif case == "weight_decay_on":
+        args += ["--weight-decay-on", "biases"]
+    elif case == "out_dir_is_a_file":
+        (tmp_path / "notes.txt").write_text("mine")
+        args += ["--out-dir", str(tmp_path / "notes.txt")]
+    if case == "weight_decay_on":  # argparse's own one-line usage error, exit 2
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2 and expect in capsys.readouterr().err
+    else:
+        rc, _, err = run_main(args, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+        assert "Traceback" not in err and "weights_only" not in err
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == old
+    assert not (tmp_path / "tb").exists()
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kw)
+def test_help_every_flag_described_once_with_the_presets_values(capsys):
+    for preset in PRESETS:
+        with pytest.raises(SystemExit) as exc:
+            main(["--preset", preset, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # unwrapped
+        assert "(default: None)" not in text and "--no-progress" in text
+        assert "hide the progress bars (shown by default)" in text
+        tc = PRESETS[preset].train
+        assert f"(preset {preset}: {tc.batch_size})" in text and f"(preset {preset}: {tc.weight_decay_on})" in text
+    parser = build_parser("tiny")
+    for action in parser._actions:
+        assert action.help and action.help.count("(default:") + action.help.count("(preset ") <= 1, action.option_strings
+    assert set(field_comments(TrainConfig)) == {f for f in TrainConfig.__dataclass_fields__}
+    assert set(field_comments(GPTConfig)) == {f for f in GPTConfig.__dataclass_fields__}
 
 
-def test_ctrl_c_writes_resumable_checkpoint(base_args, tmp_path):
-    out_dir = tmp_path / "int"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-u", "train.py", *base_args, "--max-steps", "100000", "--log-interval", "1",
-                             "--eval-interval", "0", "--out-dir", str(out_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:  # the second header line comes just before the first step
-            if line.startswith("tokens per optimizer step"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted at step") and "--resume" in lines[0], err
-    step = int(lines[0].split()[3].rstrip(":"))
-    ck = load_checkpoint(out_dir / LAST_NAME)
-    assert ck["step"] == step and ck["batches"][0]["drawn"] == step  # a step boundary: grad_accum 1
+def test_seed_preset_is_the_seed_recipe():
+    """bench/seed_recipe.py's description: AdamW(model.parameters(), lr 2e-4, wd 0.01, betas (0.9, 0.95)),
+    500 warmup steps then cosine to 0, clipping 1.0, batch 4 x accumulation 8, dropout 0.1."""
+    seed, tiny = PRESETS["seed"].train, PRESETS["tiny"].train
+    assert (seed.batch_size, seed.grad_accum, seed.lr, seed.weight_decay, seed.beta1, seed.beta2, seed.warmup_steps,
+            seed.grad_clip, seed.min_lr_ratio, seed.weight_decay_on) == (4, 8, 2e-4, 0.01, 0.9, 0.95, 500, 1.0, 0.0, "all")
+    assert PRESETS["seed"].model.dropout == 0.1
+    model = GPT2Model(GPTConfig(vocab_size=50, max_seq_length=8, num_layers=1, num_heads=2, d_model=16, d_ff=32))
+    opt = build_optimizer(model, seed, torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert trainer_mod.lr_at(10**6, seed, 10**6) == 0.0  # cosine to 0
+    # Our preferred choices live in the other presets: decay on matrices only, cosine to 10%.
+    opt = build_optimizer(model, tiny, torch.device("cpu"))
+    assert {g["weight_decay"] for g in opt.param_groups} == {tiny.weight_decay, 0.0}
+    assert all(p.dim() < 2 for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
+    assert trainer_mod.lr_at(600, tiny, 600) == pytest.approx(tiny.lr * 0.1)
 
 
-def test_torchrun_two_ranks_match_single_process_accumulation(base_args, tmp_path, capsys):
-    args = base_args + ["--max-steps", "3", "--eval-interval", "0", "--log-interval", "1", "--grad-accum", "2",
-                        "--lr", "1e-2", "--warmup-steps", "0"]
-    ddp = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *args,
-                "--out-dir", str(tmp_path / "ddp")])
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    assert "2 process(es)" in ddp.stdout and ddp.stdout.count("test perplexity") == 1  # rank 0 prints
-    rc, _, err = run_main(args + ["--out-dir", str(tmp_path / "one")], capsys)
+def test_seed_protocol_scores_padded_rows_counting_pads():
+    stories = [[5, 6, 7], [8, 0, 9, 10], list(range(11, 311))]  # the last one is longer than a row
+    tokens = np.array([t for s in stories for t in (*s, EOS_ID)], dtype=np.uint16)
+    rows = story_rows(tokens)
+    assert rows.shape == (3, 256)
+    assert rows[0].tolist() == [5, 6, 7] + [EOS_ID] * 253 and rows[2].tolist() == list(range(11, 267))
+    torch.manual_seed(0)
+    model = GPT2Model(GPTConfig(max_seq_length=256, num_layers=1, num_heads=2, d_model=16, d_ff=32), impl="torch")
+    got = evaluate_seed_protocol(model, tokens, 2, torch.device("cpu"), "fp32")
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    counted = y != SEED_IGNORE_INDEX  # the seed ignored "!" (id 0) and counted every pad
+    losses = F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), reduction="none")[counted.flatten()]
+    assert got["tokens"] == 3 * 255 - 1 and got["rows"] == 3
+    assert got["loss"] == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert got["accuracy"] == pytest.approx((logits.argmax(-1) == y)[counted].double().mean().item())
+
+
+def test_seed_protocol_in_history_and_tensorboard(base_args, tmp_path, capsys, history):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out_dir, tb = tmp_path / "s", tmp_path / "tb"
+    rc, out, err = run_main(base_args + ["--max-seq-length", "256", "--max-steps", "3", "--eval-interval", "0",
+                                         "--log-interval", "1", "--tensorboard", str(tb), "--out-dir", str(out_dir)], capsys)
     assert rc == 0, err
-    a, b = history(tmp_path / "ddp"), history(tmp_path / "one")
-    # Rank r draws global batches r, r + 2, ...: the same data as micro-steps of one process. Only the
-    # order of the gradient sums differs (all-reduce vs accumulation), so equal to float rounding.
-    assert a["train_log"]["losses"] == pytest.approx(b["train_log"]["losses"], rel=1e-5, abs=0)
-    assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-5, abs=0)
-    assert a["train_log"]["losses"][-1] != b["train_log"]["losses"][0]  # training moved the loss
+    h = history(out_dir)
+    seed = h["seed_protocol_test"]
+    assert seed["rows"] == h["data"]["stories"]["test"] and seed["perplexity"] == pytest.approx(math.exp(seed["loss"]))
+    assert "padded" in seed["protocol"] and "every real token" in h["test_protocol"]
+    assert f"test by the seed's protocol (stories padded to 256 with EOS, pads counted): perplexity {seed['perplexity']:.2f}" in out
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(h["train_log"]["losses"])
+    assert [e.step for e in events.Scalars("val/loss")] == [3]
+    assert events.Scalars("test/perplexity")[0].value == pytest.approx(h["final_perplexity"], rel=1e-6)
 
 
-def test_grad_accum_must_divide_by_world_size(base_args, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    rc, _, err = run_main(base_args + ["--grad-accum", "3", "--out-dir", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "divisible by the number of processes (2)" in err
+def test_hub_unreachable_fails_fast_without_retries(base_args, tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub contacted after the probe failed"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:  # a port nobody listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    args = [a for a in base_args if a != "--no-progress"]
+    args = args[:args.index("--data")] + args[args.index("--data") + 2:]  # no --data: the hub
+    rc, _, err = run_main(args + ["--out-dir", str(tmp_path / "o")], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "does not answer" in lines[0] and "--data PATH" in lines[0], err
+    assert "tokenizing" not in err
