@@ -2,8 +2,11 @@
 
 Peers, measured in the same run: transformers' GPT2LMHeadModel (fp32, eager attention, AdamW) holding
 the same weights as ours, and the seed's own model and recipe (bench/seed_recipe.py). Ours runs as
-train.py does: impl torch at the device's default dtype (fp32 on CPU, bf16 autocast on CUDA), AdamW
-fused on CUDA, clipping at 1.0; on CUDA also impl triton and impl triton + torch.compile.
+train.py does: impl torch at the device's default dtype (fp32 on CPU, bf16 autocast on CUDA), fused
+AdamW, clipping at 1.0, the fused LM head + cross-entropy; on CUDA also impl triton and impl
+triton + torch.compile. The ``_unfused`` variants swap in the unfused head
+(``gpt.ops.linear_cross_entropy_unfused``: all logits, ``F.cross_entropy``) to show what the fused
+one buys in the same run.
 Before timing, each model's loss on the batch is checked against ours (same weights: equal; the seed
 model: a fresh model's loss is near ln(vocab)).
 """
@@ -18,6 +21,7 @@ from bench.common import record
 from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_loss, seed_optimizer
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.hardware import autocast, default_dtype
+from gpt.ops import linear_cross_entropy_unfused, select_ops
 from gpt.trainer import build_optimizer, train_step
 
 pytestmark = pytest.mark.benchmark(group="train")
@@ -110,19 +114,25 @@ def test_train_step_seed_recipe(benchmark, batch):
 
 
 VARIANTS = [
-    pytest.param("torch", False, DTYPE, id="ours_torch"),
+    pytest.param("torch", False, DTYPE, "fused", id="ours_torch"),
+    pytest.param("torch", False, DTYPE, "unfused", id="ours_torch_unfused"),
     # On a CPU with native bf16 (AVX512-BF16/AMX) autocast pays at this size; train.py --dtype bf16.
-    pytest.param("torch", False, "bf16", id="ours_torch_bf16",
+    pytest.param("torch", False, "bf16", "fused", id="ours_torch_bf16",
                  marks=pytest.mark.skipif(CUDA, reason="the CUDA default is already bf16")),
-    pytest.param("triton", False, DTYPE, id="ours_triton", marks=pytest.mark.skipif(not CUDA, reason="Triton kernels at speed need a CUDA GPU")),
-    pytest.param("triton", True, DTYPE, id="ours_triton_compile", marks=pytest.mark.skipif(not CUDA, reason="torch.compile timing needs a CUDA GPU")),
+    pytest.param("torch", False, "bf16", "unfused", id="ours_torch_bf16_unfused",
+                 marks=pytest.mark.skipif(CUDA, reason="the CUDA default is already bf16")),
+    pytest.param("triton", False, DTYPE, "fused", id="ours_triton", marks=pytest.mark.skipif(not CUDA, reason="Triton kernels at speed need a CUDA GPU")),
+    pytest.param("triton", False, DTYPE, "unfused", id="ours_triton_unfused", marks=pytest.mark.skipif(not CUDA, reason="Triton kernels at speed need a CUDA GPU")),
+    pytest.param("triton", True, DTYPE, "fused", id="ours_triton_compile", marks=pytest.mark.skipif(not CUDA, reason="torch.compile timing needs a CUDA GPU")),
 ]
 
 
-@pytest.mark.parametrize("impl,compile_,dtype", VARIANTS)
-def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype):
+@pytest.mark.parametrize("impl,compile_,dtype,head", VARIANTS)
+def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype, head):
     model = GPT2Model(CFG, impl=impl).to(DEVICE)
     model.load_state_dict(weights)
+    if head == "unfused":
+        model.impl = select_ops(impl, DEVICE)._replace(linear_cross_entropy=linear_cross_entropy_unfused)
     x, y = batch
     with torch.no_grad():
         ref_model = GPT2Model(CFG, impl="torch").to(DEVICE)
@@ -139,4 +149,5 @@ def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype):
     def step():
         train_step(fwd, opt, [(x, y)], device=DEVICE, dtype=dtype, grad_clip=tc.grad_clip)
 
-    _run(benchmark, f"ours_{impl}_{dtype}" + ("_compile" if compile_ else ""), step)
+    _run(benchmark, f"ours_{impl}_{dtype}" + ("_compile" if compile_ else "") + ("_unfused" if head == "unfused" else ""),
+         step)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .kvcache import KVCache
-from .ops import IMPLS, Ops, select_ops
+from .ops import IMPLS, Ops, lm_head_dtype, select_ops
 
 class LayerNormParams(nn.Module):
     """LayerNorm's parameters only; the math is the selected implementation's."""
@@ -181,14 +181,17 @@ class GPT2Model(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, ignore_index: int = -1):
-        """Logits (B, T, vocab) when targets is None; else ``LMLoss`` over targets != ignore_index."""
-        h = self.hidden_states(idx, cache)
-        logits = F.linear(h, self.wte.weight)  # (B, T, vocab), tied head
+        """Logits (B, T, vocab) when targets is None; else ``LMLoss`` over targets != ignore_index.
+
+        With targets the tied head and the cross-entropy are one op (``ops.linear_cross_entropy``):
+        the (B * T, vocab) logits are never held at once, only a chunk of rows at a time, and the
+        head computes in the autocast dtype as ``F.linear`` would (see ``gpt.ops.lm_head_dtype``).
+        """
+        h = self.hidden_states(idx, cache)  # (B, T, C)
+        weight = self.wte.weight  # (vocab, C), tied head
         if targets is None:
-            return logits
-        flat_t = targets.reshape(-1)
-        flat = logits.reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat, flat_t, ignore_index=ignore_index)  # fp32 math under autocast
-        counted = flat_t != ignore_index
-        correct = ((flat.argmax(-1) == flat_t) & counted).sum()
-        return LMLoss(loss, correct, counted.sum())
+            return F.linear(h, weight)  # (B, T, vocab)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must match idx shape {tuple(idx.shape)}")
+        ops = select_ops(self.impl, idx.device)
+        return LMLoss(*ops.linear_cross_entropy(h, weight, targets, ignore_index, lm_head_dtype(h, weight)))

@@ -4,6 +4,12 @@ Every op here has a Triton kernel in ``kernels/`` with the same signature and se
 reference is the definition the kernels are tested against (in float64) and the path that runs on a
 CPU. ``select_ops(impl, device)`` is the one place that maps ``impl`` ("torch", "triton", or
 "auto": Triton on CUDA, torch elsewhere) to an ``Ops`` table; both tables are built once.
+
+The torch table runs attention through ``F.scaled_dot_product_attention`` wherever that computes
+exactly what the explicit ``causal_attention_ref`` does (no ``kv_start``, no dropout, a full causal
+square or a single decode query): no (T, T) mask or score tensor in memory, which made the reference
+attention a large part of a CPU training step. The explicit math stays the documented definition
+and the fallback for everything else.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ IMPLS = ("auto", "torch", "triton")
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim, statistics in fp32 (or higher), output in x's dtype."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    mean = xf.mean(dim=-1, keepdim=True)
-    var = ((xf - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as LayerNorm uses
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    return (y * weight.to(y.dtype) + bias.to(y.dtype)).to(x.dtype)
+    """LayerNorm over the last dim (biased variance), statistics in fp32 (or higher), output in x's dtype.
+
+    torch's fused ``F.layer_norm`` on x upcast to at least fp32: one kernel forward and one backward
+    instead of the dozen elementwise ops (and their saved tensors) of the written-out formula
+    ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.layer_norm(x.to(dtype), x.shape[-1:], weight.to(dtype), bias.to(dtype), eps).to(x.dtype)
 
 
 def add_layer_norm_ref(x, residual, weight, bias, eps):
@@ -71,6 +79,215 @@ def causal_attention_ref(q, k, v, scale=None, kv_start=None, dropout_p: float = 
     return att @ v  # (B, H, Tq, D)
 
 
+def causal_attention_torch(q, k, v, scale=None, kv_start=None, dropout_p: float = 0.0):
+    """The torch table's attention: ``causal_attention_ref``'s semantics, fused where torch can.
+
+    Without ``kv_start`` and dropout, a full causal square (Tq == Tk) or one decode query (Tq == 1,
+    every key visible) is exactly ``F.scaled_dot_product_attention`` (its CPU kernel is
+    flash-style: no (Tq, Tk) score matrix in memory, forward or backward). Anything else (left
+    padding, dropout, a chunk of queries after a cache: SDPA's ``is_causal`` aligns the mask top-left,
+    ours bottom-right) runs the explicit reference.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if kv_start is None and dropout_p == 0.0 and (Tq == Tk or Tq == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scale)
+    return causal_attention_ref(q, k, v, scale, kv_start, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tied LM head and cross-entropy, without the (N, V) logits
+# ----------------------------------------------------------------------------------------------
+
+# Rows per chunk = LCE_CHUNK_BYTES // (V x the compute dtype's size): 667 rows of the 50,257-token
+# vocabulary in fp32, 1,335 in bf16. On this project's CPU (one thread) the chunk's fp32 GEMMs run
+# as fast from ~128 rows as from all 2,048 (120-150 GFLOP/s: dW.addmm_ accumulates in place), but
+# bf16's dW update -- a bf16 partial, converted and added into the fp32 accumulator, ~100 ms a
+# chunk -- wants few chunks (73 GFLOP/s at 166 rows, ~190 from 600).
+LCE_CHUNK_BYTES = 128 << 20
+# The fp32 softmax statistics run over blocks of LCE_BLOCK_ELEMENTS logits (41 rows, 8 MiB): a block
+# that stays in cache makes the five elementwise passes ~30% cheaper than over a whole chunk.
+LCE_BLOCK_ELEMENTS = 1 << 21
+
+
+def lm_head_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head multiplies in: autocast's, when autocast is on for h's device (as
+    ``F.linear`` would cast), else the promotion of h's and the weight's dtypes.
+
+    Under bf16 autocast the hidden states and ``wte.weight`` (the fp32 master) are both cast to
+    bf16 for the GEMMs; the softmax statistics, the loss and the weight-gradient accumulation
+    across row chunks stay in fp32, and the gradients come back in h's and the weight's own dtypes.
+    """
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def linear_cross_entropy_unfused(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                                 dtype: Optional[torch.dtype] = None):
+    """The textbook head: all (N, V) logits, ``F.cross_entropy`` and ``argmax``, as the model computed
+    it before the fused op. Same contract as ``linear_cross_entropy_ref`` (the logits in ``dtype``,
+    the loss in fp32 or wider, 0 when every target is ignored); the peer the tests and benchmarks
+    hold the fused implementations against (``TORCH_OPS._replace(linear_cross_entropy=...)``).
+    """
+    dtype = torch.promote_types(h.dtype, weight.dtype) if dtype is None else dtype
+    with torch.autocast(h.device.type, enabled=False):
+        logits = F.linear(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype))  # (N, V)
+    flat_t = targets.reshape(-1)
+    counted = flat_t != ignore_index
+    z = logits.to(torch.promote_types(dtype, torch.float32))
+    loss = F.cross_entropy(z, flat_t, ignore_index=ignore_index, reduction="sum") / counted.sum().clamp(min=1)
+    correct = ((logits.argmax(-1) == flat_t) & counted).sum()
+    return loss, correct, counted.sum()
+
+
+def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor, write_grad: bool):
+    """Summed loss and argmax hits of a chunk of logits (M, V), statistics in fp32 (or wider).
+
+    Rows go in blocks of LCE_BLOCK_ELEMENTS logits. With ``write_grad`` the chunk is overwritten, in
+    its own dtype, with d(row loss)/d(logits) = softmax - onehot(target) -- on every row: the rows
+    not counted (whose ``targets`` hold a stand-in) are for the caller to mask.
+    """
+    M, V = logits.shape
+    stat = torch.promote_types(logits.dtype, torch.float32)
+    rows = max(1, LCE_BLOCK_ELEMENTS // V)
+    buf = None if logits.dtype == stat else logits.new_empty((min(rows, M), V), dtype=stat)
+    loss = logits.new_zeros((), dtype=stat)
+    hits = torch.zeros((), dtype=torch.int64, device=logits.device)
+    for b0 in range(0, M, rows):
+        x, t, keep = logits[b0:b0 + rows], targets[b0:b0 + rows], counted[b0:b0 + rows]  # (B, V), (B,), (B,)
+        x_t = x.gather(1, t[:, None]).squeeze(1)  # (B,) target logits
+        m = x.amax(dim=-1)  # (B,) row maxima, exact in any dtype
+        # A hit needs the target at the row's maximum, and no earlier token there (torch.argmax's
+        # first index). Only such rows need the (slow, indexed) argmax. (Finding them syncs with a
+        # GPU once per block: this path is the CPU's; a GPU has the kernel.)
+        maybe = (keep & (x_t == m)).nonzero().squeeze(1)
+        if len(maybe):
+            hits += (x[maybe].max(dim=-1).indices == t[maybe]).sum()
+        z = x.sub_(m[:, None]) if buf is None else buf[: len(t)].copy_(x).sub_(m.to(stat)[:, None])  # (B, V), stat
+        e = z.exp_()
+        s = e.sum(dim=-1)
+        loss += torch.where(keep, m.to(stat) + s.log() - x_t.to(stat), 0.0).sum()
+        if write_grad:
+            e.mul_((1.0 / s)[:, None])  # the softmax
+            if buf is not None:
+                x.copy_(e)  # rounded once to the logits' dtype
+            x[torch.arange(len(t), device=x.device), t] -= 1
+    return loss, hits
+
+
+class _LinearCrossEntropyRef(torch.autograd.Function):
+    """Row chunks of logits; dh and dweight computed in the same pass (see linear_cross_entropy_ref)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh: bool, need_dw: bool):
+        N, C = h.shape
+        V = weight.shape[0]
+        stat = torch.promote_types(dtype, torch.float32)  # softmax statistics, loss, row weights
+        w = weight.to(dtype)  # (V, C)
+        counted = targets != ignore_index  # (N,)
+        count = counted.sum()
+        safe = torch.where(counted, targets, 0)  # ignored rows read logit 0, then count for nothing
+        # The gradients made here are the mean loss's: row r weighs counted[r] / count. The weights
+        # go into the (M, C) operands of the gradient GEMMs, never over the (M, V) chunk.
+        row_weight = counted.to(stat) / count.clamp(min=1)  # (N,)
+        loss = h.new_zeros((), dtype=stat)
+        correct = torch.zeros((), dtype=torch.int64, device=h.device)
+        dh = torch.empty(N, C, dtype=h.dtype, device=h.device) if need_dh else None
+        dw_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation across chunks
+        dw = torch.zeros(V, C, dtype=dw_dtype, device=h.device) if need_dw and N == 0 else None
+        rows = max(1, LCE_CHUNK_BYTES // (V * w.element_size()))
+        # One chunk of logits, reused chunk after chunk (on a CPU every fresh 100 MB costs ~25,000
+        # page faults), and the half-precision dW partial likewise.
+        buf = h.new_empty((min(rows, N), V), dtype=dtype)
+        part = None
+        with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
+            for r0 in range(0, N, rows):
+                r1 = min(r0 + rows, N)
+                hc = h[r0:r1].to(dtype)  # (M, C)
+                g = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, V) logits, then their gradient in place
+                chunk_loss, chunk_correct = _cross_entropy_rows(g, safe[r0:r1], counted[r0:r1], need_dh or need_dw)
+                loss += chunk_loss
+                correct += chunk_correct
+                rw = row_weight[r0:r1, None]  # (M, 1)
+                if need_dh:
+                    dh[r0:r1] = (g @ w) * rw  # (M, C)
+                if need_dw:  # chunk after chunk in row order: deterministic
+                    hw = (h[r0:r1] * rw).to(dtype)  # (M, C), rounded once
+                    if dw is None:
+                        part = g.t() @ hw  # (V, C)
+                        dw = part.to(dw_dtype)
+                    elif dw.dtype == dtype:
+                        dw.addmm_(g.t(), hw)
+                    else:  # a half-precision partial (fp32 inside the GEMM), summed in fp32
+                        dw += torch.mm(g.t(), hw, out=part)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct, count)
+        return loss / count.clamp(min=1), correct, count
+
+    @staticmethod
+    def backward(ctx, dloss, _dcorrect, _dcount):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # The upstream gradient is 1 unless the loss was scaled (gradient accumulation, a loss
+        # scaler); then skip the (V, C) multiply -- a free check on a CPU, a sync on a GPU.
+        unit = dloss.device.type == "cpu" and not torch.compiler.is_compiling() and dloss.item() == 1.0
+        dh = None if dh is None else (dh if unit else dh * dloss).to(h_dtype)
+        dw = None if dw is None else (dw if unit else dw * dloss).to(w_dtype)
+        return dh, dw, None, None, None, None, None
+
+
+def _check_lce_args(name: str, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    ignore_index: int) -> None:
+    """One-line ValueErrors for inputs ``linear_cross_entropy_ref`` does not take."""
+    if h.dim() < 1 or weight.dim() != 2 or h.shape[-1] != weight.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"{name}: need h (..., C) and weight (V, C), got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"{name}: targets shape {tuple(targets.shape)} must be h's leading shape {tuple(h.shape[:-1])}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: targets must be int64 or int32, got {targets.dtype}")
+    if not (h.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"{name}: h and weight must be floating point, got {h.dtype} and {weight.dtype}")
+    if h.device != weight.device or targets.device != h.device:
+        raise ValueError(f"{name}: h, weight and targets on different devices "
+                         f"({h.device}, {weight.device}, {targets.device})")
+    # Range check on CPU only: on CUDA it would cost a host sync per step (the data pipeline checks).
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"{name}: target {int(targets[bad][0])} outside the vocabulary "
+                             f"[0, {weight.shape[0]}) and not ignore_index ({ignore_index})")
+
+
+def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                             dtype: Optional[torch.dtype] = None):
+    """Mean cross-entropy of the logits ``h @ weight.T`` against ``targets``, never holding them all.
+
+    h: (..., C) final hidden states; weight: (V, C), the tied embedding; targets: h's leading shape.
+    Returns ``(loss, correct, count)`` as ``LMLoss``: the mean loss over targets != ignore_index
+    (fp32, fp64 for fp64 inputs; 0 when every target is ignored), how many of those targets are the
+    argmax of their logits, and how many there are. "Argmax" is torch's: the first index of the
+    maximum, so a target tied with an earlier token counts as wrong -- the token greedy decoding
+    would pick.
+
+    The logits are made a chunk of rows at a time (``LCE_CHUNK_BYTES``) in ``dtype`` (default: h's
+    and the weight's promoted dtype; the model passes ``lm_head_dtype``), their softmax statistics
+    in fp32 (fp64 for fp64). The gradients are made in the same pass, while a chunk of logits is at
+    hand: softmax - onehot overwrites the chunk, then dh = G @ W and dW += G.T @ h (each row weighed
+    by counted / count; an fp32 accumulator, chunks in order: deterministic); the backward only
+    scales them by the upstream gradient. Recomputing the logits in the backward instead would cost a fourth
+    (N, V, C) GEMM, a third more head FLOPs, to free the dW accumulator (V x C, the size of the
+    weight's own .grad) between forward and backward. Peak memory is one chunk of logits, not (N, V).
+    """
+    _check_lce_args("linear_cross_entropy_ref", h, weight, targets, ignore_index)
+    if dtype is None:
+        dtype = torch.promote_types(h.dtype, weight.dtype)
+    grad = torch.is_grad_enabled()  # (an autograd.Function's forward sees requires_grad even under no_grad)
+    return _LinearCrossEntropyRef.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), int(ignore_index),
+                                        dtype, grad and h.requires_grad, grad and weight.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------------
 # The ops tables
 # ----------------------------------------------------------------------------------------------
@@ -83,9 +300,11 @@ class Ops(NamedTuple):
     layer_norm: Callable  # (x, weight, bias, eps) -> y
     add_layer_norm: Callable  # (x, residual, weight, bias, eps) -> (LN(x + residual), x + residual)
     attention: Callable  # (q, k, v, scale=None, kv_start=None, dropout_p=0.0) -> y, as causal_attention_ref
+    # (h, weight, targets, ignore_index=-1, dtype=None) -> (loss, correct, count), as linear_cross_entropy_ref
+    linear_cross_entropy: Callable
 
 
-TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_ref)
+TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_torch, linear_cross_entropy_ref)
 
 
 @functools.cache
@@ -99,7 +318,7 @@ def triton_ops() -> Ops:
                              "set attn_dropout=0 or use impl='torch'")
         return kernels.causal_attention(q, k, v, scale=scale, kv_start=kv_start)
 
-    return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention)
+    return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

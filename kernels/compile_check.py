@@ -2,9 +2,10 @@
 
 Triton compiles for any CUDA target without a GPU. Here Triton's active driver is a stand-in that
 reports a target (sm_90 or sm_80) and its shared-memory limit, and our public functions
-(``kernels.causal_attention``, ``kernels.layer_norm``, ``kernels.add_layer_norm``, forward and
-backward) are called on CPU tensors shaped as the model makes them: strided views of the fused qkv
-projection, slices of a ``KVCache``, (B, T, N) rows. Each ``JITFunction.run`` becomes a warm-up
+(``kernels.causal_attention``, ``kernels.layer_norm``, ``kernels.add_layer_norm``,
+``kernels.linear_cross_entropy``, forward and backward) are called on CPU tensors shaped as the
+model makes them: strided views of the fused qkv projection, slices of a ``KVCache``, (B, T, N)
+rows, the final hidden states against the tied embedding. Each ``JITFunction.run`` becomes a warm-up
 (compile, no launch), and each autotuned kernel is compiled once per configuration that survives
 its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strides as constants,
 divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
@@ -13,7 +14,9 @@ Compiled (``cases()``): attention in fp16 and bf16 for every supported head dim 
 and backward (T = 256, and T = 16 for the 16-row configurations), backward with kv_start, a prompt
 prefilled into the KV cache, one-token decode with and without kv_start; LayerNorm and add +
 LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
-the autocast mix (bf16 branch + fp32 residual). fp32 attention, a test path whose dots run on FMA
+the autocast mix (bf16 branch + fp32 residual); the LM head + cross-entropy row kernel for a
+vocabulary of 50,257 (4,096-wide tiles, 8 warps) and of 97 (one 128-wide tile, 1 warp) with logits
+in fp32, fp16 and bf16, training (gradient written) and evaluation (no_grad: statistics only). fp32 attention, a test path whose dots run on FMA
 with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
 ``KERNEL_MODULES`` and every CUDA autotune configuration must be reached (``uncovered``).
 
@@ -65,7 +68,7 @@ from triton.runtime.jit import JITFunction
 from kernels import attention
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("kernels.attention", "kernels.layernorm")
+KERNEL_MODULES = ("kernels.attention", "kernels.layernorm", "kernels.cross_entropy")
 TABLE = REPO / "bench" / "results" / "2026-11-26-static" / "compile.md"
 COMMAND = f"python -m kernels.compile_check --out {TABLE.relative_to(REPO)}"
 
@@ -224,12 +227,14 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
 
 ATTENTION_DTYPES = ("float16", "bfloat16")
 LAYER_NORM_NS = (128, 512, 768, 1024, 4096, 8192)
+CROSS_ENTROPY_VS = (50257, 97)  # GPT-2's vocabulary (full 4,096-wide tiles + a ragged one); one small tile
 HEADS = 3  # neither 1 nor a multiple of 16, as the JIT would specialise those
 
 
 @dataclass(frozen=True)
 class Case:
-    """One call pattern: ``family`` (attention / layernorm), what it is, dtype, head dim or N."""
+    """One call pattern: ``family`` (attention / layernorm / cross_entropy), what it is, dtype, head dim,
+    N or the vocabulary size V."""
 
     family: str
     what: str
@@ -238,7 +243,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        unit = "D" if self.family == "attention" else "N"
+        unit = {"attention": "D", "layernorm": "N", "cross_entropy": "V"}[self.family]
         return f"{self.what} {self.dtype} {unit}={self.size}"
 
 
@@ -255,6 +260,10 @@ LAYER_NORM_CASES = {
     "add_layer_norm": "residual add + LayerNorm forward and backward, weights in the input dtype",
     "add_layer_norm bf16+fp32": "autocast: bf16 branch output added to the fp32 residual, fp32 weights",
 }
+CROSS_ENTROPY_CASES = {
+    "lm_head train": "fp32 hidden states and tied fp32 weight, logits in the case's dtype, loss.backward()",
+    "lm_head eval": "the same under no_grad: statistics only, no gradient written",
+}
 
 
 def cases() -> list[Case]:
@@ -265,6 +274,8 @@ def cases() -> list[Case]:
         for what in LAYER_NORM_CASES:
             dtypes = ("bfloat16",) if "bf16+fp32" in what else ("float32", "float16", "bfloat16")
             out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
+    out += [Case("cross_entropy", what, dtype, v) for v in CROSS_ENTROPY_VS
+            for dtype in ("float32", "float16", "bfloat16") for what in CROSS_ENTROPY_CASES]
     return out
 
 
@@ -331,9 +342,24 @@ def _layer_norm_call(case: Case) -> None:
         torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
 
 
+def _cross_entropy_call(case: Case) -> None:
+    import kernels
+
+    dtype, V = getattr(torch, case.dtype), case.size
+    h = torch.randn(2, 64, 32).requires_grad_()  # (B, T, C) final hidden states, fp32 as under autocast
+    weight = torch.randn(V, 32).requires_grad_()  # the tied embedding, the fp32 master
+    targets = torch.randint(0, V, (2, 64))
+    targets[:, -1] = -1  # the last position has no next token
+    with torch.set_grad_enabled(case.what == "lm_head train"):
+        loss, _, _ = kernels.linear_cross_entropy(h, weight, targets, dtype=dtype)
+    if loss.requires_grad:
+        loss.backward()
+
+
 def launch(case: Case) -> None:
     """Make the calls of one case (under ``compiling_for`` they compile instead of running)."""
-    (_attention_call if case.family == "attention" else _layer_norm_call)(case)
+    calls = {"attention": _attention_call, "layernorm": _layer_norm_call, "cross_entropy": _cross_entropy_call}
+    calls[case.family](case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,8 +591,10 @@ def markdown(rows: list[dict], out: Path = TABLE) -> str:
         "Every variant our launchers pick, compiled through the launchers with the JIT's own "
         "specialisation: attention for D in {16, 32, 64, 128}, fp16 and bf16, every autotune "
         "configuration kept by the launch-time prune for the case's query length bucket; LayerNorm "
-        f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}. One row per distinct compiled kernel; *cases* lists the "
-        "calls that reach it: " + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES}.items())
+        f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}; the LM head + cross-entropy row kernel for V in "
+        f"{{{', '.join(map(str, CROSS_ENTROPY_VS))}}}, logits in fp32, fp16 and bf16. One row per distinct compiled "
+        "kernel; *cases* lists the calls that reach it: "
+        + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES, **CROSS_ENTROPY_CASES}.items())
         + ". fp32 attention (a test path: FMA dots, one configuration) is not compiled here.",
         "",
         "Columns: *regs* per thread, *spill* = stack / local bytes (cuobjdump), *shared* = Triton's "
@@ -585,7 +613,7 @@ def markdown(rows: list[dict], out: Path = TABLE) -> str:
     lines += [f"- {p}" for p in found]
     for kernel in sorted({r["kernel"] for r in rows}):
         lines += ["", f"## {kernel}", "",
-                  "| arch | dtype | D/N | config | warps | stages | regs | spill | shared | est | dots | loads "
+                  "| arch | dtype | D/N/V | config | warps | stages | regs | spill | shared | est | dots | loads "
                   "| warps/SM | cases |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["kernel"] == kernel),

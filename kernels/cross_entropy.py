@@ -1,0 +1,302 @@
+"""The tied LM head fused with cross-entropy and next-token accuracy, forward and backward.
+
+``linear_cross_entropy(h, weight, targets)`` computes what ``gpt.ops.linear_cross_entropy_ref``
+computes -- the mean cross-entropy of the logits ``h @ weight.T`` over targets != ignore_index, how
+many of those targets are the (first-index) argmax of their logits, and the count -- without ever
+holding the (N, V) logits: rows go through in chunks of ``CHUNK_ELEMENTS // V``, and for each chunk
+
+1. cuBLAS makes the chunk's logits, ``h_c @ W.T`` (M, V), in the compute dtype;
+2. ``_ce_rows_kernel`` (one program per row) keeps a running max and sum of exponentials over
+   vocabulary tiles in fp32, with the first index of the max and the target's logit, writes the
+   row's loss lse - logit[target] and whether the argmax hit the target, then overwrites the row
+   with the unscaled gradient softmax - onehot(target) (zeros for an ignored row);
+3. cuBLAS makes the chunk's dh = G @ W and adds G.T @ h_c into an fp32 dW, chunk after chunk.
+
+The backward only scales: the forward makes the mean loss's dh and dW (each row's h and dh weighed
+by counted / count: (M, C) operands, never the (M, V) chunk), and the backward multiplies them by
+the upstream gradient (no host sync for the count anywhere).
+
+Why the gradients are made in the forward (Liger-Kernel's choice), in FLOPs and bytes: the head
+costs three (N, V, C) GEMMs of 2NVC FLOPs each (logits, dh, dW). Recomputing the logits in the
+backward -- the alternative that frees dW between forward and backward -- is a fourth, +33% of the
+head's FLOPs; at N = 8,192, C = 512, V = 50,257 that is 0.42 TFLOP, ~0.6 ms of an H100 at 700
+TFLOP/s, to save holding a V x C fp32 buffer (103 MB, the size of the weight's own .grad) for the
+length of a forward. Every chunk's logits are written once by the GEMM, read twice and written once
+by the row kernel, and read by the two gradient GEMMs: 6 passes of M x V x 2 bytes (bf16) per
+chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
+twice and writing fp32; argmax; the zero-filled fp32 gradient; log-softmax's backward; the cast back
+to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
+dominates their bytes): ~430 at C = 512, M = 2,670, above an H100's ~300 FLOP/byte ridge. dW costs a
+read and a write of V x C fp32 and a half-precision partial per chunk, 12 V C bytes against the
+chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU (2,670 rows at V = 50,257:
+256 MiB of bf16 logits, 1/3 of eager's bf16 logits alone at N = 8,192, 1/12 at N = 32,768). The
+chunks run in order and each dW update is one GEMM: no atomics, bitwise reproducible.
+
+Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
+autocast's dtype, as ``F.linear`` would cast to): h and W are cast to it for the GEMMs; softmax
+statistics, the loss and dW stay fp32; dh comes back in h's dtype and dW in the weight's.
+
+Layering as in ``kernels/layernorm.py``: the ``@triton.jit`` row kernel, a launcher that validates
+and picks BLOCK_V / num_warps, the chunk loop, a ``torch.library`` custom op with a fake (so
+``torch.compile`` traces it) and autograd, and the public ``linear_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import attention
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
+MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel: 16 fp32 values per thread over 8 warps
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_tile(
+    base,  # pointer to the row's first logit
+    start, cols, V, m, s, best,
+    MASKED: tl.constexpr,
+):
+    """Fold the tile [start, start + BLOCK_V) into the row's running max m (base-2 units), sum of
+    2^(x - m) s and first index of the max; only the last, ragged tile is masked (full tiles load
+    as 16-byte vectors)."""
+    if MASKED:
+        x = tl.load(base + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
+    else:
+        x = tl.load(base + start + cols).to(tl.float32)
+    x = x * LOG2E
+    tile_max = tl.max(x, axis=0)
+    tile_arg = tl.argmax(x, axis=0, tie_break_left=True)
+    best = tl.where(tile_max > m, start + tile_arg, best)  # a later tile wins only when strictly larger
+    m_new = tl.maximum(m, tile_max)
+    s = s * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new), axis=0)
+    return m_new, s, best
+
+
+@triton.jit
+def _grad_tile(
+    base,  # pointer to the row's first logit; the tile is overwritten with its gradient
+    start, cols, V, m, inv_s, target, keep,
+    MASKED: tl.constexpr,
+):
+    """softmax - onehot(target) over one tile, times keep (0 on an ignored row), in the logits' dtype."""
+    offs = start + cols
+    if MASKED:
+        x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(base + offs).to(tl.float32)
+    g = tl.math.exp2(x * LOG2E - m) * inv_s - tl.where(offs == target, keep, 0.0)
+    if MASKED:
+        tl.store(base + offs, g.to(base.dtype.element_ty), mask=offs < V)
+    else:
+        tl.store(base + offs, g.to(base.dtype.element_ty))
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS,  # pointer to the chunk's logits (M, V), row stride stride_row, unit column stride;
+    #          overwritten with softmax - onehot(target) (zeros on ignored rows) when WRITE_GRAD
+    TARGETS,  # pointer to the chunk's targets (M,), int64
+    LOSS,  # pointer to the per-row loss (M,), fp32; written: lse - logit[target], 0 on ignored rows
+    HIT,  # pointer to the per-row accuracy (M,), int32; written: 1 where the argmax is the target
+    stride_row,
+    V,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row: online max / sum-exp over vocabulary tiles, then the gradient in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    target = tl.load(TARGETS + row)
+    counted = target != ignore_index
+    safe_target = tl.where(counted, target, 0)
+    cols = tl.arange(0, BLOCK_V)
+    full = (V // BLOCK_V) * BLOCK_V  # tiles before this need no mask
+
+    # Pass 1: running max, sum of exponentials and first index of the max, tiles in vocabulary order.
+    m = tl.cast(-float("inf"), tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    best = tl.cast(0, tl.int32)
+    for start in range(0, full, BLOCK_V):
+        m, s, best = _stats_tile(base, start, cols, V, m, s, best, False)
+    if full < V:
+        m, s, best = _stats_tile(base, full, cols, V, m, s, best, True)
+    x_target = tl.load(base + safe_target).to(tl.float32)
+    lse = (m + tl.math.log2(s)) / LOG2E  # natural-log log-sum-exp of the row's logits
+    tl.store(LOSS + row, tl.where(counted, lse - x_target, 0.0))
+    tl.store(HIT + row, (counted & (best == target)).to(tl.int32))
+
+    if WRITE_GRAD:
+        # Pass 2: the gradient over the same tiles, in place.
+        keep = counted.to(tl.float32)
+        inv_s = keep / s
+        for start in range(0, full, BLOCK_V):
+            _grad_tile(base, start, cols, V, m, inv_s, target, keep, False)
+        if full < V:
+            _grad_tile(base, full, cols, V, m, inv_s, target, keep, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher and the chunk loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_and_warps(V: int) -> tuple[int, int]:
+    """The vocabulary tile (a power of two up to MAX_BLOCK_V) and 1-8 warps for ~16 values a thread."""
+    block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    return block, min(max(block // 512, 1), 8)
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // V)
+
+
+def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
+             ignore_index: int, write_grad: bool) -> None:
+    """Launch the row kernel on one chunk: (M, V) logits, (M,) int64 targets, (M,) loss and hits."""
+    M, V = logits.shape
+    block, warps = _block_and_warps(V)
+    _ce_rows_kernel[(M,)](
+        logits, targets, loss, hit, logits.stride(0), V, ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps,
+    )
+
+
+def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh: bool, need_dw: bool):
+    """The chunk loop: returns (mean loss fp32, correct, count, dh or (0,), fp32 dW or (0,)), the
+    gradients being those of the mean loss (row r weighs counted[r] / count)."""
+    N, C = h.shape
+    V = weight.shape[0]
+    w = weight.to(dtype).contiguous()  # (V, C)
+    counted = targets != ignore_index  # (N,)
+    count = counted.sum()
+    row_weight = counted.float() / count.clamp(min=1)  # (N,): into the (M, C) GEMM operands
+    loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
+    hits = torch.empty(N, dtype=torch.int32, device=h.device)
+    dh = torch.empty((N, C) if need_dh else (0,), dtype=h.dtype, device=h.device)
+    dw = torch.zeros((V, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
+    rows = _chunk_rows(V)
+    # One chunk of logits, reused. Its rows are padded to a multiple of 128 elements: with V = 50,257
+    # unpadded rows would start off 16-byte boundaries and keep cuBLAS off its aligned kernels (nanoGPT
+    # pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
+    row_stride = triton.cdiv(V, 128) * 128
+    buf = torch.empty(min(rows, N), row_stride, dtype=dtype, device=h.device)[:, :V]
+    with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
+        for r0 in range(0, N, rows):
+            r1 = min(r0 + rows, N)
+            hc = h[r0:r1].to(dtype)  # (M, C)
+            logits = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, V)
+            _ce_rows(logits, targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
+            g = logits  # now softmax - onehot, zero on ignored rows
+            rw = row_weight[r0:r1, None]  # (M, 1)
+            if need_dh:
+                dh[r0:r1] = (g @ w) * rw  # (M, C)
+            if need_dw:  # chunk by chunk in row order: deterministic
+                hw = (h[r0:r1] * rw).to(dtype)  # (M, C), rounded once
+                if dtype == torch.float32:
+                    dw.addmm_(g.t(), hw)
+                else:
+                    dw += g.t() @ hw  # a half-precision partial (fp32 accumulation inside the GEMM)
+    loss = loss_rows.sum() / count.clamp(min=1)
+    return loss, hits.sum(dtype=torch.int64), count, dh, dw
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+           ignore_index: int) -> None:
+    """Raise a one-line ValueError for anything the kernel does not support."""
+    name = "linear_cross_entropy"
+    if h.dim() < 1 or weight.dim() != 2 or h.shape[-1] != weight.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"{name}: need h (..., C) and weight (V, C), got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"{name}: targets shape {tuple(targets.shape)} must be h's leading shape {tuple(h.shape[:-1])}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: targets must be int64 or int32, got {targets.dtype}")
+    for what, dt in (("h", h.dtype), ("weight", weight.dtype), ("compute dtype", dtype)):
+        if dt not in _DTYPES:
+            raise ValueError(f"{name}: {what} {dt} not supported (float32, float16, bfloat16)")
+    if weight.device != h.device or targets.device != h.device:
+        raise ValueError(f"{name}: h, weight and targets on different devices ({h.device}, {weight.device}, "
+                         f"{targets.device})")
+    if not attention._launchable(h.device):  # the one rule (the compile check stands in for it)
+        raise ValueError(f"{name}: tensors on {h.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
+    # Range check on CPU only: on CUDA it would cost a host sync per step (the data pipeline checks).
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"{name}: target {int(targets[bad][0])} outside the vocabulary [0, {weight.shape[0]}) "
+                             f"and not ignore_index ({ignore_index})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op (what torch.compile sees) and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tinygpt::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                              dtype: torch.dtype, need_dh: bool, need_dw: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(h, weight, targets, ignore_index, dtype, need_dh, need_dw)
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _linear_cross_entropy_fwd_fake(h, weight, targets, ignore_index, dtype, need_dh, need_dw):
+    N, C = h.shape
+    V = weight.shape[0]
+    count = h.new_empty((), dtype=torch.int64)
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(count), count,
+            h.new_empty((N, C) if need_dh else (0,)),
+            h.new_empty((V, C) if need_dw else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight = inputs[:2]
+    _, correct, count, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.dtypes = (h.dtype, weight.dtype)
+    ctx.mark_non_differentiable(correct, count, dh, dw)
+
+
+def _backward(ctx, dloss, _dcorrect, _dcount, _ddh, _ddw):
+    dh, dw = ctx.saved_tensors  # the mean loss's gradients: times the upstream gradient
+    h_dtype, w_dtype = ctx.dtypes
+    dh = (dh * dloss).to(h_dtype) if ctx.needs_input_grad[0] else None
+    dw = (dw * dloss).to(w_dtype) if ctx.needs_input_grad[1] else None
+    return dh, dw, None, None, None, None, None
+
+
+_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                         dtype: Optional[torch.dtype] = None):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, with accuracy, never holding the logits.
+
+    h: (..., C) final hidden states; weight: (V, C), the tied embedding; targets: h's leading shape
+    (int64 or int32), entries equal to ``ignore_index`` not counted. Returns ``(loss, correct,
+    count)``: the mean loss over counted targets (fp32; 0, not NaN, when none is counted), how many
+    counted targets are the first-index argmax of their logits (as ``torch.argmax``: a target tied
+    with an earlier token is wrong), and the count -- the model's ``LMLoss``. ``dtype`` is the GEMMs'
+    dtype (default: h's and the weight's promoted dtype; under autocast pass autocast's, as the
+    model does). Differentiable in h and weight; gradients are made only when one of them needs one.
+    """
+    if dtype is None:
+        dtype = torch.promote_types(h.dtype, weight.dtype)
+    _check(h, weight, targets, dtype, ignore_index)
+    grad = torch.is_grad_enabled()
+    loss, correct, count, _, _ = _linear_cross_entropy_fwd(
+        h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(torch.int64).contiguous(), int(ignore_index),
+        dtype, grad and h.requires_grad, grad and weight.requires_grad)
+    return loss, correct, count
