@@ -5,3 +5,4 @@ Importing this package needs triton but no GPU: kernels compile on first launch.
 """
 from .layernorm import add_layer_norm, layer_norm
 from .attention import causal_attention
+from .decode_attention import decode_attention

@@ -9,7 +9,7 @@ import torch
 
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
-from gpt.generate import TextStream, column_major_weights_, decode_one, generate, left_pad, prefill, sample_next
+from gpt.generate import Decoder, TextStream, column_major_weights_, generate, left_pad, sample_next
 from gpt.kvcache import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +49,12 @@ def test_cached_logits_and_greedy_tokens_match_full_recompute():
     prompt = torch.randint(0, EOS, (13,)).tolist()
     want, want_logits = windowed_greedy(model, prompt, 20)
     assert len(set(want)) >= 3  # a non-degenerate continuation
-    cache = KVCache.allocate(model.config, 1, "cpu", torch.float32, max_len=40)
+    dec = Decoder(model)
+    cache = dec.new_cache(1, 40, padded=False)
     with torch.no_grad():
-        logits = [prefill(model, torch.tensor([prompt]), cache)]
+        logits = [dec.prefill(torch.tensor([prompt]), cache)]
         for t in want[:-1]:
-            logits.append(decode_one(model, torch.tensor([[t]]), cache))
+            logits.append(dec.step(torch.tensor([[t]]), cache))
     torch.testing.assert_close(torch.cat(logits), want_logits, atol=1e-5, rtol=1e-5)
     assert generate(model, [prompt], 20, temperature=0, eos_id=None) == [want]
 
@@ -84,7 +85,7 @@ def test_column_major_weights_keep_values_and_tokens():
 
 def test_left_pad():
     idx, start = left_pad([[5], [1, 2, 3]], pad_id=0, device="cpu")
-    assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start.tolist() == [2, 0]
+    assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start == [2, 0]
 
 
 def test_past_the_context_reprefills_on_the_last_half():
