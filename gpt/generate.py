@@ -157,6 +157,17 @@ class Decoder:
             self._step = torch.compile(_decode_step, mode=mode, fullgraph=True)
 
     @property
+    def summary(self) -> str:
+        """What runs, in words: "fp32", "bf16, int8 weights, compiled", ..."""
+        names = {v: k for k, v in DTYPES.items()}
+        parts = [names.get(self.model.wte.weight.dtype, str(self.model.wte.weight.dtype))]
+        if self.lm_head is not None:
+            parts.append("int8 weights")
+        if self.compiled:
+            parts.append("compiled")
+        return ", ".join(parts)
+
+    @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype (under autocast, the autocast dtype): what the KV cache stores."""
         if torch.is_autocast_enabled(self.device.type):

@@ -273,3 +273,79 @@ def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_di
     assert samples[0].startswith("Once upon a time") and samples[1].startswith("🦄 A dragon")
     assert len(samples[0]) > len("Once upon a time\n")
     assert "tokens/s" in results[0][1]
+
+
+def test_help_shows_every_default():
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    shown = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], cwd=ROOT, text=True,
+                           capture_output=True, timeout=60)
+    assert shown.returncode == 0
+    parser = sample.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 15
+    printed = "".join(shown.stdout.split())  # argparse wraps lines (and words at hyphens) by terminal width
+    for action in options:
+        entry = parser._get_formatter()._format_action(action)
+        assert "default" in entry, entry
+        assert "".join(entry.split()) in printed, entry
+    assert "smallest set of tokens with this much probability (default: 0.95)" in " ".join(shown.stdout.split())
+
+
+def _wait_for(stream, marker: str, timeout: float = 120) -> str:
+    """Read ``stream`` (a pipe) until ``marker`` appears; return what was read."""
+    import os
+    import select
+    import time
+
+    seen, end = "", time.monotonic() + timeout
+    fd = stream.fileno()
+    while marker not in seen:
+        assert time.monotonic() < end, f"no {marker!r} in {seen!r}"
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 4096).decode(errors="replace")
+            assert chunk, f"stream closed before {marker!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tiny_checkpoint, tokenizer_dir, stream):
+    import signal
+    import time
+
+    args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--max-new-tokens", "1000000",
+            "--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", "0", "--prompt", "Once upon a time"]
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "sample.py"), *args] + (["--stream"] if stream else []),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = _wait_for(proc.stderr, "sampling")  # the model is loaded and generation starts
+        out = _wait_for(proc.stdout, "Once upon a time") if stream else ""
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        rest_out, rest_err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out += rest_out.decode()
+    err += rest_err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("sample.py: sampling") and len(lines) == 2, err
+    assert lines[1].startswith("sample.py: interrupted after ")
+    kept = int(lines[1].split("after ")[1].split()[0])
+    assert kept > 10  # 1.5 s of sampling at hundreds of tokens per second
+    assert out.startswith("Once upon a time") and out.endswith("-" * 40 + "\n")
+    assert len(out) > len("Once upon a time") + 10
+
+
+def test_long_prompt_is_cut_with_a_notice(tiny_checkpoint, tokenizer_dir):
+    prompt = " ".join(["word"] * 50)  # 50 tokens, context 32
+    proc = _start(["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--prompt", prompt,
+                   "--max-new-tokens", "3", "--temperature", "0"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    notices = [line for line in err.splitlines() if "context" in line]
+    assert notices == ["sample.py: prompt 1 has 50 tokens, more than the context of 32: kept its last 32"]
+    assert out.startswith(prompt)
