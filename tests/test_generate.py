@@ -1,5 +1,6 @@
 """The KV-cache sampler against full recomputation, sampling sets, padding, overflow, and sample.py."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,88 @@ def test_column_major_weights_keep_values_and_tokens():
     with torch.no_grad():
         torch.testing.assert_close(model(idx), want_logits, atol=1e-5, rtol=1e-5)
     assert generate(model, prompts, 12, temperature=0, eos_id=None) == want
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_static_decode_step_logits_match_recompute_with_and_without_padding(impl):
+    """Prefill, then static steps (whole fixed-size cache, masked by device length and row start): each
+    row's logits equal its own full recompute, padded or not, with either attention implementation."""
+    if impl == "triton":
+        pytest.importorskip("kernels")
+    model = spread_model(seed=11, impl=impl)
+    g = torch.Generator().manual_seed(11)
+    for lengths in [(5, 5), (3, 8, 1)]:  # unpadded (cache.start None), then left-padded
+        prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in lengths]
+        feed = torch.randint(0, EOS, (len(prompts), 6), generator=g)
+        dec = Decoder(model)
+        idx, start = left_pad(prompts, EOS, "cpu")
+        cache = dec.new_cache(len(prompts), 20, padded=any(start))
+        assert (cache.start is None) == (len(set(lengths)) == 1)
+        if cache.start is not None:
+            cache.start.copy_(torch.tensor(start))
+        with torch.no_grad():
+            got = [dec.prefill(idx, cache)] + [dec.step(feed[:, t:t + 1], cache) for t in range(feed.shape[1])]
+            assert cache.pos == int(cache.length) == idx.shape[1] + feed.shape[1]
+            for b, p in enumerate(prompts):
+                seq = torch.tensor([p + feed[b].tolist()])
+                want = model(seq)[0, len(p) - 1:]  # logits after the prompt and after each fed token
+                torch.testing.assert_close(torch.stack([step[b] for step in got]), want, atol=2e-5, rtol=2e-5)
+
+
+def test_unpadded_batches_take_the_unmasked_attention_path():
+    from gpt.ops import TORCH_OPS
+
+    calls = []
+
+    def spy(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0):
+        calls.append((q.shape[2], kv_start is None, kv_len is None))
+        return TORCH_OPS.attention(q, k, v, scale=scale, kv_start=kv_start, kv_len=kv_len, dropout_p=dropout_p)
+
+    model = spread_model(seed=12)
+    model.impl = TORCH_OPS._replace(name="spy", attention=spy)
+    generate(model, [[1, 2, 3], [4, 5, 6]], 4, temperature=0, eos_id=None)
+    L = model.config.num_layers
+    assert calls == [(3, True, True)] * L + [(1, True, False)] * 3 * L  # prefill, then 3 static steps
+    calls.clear()
+    generate(model, [[1, 2, 3], [4, 5]], 2, temperature=0, eos_id=None)
+    assert calls == [(3, False, True)] * L + [(1, False, False)] * L  # padded: kv_start everywhere
+
+
+def test_the_callers_model_is_left_as_it_was():
+    """Decoding works on a decode copy (column-major, int8, bf16) or restores the model's mode: the
+    caller's parameters keep their storage, layout and values, and a training model stays in training."""
+    model = spread_model(dataclasses.replace(SMALL, dropout=0.5), seed=13).train()
+    before = {n: (p.data_ptr(), p.stride(), p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
+    want = generate(model.eval(), [[1, 2, 3]], 8, temperature=0, eos_id=None)
+    model.train()
+    assert generate(model, [[1, 2, 3]], 8, temperature=0, eos_id=None) == want  # no dropout while decoding
+    for kwargs in (dict(quantize="int8"), dict(dtype="bf16")):
+        generate(Decoder(model, **kwargs), [[1, 2, 3]], 8, temperature=0, eos_id=None)
+    assert model.training
+    for n, p in model.named_parameters():
+        ptr, stride, dtype, value = before[n]
+        assert (p.data_ptr(), p.stride(), p.dtype) == (ptr, stride, dtype) and torch.equal(p, value), n
+
+
+def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch):
+    """The decode step traces into one graph (fullgraph) that serves every step of a generation,
+    re-prefills past the context included, with padding. aot_eager: dynamo's capture and
+    functionalisation of the in-place cache writes are what is checked here (inductor's code
+    generation is torch's; the GPU suite runs the real thing)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=2)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]]
+    dec = Decoder(model, compile=True)
+    assert generate(dec, prompts, 30, temperature=0, eos_id=None) == generate(model, prompts, 30, temperature=0,
+                                                                             eos_id=None)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_left_pad():
