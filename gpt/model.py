@@ -149,12 +149,13 @@ class GPT2Model(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_input(self, idx: torch.Tensor, cache: Optional[KVCache], static: bool = False) -> None:
-        if static:
-            if cache is None or idx.shape[1:] != (1,):
+        if static:  # the sampler's own tokens: no range check (4 ops of a ~150-op step)
+            if cache is None or idx.dim() != 2 or idx.shape[1] != 1:
                 raise ValueError(f"a static decode step takes one token per row (B, 1) and a cache, got "
                                  f"shape {tuple(idx.shape)}")
-            if torch.compiler.is_compiling():  # reading the host position would specialise the graph
-                return
+            if not torch.compiler.is_compiling() and cache.pos >= cache.max_len:  # (the host position
+                raise ValueError(f"the cache is full ({cache.max_len} tokens)")  # would specialise a graph)
+            return
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
         T = idx.shape[1]

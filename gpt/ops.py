@@ -80,6 +80,30 @@ def causal_attention_ref(q, k, v, scale=None, kv_start=None, kv_len=None, dropou
     return att @ v  # (B, H, Tq, D)
 
 
+def layer_norm_fused(x, weight, bias, eps):
+    """``layer_norm_ref`` as one ATen kernel (same fp32 statistics, same output dtype)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_layer_norm_fused(x, residual, weight, bias, eps):
+    s = x + residual
+    return layer_norm_fused(s, weight, bias, eps), s
+
+
+def causal_attention_fused(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
+    """``causal_attention_ref`` through ``F.scaled_dot_product_attention`` (one fused kernel; fully
+    masked rows give zeros there too). One query without a mask needs no causal mask at all."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    mask, causal = None, False
+    if kv_start is not None or kv_len is not None:
+        mask = attention_mask(Tq, Tk, q.device, kv_start, kv_len)
+    elif Tq == Tk:
+        causal = Tq > 1
+    elif Tq > 1:
+        mask = attention_mask(Tq, Tk, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # The ops tables
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +119,10 @@ class Ops(NamedTuple):
 
 
 TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_ref)
+# The same math as fused ATen kernels: fewer, larger ops for CPU decoding, where each small op's
+# dispatch is a visible share of a token's time. Checked against TORCH_OPS in tests/test_generate.py.
+TORCH_FUSED_OPS = TORCH_OPS._replace(name="torch-fused", layer_norm=layer_norm_fused,
+                                     add_layer_norm=add_layer_norm_fused, attention=causal_attention_fused)
 
 
 @functools.cache

@@ -6,3 +6,5 @@ Importing this package needs triton but no GPU: kernels compile on first launch.
 from .layernorm import add_layer_norm, layer_norm
 from .attention import causal_attention
 from .decode_attention import decode_attention
+
+__all__ = ["add_layer_norm", "layer_norm", "causal_attention", "decode_attention"]

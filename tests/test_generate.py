@@ -10,8 +10,7 @@ import torch
 
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
-from gpt.generate import Decoder, TextStream, column_major_weights_, generate, left_pad, sample_next
-from gpt.kvcache import KVCache
+from gpt.generate import Decoder, TextStream, generate, left_pad, sample_next
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, max_seq_length=64, num_layers=2, num_heads=3, d_model=48, d_ff=64, dropout=0.0)
@@ -52,7 +51,7 @@ def test_cached_logits_and_greedy_tokens_match_full_recompute():
     assert len(set(want)) >= 3  # a non-degenerate continuation
     dec = Decoder(model)
     cache = dec.new_cache(1, 40, padded=False)
-    with torch.no_grad():
+    with torch.no_grad(), dec.running():
         logits = [dec.prefill(torch.tensor([prompt]), cache)]
         for t in want[:-1]:
             logits.append(dec.step(torch.tensor([[t]]), cache))
@@ -68,20 +67,6 @@ def test_batched_prompts_of_different_lengths_match_one_at_a_time():
     single = [generate(model, [p], 15, temperature=0, eos_id=None)[0] for p in prompts]
     assert batched == single
     assert batched == [windowed_greedy(model, p, 15)[0] for p in prompts]
-
-
-def test_column_major_weights_keep_values_and_tokens():
-    model = spread_model(seed=10)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    idx = torch.tensor([[3, 1, 4, 1, 5]])
-    with torch.no_grad():
-        want_logits = model(idx)
-    want = generate(model, prompts, 12, temperature=0, eos_id=None)
-    column_major_weights_(model)
-    assert not model.wte.weight.is_contiguous() and model.wte.weight.t().is_contiguous()
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), want_logits, atol=1e-5, rtol=1e-5)
-    assert generate(model, prompts, 12, temperature=0, eos_id=None) == want
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -101,13 +86,32 @@ def test_static_decode_step_logits_match_recompute_with_and_without_padding(impl
         assert (cache.start is None) == (len(set(lengths)) == 1)
         if cache.start is not None:
             cache.start.copy_(torch.tensor(start))
-        with torch.no_grad():
+        with torch.no_grad(), dec.running():
             got = [dec.prefill(idx, cache)] + [dec.step(feed[:, t:t + 1], cache) for t in range(feed.shape[1])]
             assert cache.pos == int(cache.length) == idx.shape[1] + feed.shape[1]
             for b, p in enumerate(prompts):
                 seq = torch.tensor([p + feed[b].tolist()])
                 want = model(seq)[0, len(p) - 1:]  # logits after the prompt and after each fed token
                 torch.testing.assert_close(torch.stack([step[b] for step in got]), want, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_decode_ops_match_the_reference():
+    """TORCH_FUSED_OPS (what a CPU decodes with) against the reference math in float64, every mask case."""
+    from gpt.ops import TORCH_FUSED_OPS, TORCH_OPS
+
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 5, 48, generator=g, dtype=torch.float64), torch.randn(2, 5, 48, generator=g, dtype=torch.float64)
+    w, b = torch.randn(48, generator=g, dtype=torch.float64), torch.randn(48, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(TORCH_FUSED_OPS.layer_norm(x, w, b, 1e-5), TORCH_OPS.layer_norm(x, w, b, 1e-5))
+    for got, want in zip(TORCH_FUSED_OPS.add_layer_norm(x, r, w, b, 1e-5), TORCH_OPS.add_layer_norm(x, r, w, b, 1e-5)):
+        torch.testing.assert_close(got, want)
+    k, v = torch.randn(2, 3, 11, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, 11, 16, generator=g, dtype=torch.float64)
+    start, length = torch.tensor([0, 4]), torch.tensor([9])
+    for Tq, kwargs in [(11, {}), (4, {}), (1, {}), (4, dict(kv_start=start)), (11, dict(kv_start=start)),
+                       (1, dict(kv_len=length)), (1, dict(kv_len=length, kv_start=start)), (3, dict(kv_len=length))]:
+        q = torch.randn(2, 3, Tq, 16, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(TORCH_FUSED_OPS.attention(q, k, v, **kwargs), TORCH_OPS.attention(q, k, v, **kwargs),
+                                   msg=f"Tq={Tq} {kwargs}")
 
 
 def test_unpadded_batches_take_the_unmasked_attention_path():
@@ -130,7 +134,7 @@ def test_unpadded_batches_take_the_unmasked_attention_path():
 
 
 def test_the_callers_model_is_left_as_it_was():
-    """Decoding works on a decode copy (column-major, int8, bf16) or restores the model's mode: the
+    """Decoding works on a decode copy (int8, bf16) or restores the model's mode and ops: the
     caller's parameters keep their storage, layout and values, and a training model stays in training."""
     model = spread_model(dataclasses.replace(SMALL, dropout=0.5), seed=13).train()
     before = {n: (p.data_ptr(), p.stride(), p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
