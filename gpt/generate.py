@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .hardware import DTYPES
 from .kvcache import KVCache
 from .model import GPT2Model
-from .ops import TORCH_FUSED_OPS, resolve_impl
+from .ops import TORCH_FUSED_OPS, Ops, resolve_impl, select_ops
 from .quantize import Int8Linear, quantize_linears_
 from .tokenizer import EOS_ID
 
@@ -214,11 +214,12 @@ def _resolve(device) -> torch.device:
     return device
 
 
-def _decode_impl(impl, device):
-    """The reference path decodes through the same math as fused ATen kernels (``TORCH_FUSED_OPS``)."""
+def _decode_impl(impl, device) -> Ops:
+    """The ops table to decode with, resolved outside any compiled region: the reference path
+    decodes through the same math as fused ATen kernels (``TORCH_FUSED_OPS``)."""
     if isinstance(impl, str) and resolve_impl(impl, device) == "torch":
         return TORCH_FUSED_OPS
-    return impl
+    return select_ops(impl, device)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, list[int]]:
@@ -245,7 +246,7 @@ def _rows(buf: torch.Tensor, eos_id: Optional[int]) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: ~8% of a CPU decode step at batch 1 (int8)
 def generate(model: GPT2Model | Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = EOS_ID, generator: Optional[torch.Generator] = None,
@@ -339,7 +340,7 @@ class TextStream:
             self.pending.clear()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_text(model, tokenizer, prompt="Once upon a time", max_length=100, temperature=1.0,
                   device="cpu", top_k=40, top_p=0.95, seed: Optional[int] = None) -> str:
     """Continue ``prompt`` until ``max_length`` tokens in all (prompt included) or EOS; return

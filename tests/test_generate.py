@@ -149,24 +149,28 @@ def test_the_callers_model_is_left_as_it_was():
         assert (p.data_ptr(), p.stride(), p.dtype) == (ptr, stride, dtype) and torch.equal(p, value), n
 
 
-def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch, impl):
     """The decode step traces into one graph (fullgraph) that serves every step of a generation,
-    re-prefills past the context included, with padding. aot_eager: dynamo's capture and
-    functionalisation of the in-place cache writes are what is checked here (inductor's code
-    generation is torch's; the GPU suite runs the real thing)."""
+    re-prefills past the context included, with padding; with impl="triton" the graph holds the
+    LayerNorm and split-K decode custom ops. aot_eager: dynamo's capture and functionalisation of
+    the in-place cache writes are what is checked here (inductor's code generation and CUDA graphs
+    are torch's; the GPU suite runs the real thing)."""
     import functools
 
     from torch._dynamo.utils import counters
 
+    if impl == "triton":
+        pytest.importorskip("kernels")
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     counters.clear()
-    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
     model = spread_model(config, seed=2)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]]
-    dec = Decoder(model, compile=True)
-    assert generate(dec, prompts, 30, temperature=0, eos_id=None) == generate(model, prompts, 30, temperature=0,
-                                                                             eos_id=None)
+    want = generate(model, prompts, 30, temperature=0, eos_id=None)
+    model.impl = impl
+    assert generate(Decoder(model, compile=True), prompts, 30, temperature=0, eos_id=None) == want
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
