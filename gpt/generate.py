@@ -8,9 +8,10 @@ one token per row at the cache's device position against the whole fixed-size ca
 written length and each row's start (same shapes every call: ``torch.compile`` captures it, on CUDA
 in a CUDA graph). ``generate`` drives them:
 
-* Generated tokens stay on the device in a preallocated buffer. Sampling uses the exponential
-  race (argmax of p / E with E ~ Exp(1)), which needs no host sync. Without streaming, the host
-  looks at the device only every ``check_every`` steps (to stop once every row has emitted EOS).
+* Generated tokens stay on the device in a preallocated buffer. Sampling draws by inverse
+  transform (a uniform against the cumulative sum), which needs no host sync. Without streaming,
+  the host looks at the device only every ``check_every`` steps (to stop once every row has
+  emitted EOS).
 * Prompts of different lengths are left-padded; ``cache.start[b]`` is row b's pad length, so the
   model masks the padding keys and counts positions from the first real token. A batch without
   padding has ``cache.start = None`` and takes the attention's unmasked path.
@@ -54,33 +55,54 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_to
         raise ValueError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row (B,) from logits (B, V): greedy at temperature 0, else from
-    softmax(logits / temperature) restricted to the ``top_k`` most probable tokens (0: all), then
-    to the most probable of those until their mass (renormalised over the top-k set) reaches
-    ``top_p`` (always at least one).
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """What ``sample_next`` draws from: (probs (B, m), ids (B, m)) over candidate tokens, or
+    (probs (B, V), None) for the whole vocabulary. Temperature > 0.
 
-    Cheap at batch 1 over 50,257 logits: one ``topk`` pass picks the survivors (sorted), and the
-    temperature, softmax, top-p cut and exponential race run on those k values only. Only top-p
-    without top-k sorts the whole vocabulary.
+    probs = softmax(logits / temperature) restricted to the ``top_k`` most probable tokens (0: all)
+    and renormalised over them, then cut to the most probable of those until their mass reaches
+    ``top_p`` (always at least one; the rest get 0, not renormalised: the draw normalises).
+
+    Cheap at batch 1 over 50,257 logits: one ``topk`` pass picks the k survivors (sorted), and the
+    temperature, softmax and top-p cut run on those only. Top-p without top-k looks at the top 64
+    tokens first, then 4x more until their mass reaches top_p (on a CPU, where the check is free;
+    a GPU sorts the vocabulary rather than wait for the host), and sorts the vocabulary only for a
+    nucleus wider than an eighth of it.
     """
-    if temperature == 0:
-        return logits.argmax(-1)
-    ids = None
-    if top_k and top_k < logits.shape[-1]:
-        scores, ids = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+    V = logits.shape[-1]
+    scores = logits.float() / temperature  # (B, V)
+    if top_k and top_k < V:
+        scores, ids = torch.topk(scores, top_k, dim=-1)  # (B, k), sorted descending
+        probs = torch.softmax(scores, dim=-1)
     elif top_p < 1:
-        scores, ids = logits.sort(dim=-1, descending=True)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # normalise over the whole vocabulary
+        m = V if scores.device.type != "cpu" else min(64, V)
+        while True:
+            top, ids = torch.topk(scores, m, dim=-1) if m < V else scores.sort(dim=-1, descending=True)
+            probs = (top - lse).exp()
+            if m == V or bool((probs.sum(-1) >= top_p).all()):  # the nucleus lies inside the top m
+                break
+            m = 4 * m if 4 * m <= V // 8 else V  # a wide nucleus: sorting everything is cheaper
     else:
-        scores = logits
-    probs = torch.softmax(scores.float() / temperature, dim=-1)  # the order survives the scaling
+        return torch.softmax(scores, dim=-1), None
     if top_p < 1:  # probs are sorted here
         mass_before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    choice = (probs / race).argmax(-1)  # (B,): index j with probability probs[j] / sum(probs)
-    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return probs, ids
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row (B,) from logits (B, V): greedy at temperature 0, else one draw from
+    ``sampling_distribution`` by inverse transform (a uniform against the float64 cumulative sum:
+    no host sync, one random number per row)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+    cdf = probs.double().cumsum(-1)  # (B, m); float64: the tail's probabilities keep their digits
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 def _decode_step(model: GPT2Model, lm_head: Optional[Int8Linear], tok: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -239,6 +239,39 @@ def test_top_k_and_top_p_sample_only_inside_their_sets():
     assert sample_next(logits[:2], 0.0, 3, 0.5).tolist() == [1, 1]  # temperature 0: greedy
 
 
+def reference_distribution(logits, temperature, top_k, top_p):
+    """The documented distribution, the plain way: sort the whole vocabulary (float64). Also the
+    tokens at the top-p boundary, where fp32 and float64 rounding may decide differently."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    sorted_p, order = p.sort(-1, descending=True)
+    if top_k:
+        sorted_p[:, top_k:] = 0
+        sorted_p /= sorted_p.sum(-1, keepdim=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    if top_p < 1:
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    boundary = (mass_before - top_p).abs() < 1e-5 if top_p < 1 else torch.zeros_like(sorted_p, dtype=torch.bool)
+    return torch.zeros_like(p).scatter(-1, order, sorted_p), torch.zeros_like(boundary).scatter(-1, order, boundary)
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0])  # a wide nucleus (hundreds of tokens) and a narrow one
+def test_sampling_distribution_is_the_documented_one(spread):
+    from gpt.generate import sampling_distribution
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5000, generator=g) * spread
+    for temperature in (0.7, 1.5):
+        for top_k in (0, 5, 300):
+            for top_p in (1.0, 0.5, 0.9, 0.99):
+                probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+                got = probs.double() if ids is None else torch.zeros(3, 5000, dtype=torch.float64).scatter(
+                    -1, ids, probs.double())
+                want, boundary = reference_distribution(logits, temperature, top_k, top_p)
+                assert boundary.float().mean() < 0.01  # the comparison leaves out few tokens
+                torch.testing.assert_close(got[~boundary], want[~boundary], atol=1e-6, rtol=1e-4,
+                                           msg=f"{temperature} {top_k} {top_p}")
+
+
 def test_seed_reproduces_samples():
     model = spread_model(seed=5)
     prompts = [[1, 2], [3, 4, 5]]
