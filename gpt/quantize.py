@@ -55,12 +55,11 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu" and K % _PACK_MULTIPLE == 0:
             flat = x.reshape(-1, K).to(torch.bfloat16)  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.unit).view(*x.shape[:-1], N)
-            y = y.float() * self.scale
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+            y = F.linear(x, self.weight.to(x.dtype))
+        if self.bias is None:
+            return (y * self.scale).to(x.dtype)
+        return torch.addcmul(self.bias, y, self.scale).to(x.dtype)  # bias + y * scale in fp32, one op
 
 
 @torch.no_grad()
