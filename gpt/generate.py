@@ -277,10 +277,10 @@ def generate(model: GPT2Model | Decoder, prompts: Sequence[Sequence[int]], max_n
     """New tokens for each prompt (a list of token ids), stopping at EOS (not included) or after
     ``max_new_tokens``. ``on_token`` (streaming) gets each step's tokens (B,) on the host.
 
-    ``model`` is a ``GPT2Model`` (decoded as ``Decoder(model)`` does: a decode copy on a CPU, the
-    model itself on a GPU) or a ``Decoder`` (for int8, another dtype, a compiled step, or to reuse
-    a decode copy across calls). The model runs in eval mode; its own mode is left as it was. See
-    the module docstring for padding, truncation, running past the context and Ctrl-C.
+    ``model`` is a ``GPT2Model`` (run as ``Decoder(model)`` runs it: the model itself, no copy) or a
+    ``Decoder`` (for int8, another dtype, a compiled step, or to reuse a decode copy across calls).
+    The model runs in eval mode with the decode ops; its own mode and ``impl`` are left as they
+    were. See the module docstring for padding, truncation, running past the context and Ctrl-C.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if not prompts:
