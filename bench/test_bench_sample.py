@@ -204,7 +204,7 @@ def test_sample_cuda(benchmark, cuda_models, batch, compiled):
     dec = Decoder(model, compile=compiled)
     prompts = torch.randint(0, 50000, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
     rows = prompts.tolist()
-    with torch.no_grad(), dec.running():  # one step (Triton kernels, compiled or not) vs the torch reference
+    with torch.inference_mode(), dec.running():  # one step (Triton, compiled or not) vs the torch reference
         cache = dec.new_cache(batch, PROMPT_LEN + 1, padded=False)
         dec.prefill(prompts.cuda(), cache)
         got = dec.step(torch.full((batch, 1), 7, device="cuda"), cache).clone()
