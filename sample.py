@@ -3,10 +3,14 @@
     python sample.py --prompt "In a magical forest"
     python sample.py --prompt "Once upon a time" --prompt "The dog" --num-samples 2 --seed 0
     python sample.py --hf path/to/gpt2 --stream
+    python sample.py --quantize int8            # CPU: int8 weights, the fastest CPU decoding
+    python sample.py --compile --num-samples 64 # GPU: the decode step as a CUDA graph
 
 On a CPU, --impl triton runs the kernels in Triton's interpreter (slow; for checking only).
 
-Bad input ends with one line on stderr and exit code 1. See gpt/generate.py for how padding,
+Bad input ends with one line on stderr and exit code 1. Ctrl-C while sampling prints the text
+generated so far, then one line on stderr, and exits with code 130. A prompt longer than the
+context is cut to its last tokens, with a one-line notice. See gpt/generate.py for how padding,
 long prompts and running past the context are handled.
 """
 
@@ -23,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Every option's default in --help: the value, "off" for a flag, or the help's own words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return text + (" (default: off)" if action.default is False else " (default: %(default)s)")
+
+
 def _number(kind, ok, rule: str):
     """An argparse type that also checks the range (bad flags fail before torch is imported)."""
     def parse(text: str):
@@ -35,34 +49,49 @@ def _number(kind, ok, rule: str):
     return parse
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="sample.py", description="Sample text from a GPT-2 checkpoint.")
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sample.py", description="Sample text from a GPT-2 checkpoint.",
+                formatter_class=_ShowDefaults)
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default 'Once upon a time')")
     p.add_argument("--checkpoint", default="out/gpt2_best_model.pt", help="checkpoint from train.py")
-    p.add_argument("--hf", metavar="DIR", help="sample from a transformers GPT-2 directory instead")
-    p.add_argument("--max-new-tokens", type=_number(int, lambda n: n >= 1, ">= 1"), default=200)
+    p.add_argument("--hf", metavar="DIR", help="sample from a transformers GPT-2 directory instead of --checkpoint (default: none)")
+    p.add_argument("--max-new-tokens", type=_number(int, lambda n: n >= 1, ">= 1"), default=200,
+                   help="new tokens per sample (fewer if EOS comes first)")
     p.add_argument("--temperature", type=_number(float, lambda t: t >= 0, ">= 0"), default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_number(int, lambda k: k >= 0, ">= 0"), default=40, help="0 = no limit")
     p.add_argument("--top-p", type=_number(float, lambda x: 0 < x <= 1, "in (0, 1]"), default=0.95,
                    help="nucleus: smallest set of tokens with this much probability")
-    p.add_argument("--seed", type=int, help="seed for reproducible samples")
+    p.add_argument("--seed", type=int, help="seed for reproducible samples (default: random)")
     p.add_argument("--num-samples", type=_number(int, lambda n: n >= 1, ">= 1"), default=1, help="samples per prompt")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: weight-only int8 linear layers and LM head, per-channel scales "
+                        "(CPU: about a quarter of fp32's bytes per token)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step; on CUDA it replays as a CUDA graph. Use it on a GPU for more "
+                        "than ~100 tokens (compiling takes tens of seconds once); not on a CPU")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="LayerNorm/attention implementation (auto: triton on CUDA, torch on CPU)")
-    p.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt "
+                   "(default: $GPT2_TOKENIZER_DIR, tiktoken's gpt2, then the Hugging Face hub)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.prompt = args.prompt or ["Once upon a time"]
     return args
 
 
 def load(args):
-    """(model, tokenizer, device), or an exception with a one-line message."""
+    """(decoder, tokenizer, device), or an exception with a one-line message."""
     import torch
 
     from gpt.checkpoint import load_model
-    from gpt.generate import column_major_weights_
+    from gpt.generate import Decoder
     from gpt.tokenizer import get_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -80,10 +109,10 @@ def load(args):
         model = load_hf(args.hf, impl=args.impl)
     else:
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
-    model = model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    if device.type == "cpu":
-        column_major_weights_(model)
-    return model, tokenizer, device
+    dtype = ("bf16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
+    decoder = Decoder(model, device=device, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize,
+                      compile=args.compile)
+    return decoder, tokenizer, device
 
 
 def _write(text: str) -> None:
@@ -91,13 +120,19 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+SEPARATOR = "\n" + "-" * 40 + "\n"
+
+
 def run(args) -> None:
-    """Load, generate and print; problems with the input raise with a one-line message."""
+    """Load, generate and print; problems with the input raise with a one-line message.
+
+    Ctrl-C while sampling prints what was generated so far and raises ``Interrupted``.
+    """
     import torch
 
-    from gpt.generate import TextStream, generate
+    from gpt.generate import GenerationInterrupted, TextStream, generate
 
-    model, tokenizer, device = load(args)
+    decoder, tokenizer, device = load(args)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -105,30 +140,57 @@ def run(args) -> None:
                     eos_id=tokenizer.eos_id, generator=generator)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     ids = [tokenizer.encode(p) for p in prompts]
+    ctx = decoder.model.config.max_seq_length
+    for i, row in enumerate(ids):
+        if len(row) > ctx:
+            print(f"sample.py: prompt {i + 1} has {len(row)} tokens, more than the context of {ctx}: "
+                  f"kept its last {ctx}", file=sys.stderr)
+    print(f"sample.py: sampling {len(prompts)} x {args.max_new_tokens} tokens ({device}, "
+          f"{decoder.summary}, impl={args.impl})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    if args.stream:  # one row at a time, text printed as soon as it decodes cleanly
-        outs = []
-        for prompt, row in zip(prompts, ids):
-            sys.stdout.write(prompt)
-            stream = TextStream(tokenizer, _write)
+    outs = []
+    try:
+        if args.stream:  # one row at a time, text printed as soon as it decodes cleanly
+            for prompt, row in zip(prompts, ids):
+                sys.stdout.write(prompt)
+                stream = TextStream(tokenizer, _write)
 
-            def on_token(tok, stream=stream):
-                if int(tok[0]) != tokenizer.eos_id:
-                    stream.push(int(tok[0]))
+                def on_token(tok, stream=stream):
+                    if int(tok[0]) != tokenizer.eos_id:
+                        stream.push(int(tok[0]))
 
-            outs += generate(model, [row], args.max_new_tokens, **settings, on_token=on_token)
-            stream.flush()
-            sys.stdout.write("\n" + "-" * 40 + "\n")
-    else:
-        outs = generate(model, ids, args.max_new_tokens, **settings)
-        for prompt, out in zip(prompts, outs):
-            sys.stdout.write(prompt + tokenizer.decode(out) + "\n" + "-" * 40 + "\n")
+                try:
+                    outs += generate(decoder, [row], args.max_new_tokens, **settings, on_token=on_token)
+                except GenerationInterrupted as e:
+                    outs += e.tokens
+                    raise
+                finally:
+                    stream.flush()
+                    sys.stdout.write(SEPARATOR)
+        else:
+            try:
+                outs = generate(decoder, ids, args.max_new_tokens, **settings)
+            except GenerationInterrupted as e:
+                outs = e.tokens
+                raise
+            finally:
+                for prompt, out in zip(prompts, outs):
+                    sys.stdout.write(prompt + tokenizer.decode(out) + SEPARATOR)
+    except KeyboardInterrupt:
+        raise Interrupted(sum(len(o) for o in outs)) from None
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     n = sum(len(o) for o in outs)
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {device}, impl={args.impl})",
           file=sys.stderr)
+
+
+class Interrupted(Exception):
+    """Ctrl-C while sampling, after the text so far was printed."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"interrupted after {tokens} new tokens")
 
 
 def main(argv=None) -> int:
@@ -141,6 +203,10 @@ def main(argv=None) -> int:
     except (UserError, ValueError, OSError, RuntimeError) as e:  # ours, and torch's / the OS's on bad input
         print(f"sample.py: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C: the text so far is on stdout already
+        sys.stdout.flush()
+        print(f"sample.py: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,31 +1,46 @@
-"""Text generation with a static KV cache: one prefill pass, then one-token decode steps.
+"""Text generation with a static KV cache: one prefill pass, then a fixed-shape decode step.
 
-Laid out like gpt-fast: ``prefill`` runs the (left-padded) prompts through the model once and fills
-the cache; ``decode_one`` feeds one token per row against the cache. ``generate`` drives them:
+Laid out like gpt-fast. A ``Decoder`` holds what decoding runs: the model (a decode copy when the
+weights need another layout, dtype or int8; never a change to the caller's model), its LM head,
+and the decode step, compiled when asked. ``Decoder.prefill`` runs the (left-padded) prompts
+through the model once and fills the cache (host positions, sliced cache); ``Decoder.step`` feeds
+one token per row at the cache's device position against the whole fixed-size cache, masked by the
+written length and each row's start (same shapes every call: ``torch.compile`` captures it, on CUDA
+in a CUDA graph). ``generate`` drives them:
 
-* Generated tokens stay on the device in a preallocated buffer. Sampling uses the exponential
-  race (argmax of p / E with E ~ Exp(1)), which needs no host sync. Without streaming, the host
-  looks at the device only every ``check_every`` steps (to stop once every row has emitted EOS).
+* Generated tokens stay on the device in a preallocated buffer. Sampling draws by inverse
+  transform (a uniform against the cumulative sum), which needs no host sync. Without streaming,
+  the host looks at the device only every ``check_every`` steps (to stop once every row has
+  emitted EOS).
 * Prompts of different lengths are left-padded; ``cache.start[b]`` is row b's pad length, so the
-  model masks the padding keys and counts positions from the first real token.
+  model masks the padding keys and counts positions from the first real token. A batch without
+  padding has ``cache.start = None`` and takes the attention's unmasked path.
 * Prompts longer than the context (``max_seq_length``) keep only their last ``max_seq_length``
   tokens. An empty prompt starts from EOS.
 * When the cache is full and another token must be fed, the oldest tokens are dropped: the cache is
   re-prefilled (positions restarting at 0) with the last ``keep = max(1, max_seq_length // 2)``
   tokens of each row, then decoding goes on. In a batch the cache fills when the longest row does;
   every row then keeps its own last ``keep`` tokens (fewer if it has fewer).
+* Ctrl-C raises ``GenerationInterrupted`` (a ``KeyboardInterrupt``) carrying the tokens so far.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .hardware import DTYPES
 from .kvcache import KVCache
 from .model import GPT2Model
+from .ops import select_ops
+from .quantize import Int8Linear, quantize_linears_
 from .tokenizer import EOS_ID
+
+QUANTIZE = ("int8",)
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
@@ -40,86 +55,230 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_to
         raise ValueError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row (B,) from logits (B, V): greedy at temperature 0, else top-k then top-p.
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """What ``sample_next`` draws from: (probs (B, m), ids (B, m)) over candidate tokens, or
+    (probs (B, V), None) for the whole vocabulary. Temperature > 0.
 
-    Top-p keeps the most probable tokens until their mass reaches ``top_p`` (always at least one).
+    probs = softmax(logits / temperature) restricted to the ``top_k`` most probable tokens (0: all)
+    and renormalised over them, then cut to the most probable of those until their mass reaches
+    ``top_p`` (always at least one; the rest get 0, not renormalised: the draw normalises).
+
+    Cheap at batch 1 over 50,257 logits: one ``topk`` pass picks the k survivors (sorted), and the
+    temperature, softmax and top-p cut run on those only. Top-p without top-k looks at the top 64
+    tokens first, then 4x more until their mass reaches top_p (on a CPU, where the check is free;
+    a GPU sorts the vocabulary rather than wait for the host), and sorts the vocabulary only for a
+    nucleus wider than an eighth of it.
     """
-    if temperature == 0:
-        return logits.argmax(-1)
+    V = logits.shape[-1]
     scores = logits.float() / temperature  # (B, V)
-    ids = None
-    if top_k and top_k < scores.shape[-1]:
+    if top_k and top_k < V:
         scores, ids = torch.topk(scores, top_k, dim=-1)  # (B, k), sorted descending
+        probs = torch.softmax(scores, dim=-1)
     elif top_p < 1:
-        scores, ids = scores.sort(dim=-1, descending=True)
-    probs = torch.softmax(scores, dim=-1)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # normalise over the whole vocabulary
+        m = V if scores.device.type != "cpu" else min(64, V)
+        while True:
+            top, ids = torch.topk(scores, m, dim=-1) if m < V else scores.sort(dim=-1, descending=True)
+            probs = (top - lse).exp()
+            if m == V or bool((probs.sum(-1) >= top_p).all()):  # the nucleus lies inside the top m
+                break
+            m = 4 * m if 4 * m <= V // 8 else V  # a wide nucleus: sorting everything is cheaper
+    else:
+        return torch.softmax(scores, dim=-1), None
     if top_p < 1:  # probs are sorted here
         mass_before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    choice = (probs / race).argmax(-1)  # (B,): index j with probability probs[j] / sum(probs)
-    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return probs, ids
 
 
-def _last_logits(model: GPT2Model, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h[:, -1], model.wte.weight).float()  # (B, V), tied head, last position only
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row (B,) from logits (B, V): greedy at temperature 0, else one draw from
+    ``sampling_distribution`` by inverse transform (a uniform against the float64 cumulative sum:
+    no host sync, one random number per row)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+    cdf = probs.double().cumsum(-1)  # (B, m); float64: the tail's probabilities keep their digits
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
-def prefill(model: GPT2Model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run left-padded prompts idx (B, T) into an empty cache; return next-token logits (B, V)."""
-    cache.pos = 0
-    return _last_logits(model, model.hidden_states(idx, cache))
+def _decode_step(model: GPT2Model, lm_head: Optional[Int8Linear], tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row (B, 1) at the cache's device position -> next-token logits (B, V) in fp32.
+    Device work only, same shapes every call: the unit that ``torch.compile`` captures."""
+    h = model.hidden_states(tok, cache, static=True)[:, -1]  # (B, C)
+    return _head(model, lm_head, h)
 
 
-def decode_one(model: GPT2Model, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per row (B, 1) at ``cache.pos``; return next-token logits (B, V)."""
-    return _last_logits(model, model.hidden_states(tok, cache))
+def _head(model: GPT2Model, lm_head: Optional[Int8Linear], h: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 from final hidden states: the tied embedding, or its int8 copy."""
+    logits = F.linear(h, model.wte.weight) if lm_head is None else lm_head(h)
+    return logits.float()
 
 
-@torch.no_grad()
-def column_major_weights_(model: GPT2Model) -> GPT2Model:
-    """Store every weight matrix column-major: same values and shapes, transposed strides. In place.
+class Decoder:
+    """A model made ready to decode, and its prefill and decode step.
 
-    ``F.linear(x, W)`` multiplies by ``W.t()``, which is then a contiguous (in, out) matrix; for the
-    one-row products of batch-1 decoding MKL runs that layout at close to memory bandwidth, about
-    twice as fast as nn.Linear's row-major one (measured on this project's CPUs, LM head included).
-    For inference on a CPU: training or CUDA gain nothing from it.
+    The caller's model is never changed. When decoding wants the weights otherwise, they live in a
+    decode copy (built once here; keep the Decoder to reuse it); else the model itself is run, in
+    eval mode and with the decode ops (``running``), and left as it was:
+
+    * ``device`` (None: the model's) moves the copy;
+    * ``dtype`` ("fp32", "bf16", "fp16"; None: the model's own) casts the copy;
+    * ``quantize="int8"`` makes every linear layer and the LM head weight-only int8
+      (``gpt.quantize``; on a CPU through ``_weight_int8pack_mm``).
+
+    On a CPU the torch implementation decodes through torch's fused kernels (``TORCH_OPS``: the
+    reference math in fewer ops). fp32 weights need no copy: nn.Linear's row-major layout runs as
+    fast as a column-major copy on this project's CPU (measured within 5% at batch 1).
+
+    ``compile=True`` compiles the decode step (``torch.compile(fullgraph=True)``): on CUDA with
+    ``mode="reduce-overhead"``, which replays it as a CUDA graph (the cache tensors are marked as
+    static addresses, so the graph writes into them in place). Worth it on a GPU, where a small
+    model's eager step is launch overhead; on a CPU the first tokens wait for the compilation.
     """
-    for p in model.parameters():
-        if p.dim() == 2:
-            p.data = p.data.t().contiguous().t()
-    return model
+
+    def __init__(self, model: GPT2Model, *, device=None, dtype: Optional[str] = None,
+                 quantize: Optional[str] = None, compile: bool = False):
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        weight = model.wte.weight
+        self.device = weight.device if device is None else _resolve(device)
+        move = self.device != weight.device
+        cast = dtype is not None and DTYPES[dtype] != weight.dtype
+        self.source = model
+        self.lm_head = None
+        if move or cast or quantize:
+            model = copy.deepcopy(model).eval()
+            model.to(self.device, DTYPES[dtype] if cast else None)
+            if quantize == "int8":
+                for block in model.h:
+                    quantize_linears_(block)
+                self.lm_head = Int8Linear(model.wte.weight)
+        self.model = model
+        self.compiled = compile
+        self._step = _decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(_decode_step, mode=mode, fullgraph=True)
+
+    @property
+    def summary(self) -> str:
+        """What runs, in words: "fp32", "bf16, int8 weights, compiled", ..."""
+        names = {v: k for k, v in DTYPES.items()}
+        parts = [names.get(self.model.wte.weight.dtype, str(self.model.wte.weight.dtype))]
+        if self.lm_head is not None:
+            parts.append("int8 weights")
+        if self.compiled:
+            parts.append("compiled")
+        return ", ".join(parts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (under autocast, the autocast dtype): what the KV cache stores."""
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.get_autocast_dtype(self.device.type)
+        return self.model.wte.weight.dtype
+
+    @contextlib.contextmanager
+    def running(self):
+        """Eval mode and the decode ops while decoding; the model's mode and ``impl`` restored after."""
+        model = self.model
+        was_training, impl = model.training, model.impl
+        model.impl = select_ops(self.source.impl, self.device)  # the copy follows the caller's choice
+        model.eval()
+        try:
+            yield
+        finally:
+            model.impl = impl
+            model.train(was_training)
+
+    def new_cache(self, batch_size: int, max_len: int, padded: bool) -> KVCache:
+        """A cache for ``batch_size`` rows; a compiled step always gets the full context (one shape)."""
+        if self.compiled:
+            max_len = self.model.config.max_seq_length
+        cache = KVCache.allocate(self.model.config, batch_size, self.device, self.dtype, max_len=max_len,
+                                 padded=padded)
+        if self.compiled:
+            for t in cache.tensors():
+                torch._dynamo.mark_static_address(t)
+        return cache
+
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run left-padded prompts idx (B, T) into the cache from slot 0; return next-token logits (B, V)."""
+        cache.reset(0)
+        h = self.model.hidden_states(idx, cache)[:, -1]
+        return _head(self.model, self.lm_head, h)
+
+    def step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one token per row (B, 1) at ``cache.pos``; return next-token logits (B, V)."""
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits have been consumed
+        logits = self._step(self.model, self.lm_head, tok, cache)
+        cache.pos += 1
+        return logits
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of a whole sequence through the decode weights (perplexity checks)."""
+        with self.running():
+            return _head(self.model, self.lm_head, self.model.hidden_states(idx))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) tokens right-aligned with ``pad_id`` in front, and each row's pad length (B,)."""
+def _resolve(device) -> torch.device:
+    """``device`` with an index where it has one ("cuda" -> "cuda:0"), so equal devices compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, list[int]]:
+    """(B, T) tokens right-aligned with ``pad_id`` in front, and each row's pad length."""
     T = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
     for b, p in enumerate(prompts):
         idx[b, T - len(p):] = torch.tensor(p, dtype=torch.int64)
-    start = torch.tensor([T - len(p) for p in prompts], dtype=torch.int64)
-    return idx.to(device), start.to(device)
+    return idx.to(device), [T - len(p) for p in prompts]
 
 
-@torch.no_grad()
-def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``generate``: ``tokens`` holds each row's new tokens so far (as ``generate`` returns them)."""
+
+    def __init__(self, tokens: list[list[int]]):
+        super().__init__("generation interrupted")
+        self.tokens = tokens
+
+
+def _rows(buf: torch.Tensor, eos_id: Optional[int]) -> list[list[int]]:
+    out = []
+    for row in buf.tolist():
+        out.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return out
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: ~8% of a CPU decode step at batch 1 (int8)
+def generate(model: GPT2Model | Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = EOS_ID, generator: Optional[torch.Generator] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
-             check_every: int = 16, decode_fn: Callable = decode_one) -> list[list[int]]:
+             check_every: int = 16) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), stopping at EOS (not included) or after
     ``max_new_tokens``. ``on_token`` (streaming) gets each step's tokens (B,) on the host.
-    ``decode_fn`` replaces ``decode_one``, e.g. with ``torch.compile(decode_one, dynamic=True)``.
 
-    Put the model in eval mode first (dropout). See the module docstring for padding, truncation
-    and what happens when the context fills.
+    ``model`` is a ``GPT2Model`` (run as ``Decoder(model)`` runs it: the model itself, no copy) or a
+    ``Decoder`` (for int8, another dtype, a compiled step, or to reuse a decode copy across calls).
+    The model runs in eval mode with the decode ops; its own mode and ``impl`` are left as they
+    were. See the module docstring for padding, truncation, running past the context and Ctrl-C.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if not prompts:
         raise ValueError("no prompts")
-    config = model.config
+    dec = model if isinstance(model, Decoder) else Decoder(model)
+    config = dec.model.config
     ctx = config.max_seq_length
     keep = max(1, ctx // 2)
     pad_id = 0 if eos_id is None else eos_id
@@ -130,41 +289,40 @@ def generate(model: GPT2Model, prompts: Sequence[Sequence[int]], max_new_tokens:
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
         rows.append(p)
-    weight = model.wte.weight
-    idx, start = left_pad(rows, pad_id, weight.device)  # (B, P), (B,)
+    idx, start = left_pad(rows, pad_id, dec.device)  # (B, P), pad lengths
     B, P = idx.shape
-    buf = torch.full((B, P + max_new_tokens), pad_id, dtype=torch.int64, device=weight.device)
+    buf = torch.full((B, P + max_new_tokens), pad_id, dtype=torch.int64, device=dec.device)
     buf[:, :P] = idx  # every token so far, left-padded: the source of re-prefill windows
-    dtype = weight.dtype  # under autocast, k and v come out in the autocast dtype: store that
-    if torch.is_autocast_enabled(weight.device.type):
-        dtype = torch.get_autocast_dtype(weight.device.type)
-    cache = KVCache.allocate(config, B, weight.device, dtype, max_len=min(ctx, P + max_new_tokens - 1))
-    cache.start.copy_(start)
-    done = torch.zeros(B, dtype=torch.bool, device=weight.device)
-    logits = prefill(model, idx, cache)
     n = P  # tokens in buf
-    for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_id is not None:
-            tok = tok.masked_fill(done, eos_id)  # finished rows only repeat EOS
-            done |= tok == eos_id
-        buf[:, n] = tok
-        n += 1
-        if on_token is not None:
-            on_token(tok.cpu())
-        if step == max_new_tokens - 1:
-            break
-        if eos_id is not None and (on_token is not None or (step + 1) % check_every == 0) and bool(done.all()):
-            break  # the only host sync of the loop when not streaming
-        if cache.pos == cache.max_len:  # full: restart on the last `keep` tokens of each row
-            cache.start.copy_((start - (n - keep)).clamp(min=0))
-            logits = prefill(model, buf[:, n - keep:n], cache)
-        else:
-            logits = decode_fn(model, tok[:, None], cache)
-    out = []
-    for row in buf[:, P:n].tolist():
-        out.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return out
+    with dec.running():
+        cache = dec.new_cache(B, min(ctx, P + max_new_tokens - 1), padded=any(start))
+        if cache.start is not None:
+            cache.start.copy_(torch.tensor(start))
+        done = torch.zeros(B, dtype=torch.bool, device=dec.device)
+        try:
+            logits = dec.prefill(idx, cache)
+            for step in range(max_new_tokens):
+                tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eos_id is not None:
+                    tok = tok.masked_fill(done, eos_id)  # finished rows only repeat EOS
+                    done |= tok == eos_id
+                buf[:, n] = tok
+                n += 1
+                if on_token is not None:
+                    on_token(tok.cpu())
+                if step == max_new_tokens - 1:
+                    break
+                if eos_id is not None and (on_token is not None or (step + 1) % check_every == 0) and bool(done.all()):
+                    break  # the only host sync of the loop when not streaming
+                if cache.pos == cache.max_len:  # full: restart on the last `keep` tokens of each row
+                    if cache.start is not None:
+                        cache.start.copy_(torch.tensor([max(0, s - (n - keep)) for s in start]))
+                    logits = dec.prefill(buf[:, n - keep:n], cache)
+                else:
+                    logits = dec.step(tok[:, None], cache)
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(_rows(buf[:, P:n], eos_id)) from None
+    return _rows(buf[:, P:n], eos_id)
 
 
 def eos_of(tokenizer) -> int:
@@ -196,19 +354,20 @@ class TextStream:
             self.pending.clear()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_text(model, tokenizer, prompt="Once upon a time", max_length=100, temperature=1.0,
                   device="cpu", top_k=40, top_p=0.95, seed: Optional[int] = None) -> str:
     """Continue ``prompt`` until ``max_length`` tokens in all (prompt included) or EOS; return
     prompt + continuation as text. ``tokenizer`` is ours or a transformers GPT-2 tokenizer.
-    Puts the model in eval mode on ``device``; ``seed`` makes the sample reproducible."""
-    model.eval()
-    model.to(device)
+    ``model`` is a ``GPT2Model`` (decoded on ``device``: a copy when it lives elsewhere) or a
+    ``Decoder``; it runs in eval mode and is left as it was. ``seed`` makes the sample reproducible."""
     ids = list(tokenizer.encode(prompt))
     new = max_length - max(1, len(ids))  # an empty prompt starts from EOS, which counts
     if new < 1:
         return prompt
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(model, Decoder):
+        model = Decoder(model, device=device)
     out = generate(model, [ids], new, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_id=eos_of(tokenizer), generator=generator)[0]
     return prompt + tokenizer.decode(out)

@@ -42,17 +42,21 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, ops: Ops, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops, cache: Optional[KVCache] = None, layer: int = 0,
+                static: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         H = self.num_heads
         qkv = self.c_attn(x).view(B, T, 3, H, C // H)  # (B, T, 3, nh, hs)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs), strided views
-        kv_start = None
-        if cache is not None:
+        kv_start = kv_len = None
+        if static:  # one token per row at the device position: the whole cache, masked by length
+            k, v, kv_len = cache.write(layer, k, v)  # (B, nh, max_len, hs), (1,)
+            kv_start = cache.start
+        elif cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
             kv_start = cache.start
         p = self.attn_dropout if self.training else 0.0
-        y = ops.attention(q, k, v, kv_start=kv_start, dropout_p=p)  # (B, nh, T, hs)
+        y = ops.attention(q, k, v, kv_start=kv_start, kv_len=kv_len, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -86,12 +90,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor], ops: Ops,
-                cache: Optional[KVCache] = None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: Optional[KVCache] = None, layer: int = 0, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if delta is None:
             h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
         else:
             h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
-        a = self.attn(h, ops, cache, layer)
+        a = self.attn(h, ops, cache, layer, static)
         h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
         return self.mlp(h), x
 
@@ -144,7 +148,14 @@ class GPT2Model(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_input(self, idx: torch.Tensor, cache: Optional[KVCache]) -> None:
+    def _check_input(self, idx: torch.Tensor, cache: Optional[KVCache], static: bool = False) -> None:
+        if static:  # the sampler's own tokens: no range check (4 ops of a ~150-op step)
+            if cache is None or idx.dim() != 2 or idx.shape[1] != 1:
+                raise ValueError(f"a static decode step takes one token per row (B, 1) and a cache, got "
+                                 f"shape {tuple(idx.shape)}")
+            if not torch.compiler.is_compiling() and cache.pos >= cache.max_len:  # (the host position
+                raise ValueError(f"the cache is full ({cache.max_len} tokens)")  # would specialise a graph)
+            return
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
         T = idx.shape[1]
@@ -161,22 +172,35 @@ class GPT2Model(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size})")
 
-    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, d_model). With a cache, idx continues at ``cache.pos``."""
-        self._check_input(idx, cache)
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, *,
+                      static: bool = False) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, d_model). With a cache, idx continues at ``cache.pos``.
+
+        ``static=True`` is the decode step: one token per row (B, 1) at the cache's device position
+        ``cache.length``, attending to the whole fixed-size cache masked by length. It reads and
+        writes device tensors only (same shapes every call: compile it, capture it in a CUDA
+        graph) and advances ``cache.length``; the caller adds 1 to the host ``cache.pos``.
+        """
+        self._check_input(idx, cache, static)
         ops = select_ops(self.impl, idx.device)
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
-        if cache is not None:
-            pos = (pos + cache.pos)[None, :] - cache.start[:, None]  # (B, T), per-row offsets
-            pos = pos.clamp_(min=0)  # padding slots of left-padded rows
+        if static:
+            pos = cache.length.view(1, 1)  # (1, 1)
+        else:
+            pos = torch.arange(T, device=idx.device)
+            if cache is not None:
+                pos = (pos + cache.pos)[None, :]  # (1, T)
+        if cache is not None and cache.start is not None:
+            pos = (pos - cache.start[:, None]).clamp_(min=0)  # (B, T) per-row offsets; 0 on padding slots
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         delta = None
         for layer, block in enumerate(self.h):
-            delta, x = block(x, delta, ops, cache, layer)
+            delta, x = block(x, delta, ops, cache, layer, static)
         h, _ = ops.add_layer_norm(delta, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        if cache is not None:
-            cache.pos += T
+        if static:
+            cache.length += 1
+        elif cache is not None:
+            cache.reset(cache.pos + T)
         return h
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,

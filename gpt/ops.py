@@ -46,31 +46,40 @@ def add_layer_norm_ref(x, residual, weight, bias, eps):
     return layer_norm_ref(s, weight, bias, eps), s
 
 
-def attention_mask(Tq: int, Tk: int, device, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean mask of allowed (query, key) pairs: key j <= i + (Tk - Tq), and j >= kv_start[b].
+def attention_mask(Tq: int, Tk: int, device, kv_start: Optional[torch.Tensor] = None,
+                   kv_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean mask of allowed (query, key) pairs: key j <= the query's position, and j >= kv_start[b].
 
-    Shape (Tq, Tk), or (B, 1, Tq, Tk) with kv_start (left-padded batches: keys before a row's
-    start are padding).
+    Query i sits at position i + (Tk - Tq); with ``kv_len`` (a fixed-size cache whose first
+    kv_len[b] slots are written) at kv_len[b] - Tq + i, so the slots after it are never seen.
+    Shape (Tq, Tk), or (B, 1, Tq, Tk) with kv_start or kv_len (left-padded batches: keys before a
+    row's start are padding).
     """
-    i = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    i = torch.arange(Tq, device=device)[:, None]
     j = torch.arange(Tk, device=device)[None, :]
-    allowed = j <= i  # (Tq, Tk)
+    if kv_len is None:
+        allowed = j <= i + (Tk - Tq)  # (Tq, Tk)
+    else:
+        allowed = j <= i + (kv_len.view(-1, 1, 1, 1) - Tq)  # (B, 1, Tq, Tk)
     if kv_start is not None:
         allowed = allowed & (j >= kv_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
     return allowed
 
 
-def causal_attention_ref(q, k, v, scale=None, kv_start=None, dropout_p: float = 0.0):
+def causal_attention_ref(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
     """Explicit causal softmax attention, with dropout on the probabilities when ``dropout_p > 0``.
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq. Query i sits at absolute position
     i + (Tk - Tq), so Tq == Tk is ordinary causal attention and Tq == 1 is one decode step against
-    a cache. Rows with no allowed key (padding queries) output zeros.
+    a cache. With ``kv_len`` ((B,) or (1,) int64), k and v are whole fixed-size caches of which row
+    b's first kv_len[b] slots are written: query i sits at kv_len[b] - Tq + i and later slots are
+    masked (the static decode step: same shapes every call). Rows with no allowed key (padding
+    queries) output zeros.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    allowed = attention_mask(Tq, Tk, q.device, kv_start)
+    allowed = attention_mask(Tq, Tk, q.device, kv_start, kv_len)
     att = att.masked_fill(~allowed, float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)
     att = torch.nan_to_num(att, nan=0.0)  # fully masked rows -> 0
@@ -79,19 +88,23 @@ def causal_attention_ref(q, k, v, scale=None, kv_start=None, dropout_p: float = 
     return att @ v  # (B, H, Tq, D)
 
 
-def causal_attention_torch(q, k, v, scale=None, kv_start=None, dropout_p: float = 0.0):
-    """The torch table's attention: ``causal_attention_ref``'s semantics, fused where torch can.
+def causal_attention_torch(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
+    """The torch table's attention: ``causal_attention_ref``'s semantics through torch's fused kernel.
 
-    Without ``kv_start`` and dropout, a full causal square (Tq == Tk) or one decode query (Tq == 1,
-    every key visible) is exactly ``F.scaled_dot_product_attention`` (its CPU kernel is
-    flash-style: no (Tq, Tk) score matrix in memory, forward or backward). Anything else (left
-    padding, dropout, a chunk of queries after a cache: SDPA's ``is_causal`` aligns the mask top-left,
-    ours bottom-right) runs the explicit reference.
+    ``F.scaled_dot_product_attention`` (flash-style on a CPU: no (Tq, Tk) score matrix in memory,
+    forward or backward; fully masked rows give zeros, as in the reference). A full causal square
+    or one query with every key visible needs no mask tensor (``is_causal``, or nothing); left
+    padding (``kv_start``), a fixed-size cache (``kv_len``) and a chunk of queries after a cache
+    (SDPA's ``is_causal`` aligns top-left, ours bottom-right) pass the reference's boolean mask.
+    With dropout the explicit reference runs (the same dropout stream as the documented math).
     """
+    if dropout_p > 0.0:
+        return causal_attention_ref(q, k, v, scale, kv_start, kv_len, dropout_p)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    if kv_start is None and dropout_p == 0.0 and (Tq == Tk or Tq == 1):
+    if kv_start is None and kv_len is None and (Tq == Tk or Tq == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scale)
-    return causal_attention_ref(q, k, v, scale, kv_start, dropout_p)
+    mask = attention_mask(Tq, Tk, q.device, kv_start, kv_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +312,7 @@ class Ops(NamedTuple):
     name: str
     layer_norm: Callable  # (x, weight, bias, eps) -> y
     add_layer_norm: Callable  # (x, residual, weight, bias, eps) -> (LN(x + residual), x + residual)
-    attention: Callable  # (q, k, v, scale=None, kv_start=None, dropout_p=0.0) -> y, as causal_attention_ref
+    attention: Callable  # (q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0) -> y, as causal_attention_ref
     # (h, weight, targets, ignore_index=-1, dtype=None) -> (loss, correct, count), as linear_cross_entropy_ref
     linear_cross_entropy: Callable
 
@@ -312,10 +325,12 @@ def triton_ops() -> Ops:
     """The Triton kernels, imported on first use (so the reference path never needs triton)."""
     import kernels
 
-    def attention(q, k, v, scale=None, kv_start=None, dropout_p: float = 0.0):
+    def attention(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
         if dropout_p > 0.0:  # the kernel has no dropout: refuse rather than silently skip it
             raise ValueError(f"attention dropout {dropout_p} is not supported by impl='triton'; "
                              "set attn_dropout=0 or use impl='torch'")
+        if kv_len is not None:  # the static decode step: split-K over the fixed cache
+            return kernels.decode_attention(q, k, v, kv_len, kv_start=kv_start, scale=scale)
         return kernels.causal_attention(q, k, v, scale=scale, kv_start=kv_start)
 
     return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy)

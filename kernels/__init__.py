@@ -6,5 +6,6 @@ Importing this package needs triton but no GPU: kernels compile on first launch.
 from .layernorm import add_layer_norm, layer_norm
 from .attention import causal_attention
 from .cross_entropy import linear_cross_entropy
+from .decode_attention import decode_attention
 
-__all__ = ["layer_norm", "add_layer_norm", "causal_attention", "linear_cross_entropy"]
+__all__ = ["layer_norm", "add_layer_norm", "causal_attention", "decode_attention", "linear_cross_entropy"]

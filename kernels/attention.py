@@ -25,7 +25,9 @@ compiles every configuration the launchers can pick for sm_90 and sm_80 without 
 it (no register spills, shared memory within the limit and the estimate, tensor cores).
 
 The op is registered with ``torch.library.custom_op`` (forward and backward ops, fake
-implementations, autograd), so ``torch.compile`` traces through it.
+implementations, autograd), so ``torch.compile`` traces through it; in eager mode the launchers are
+called directly (custom-op dispatch costs more than the kernel at decoding sizes). One-query decode
+steps against a fixed-size cache have their own split-K kernel: ``kernels/decode_attention.py``.
 """
 
 from __future__ import annotations
@@ -654,6 +656,25 @@ def _backward(ctx, do, _dlse):
 _causal_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerCausalAttention(torch.autograd.Function):
+    """The same forward and backward with the launchers called directly: in eager mode a Python
+    custom op's dispatch costs more than the kernel at decoding sizes (as for the LayerNorm kernels).
+    Under torch.compile the custom ops above are used."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, kv_start):
+        o, lse = _attention_forward(q, k, v, scale, kv_start)
+        ctx.save_for_backward(q, k, v, o, lse, kv_start)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kv_start = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.scale, kv_start)
+        return dq, dk, dv, None, None
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                      kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D); output (B, H, Tq, D).
@@ -663,4 +684,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
     to 1 / sqrt(D). Differentiable in q, k and v.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _causal_attention_fwd(q, k, v, scale, kv_start)[0]
+    if torch.compiler.is_compiling():
+        return _causal_attention_fwd(q, k, v, scale, kv_start)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerCausalAttention.apply(q, k, v, scale, kv_start)
+    return _attention_forward(q, k, v, scale, kv_start)[0]  # eager inference: no autograd node at all

@@ -1,5 +1,6 @@
 """The KV-cache sampler against full recomputation, sampling sets, padding, overflow, and sample.py."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,7 @@ import torch
 
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
-from gpt.generate import TextStream, column_major_weights_, decode_one, generate, left_pad, prefill, sample_next
-from gpt.kvcache import KVCache
+from gpt.generate import Decoder, TextStream, generate, left_pad, sample_next
 
 from conftest import DEVICE
 
@@ -51,11 +51,12 @@ def test_cached_logits_and_greedy_tokens_match_full_recompute():
     prompt = torch.randint(0, EOS, (13,)).tolist()
     want, want_logits = windowed_greedy(model, prompt, 20)
     assert len(set(want)) >= 3  # a non-degenerate continuation
-    cache = KVCache.allocate(model.config, 1, "cpu", torch.float32, max_len=40)
-    with torch.no_grad():
-        logits = [prefill(model, torch.tensor([prompt]), cache)]
+    dec = Decoder(model)
+    cache = dec.new_cache(1, 40, padded=False)
+    with torch.no_grad(), dec.running():
+        logits = [dec.prefill(torch.tensor([prompt]), cache)]
         for t in want[:-1]:
-            logits.append(decode_one(model, torch.tensor([[t]]), cache))
+            logits.append(dec.step(torch.tensor([[t]]), cache))
     torch.testing.assert_close(torch.cat(logits), want_logits, atol=1e-5, rtol=1e-5)
     assert generate(model, [prompt], 20, temperature=0, eos_id=None) == [want]
 
@@ -70,23 +71,95 @@ def test_batched_prompts_of_different_lengths_match_one_at_a_time():
     assert batched == [windowed_greedy(model, p, 15)[0] for p in prompts]
 
 
-def test_column_major_weights_keep_values_and_tokens():
-    model = spread_model(seed=10)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    idx = torch.tensor([[3, 1, 4, 1, 5]])
-    with torch.no_grad():
-        want_logits = model(idx)
-    want = generate(model, prompts, 12, temperature=0, eos_id=None)
-    column_major_weights_(model)
-    assert not model.wte.weight.is_contiguous() and model.wte.weight.t().is_contiguous()
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), want_logits, atol=1e-5, rtol=1e-5)
-    assert generate(model, prompts, 12, temperature=0, eos_id=None) == want
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_static_decode_step_logits_match_recompute_with_and_without_padding(impl):
+    """Prefill, then static steps (whole fixed-size cache, masked by device length and row start): each
+    row's logits equal its own full recompute, padded or not, with either attention implementation."""
+    if impl == "triton":
+        pytest.importorskip("kernels")
+    model = spread_model(seed=11, impl=impl)
+    g = torch.Generator().manual_seed(11)
+    for lengths in [(5, 5), (3, 8, 1)]:  # unpadded (cache.start None), then left-padded
+        prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in lengths]
+        feed = torch.randint(0, EOS, (len(prompts), 6), generator=g)
+        dec = Decoder(model)
+        idx, start = left_pad(prompts, EOS, "cpu")
+        cache = dec.new_cache(len(prompts), 20, padded=any(start))
+        assert (cache.start is None) == (len(set(lengths)) == 1)
+        if cache.start is not None:
+            cache.start.copy_(torch.tensor(start))
+        with torch.no_grad(), dec.running():
+            got = [dec.prefill(idx, cache)] + [dec.step(feed[:, t:t + 1], cache) for t in range(feed.shape[1])]
+            assert cache.pos == int(cache.length) == idx.shape[1] + feed.shape[1]
+            for b, p in enumerate(prompts):
+                seq = torch.tensor([p + feed[b].tolist()])
+                want = model(seq)[0, len(p) - 1:]  # logits after the prompt and after each fed token
+                torch.testing.assert_close(torch.stack([step[b] for step in got]), want, atol=2e-5, rtol=2e-5)
+
+
+def test_unpadded_batches_take_the_unmasked_attention_path():
+    from gpt.ops import TORCH_OPS
+
+    calls = []
+
+    def spy(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0):
+        calls.append((q.shape[2], kv_start is None, kv_len is None))
+        return TORCH_OPS.attention(q, k, v, scale=scale, kv_start=kv_start, kv_len=kv_len, dropout_p=dropout_p)
+
+    model = spread_model(seed=12)
+    model.impl = TORCH_OPS._replace(name="spy", attention=spy)
+    generate(model, [[1, 2, 3], [4, 5, 6]], 4, temperature=0, eos_id=None)
+    L = model.config.num_layers
+    assert calls == [(3, True, True)] * L + [(1, True, False)] * 3 * L  # prefill, then 3 static steps
+    calls.clear()
+    generate(model, [[1, 2, 3], [4, 5]], 2, temperature=0, eos_id=None)
+    assert calls == [(3, False, True)] * L + [(1, False, False)] * L  # padded: kv_start everywhere
+
+
+def test_the_callers_model_is_left_as_it_was():
+    """Decoding works on a decode copy (int8, bf16) or restores the model's mode and ops: the
+    caller's parameters keep their storage, layout and values, and a training model stays in training."""
+    model = spread_model(dataclasses.replace(SMALL, dropout=0.5), seed=13).train()
+    before = {n: (p.data_ptr(), p.stride(), p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
+    want = generate(model.eval(), [[1, 2, 3]], 8, temperature=0, eos_id=None)
+    model.train()
+    assert generate(model, [[1, 2, 3]], 8, temperature=0, eos_id=None) == want  # no dropout while decoding
+    for kwargs in (dict(quantize="int8"), dict(dtype="bf16")):
+        generate(Decoder(model, **kwargs), [[1, 2, 3]], 8, temperature=0, eos_id=None)
+    assert model.training
+    for n, p in model.named_parameters():
+        ptr, stride, dtype, value = before[n]
+        assert (p.data_ptr(), p.stride(), p.dtype) == (ptr, stride, dtype) and torch.equal(p, value), n
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch, impl):
+    """The decode step traces into one graph (fullgraph) that serves every step of a generation,
+    re-prefills past the context included, with padding; with impl="triton" the graph holds the
+    LayerNorm and split-K decode custom ops. aot_eager: dynamo's capture and functionalisation of
+    the in-place cache writes are what is checked here (inductor's code generation and CUDA graphs
+    are torch's; the GPU suite runs the real thing)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    if impl == "triton":
+        pytest.importorskip("kernels")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=2)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]]
+    want = generate(model, prompts, 30, temperature=0, eos_id=None)
+    model.impl = impl
+    assert generate(Decoder(model, compile=True), prompts, 30, temperature=0, eos_id=None) == want
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_left_pad():
     idx, start = left_pad([[5], [1, 2, 3]], pad_id=0, device="cpu")
-    assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start.tolist() == [2, 0]
+    assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start == [2, 0]
 
 
 def test_past_the_context_reprefills_on_the_last_half():
@@ -147,6 +220,39 @@ def test_top_k_and_top_p_sample_only_inside_their_sets():
         want[list(allowed)] = probs[list(allowed)]
         torch.testing.assert_close(counts / counts.sum(), want / want.sum(), atol=0.015, rtol=0)
     assert sample_next(logits[:2], 0.0, 3, 0.5).tolist() == [1, 1]  # temperature 0: greedy
+
+
+def reference_distribution(logits, temperature, top_k, top_p):
+    """The documented distribution, the plain way: sort the whole vocabulary (float64). Also the
+    tokens at the top-p boundary, where fp32 and float64 rounding may decide differently."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    sorted_p, order = p.sort(-1, descending=True)
+    if top_k:
+        sorted_p[:, top_k:] = 0
+        sorted_p /= sorted_p.sum(-1, keepdim=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    if top_p < 1:
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    boundary = (mass_before - top_p).abs() < 1e-5 if top_p < 1 else torch.zeros_like(sorted_p, dtype=torch.bool)
+    return torch.zeros_like(p).scatter(-1, order, sorted_p), torch.zeros_like(boundary).scatter(-1, order, boundary)
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0])  # a wide nucleus (hundreds of tokens) and a narrow one
+def test_sampling_distribution_is_the_documented_one(spread):
+    from gpt.generate import sampling_distribution
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5000, generator=g) * spread
+    for temperature in (0.7, 1.5):
+        for top_k in (0, 5, 300):
+            for top_p in (1.0, 0.5, 0.9, 0.99):
+                probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+                got = probs.double() if ids is None else torch.zeros(3, 5000, dtype=torch.float64).scatter(
+                    -1, ids, probs.double())
+                want, boundary = reference_distribution(logits, temperature, top_k, top_p)
+                assert boundary.float().mean() < 0.01  # the comparison leaves out few tokens
+                torch.testing.assert_close(got[~boundary], want[~boundary], atol=1e-6, rtol=1e-4,
+                                           msg=f"{temperature} {top_k} {top_p}")
 
 
 def test_seed_reproduces_samples():
@@ -272,3 +378,79 @@ def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_di
     assert samples[0].startswith("Once upon a time") and samples[1].startswith("🦄 A dragon")
     assert len(samples[0]) > len("Once upon a time\n")
     assert "tokens/s" in results[0][1]
+
+
+def test_help_shows_every_default():
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    shown = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], cwd=ROOT, text=True,
+                           capture_output=True, timeout=60)
+    assert shown.returncode == 0
+    parser = sample.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 15
+    printed = "".join(shown.stdout.split())  # argparse wraps lines (and words at hyphens) by terminal width
+    for action in options:
+        entry = parser._get_formatter()._format_action(action)
+        assert "default" in entry, entry
+        assert "".join(entry.split()) in printed, entry
+    assert "smallest set of tokens with this much probability (default: 0.95)" in " ".join(shown.stdout.split())
+
+
+def _wait_for(stream, marker: str, timeout: float = 120) -> str:
+    """Read ``stream`` (a pipe) until ``marker`` appears; return what was read."""
+    import os
+    import select
+    import time
+
+    seen, end = "", time.monotonic() + timeout
+    fd = stream.fileno()
+    while marker not in seen:
+        assert time.monotonic() < end, f"no {marker!r} in {seen!r}"
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 4096).decode(errors="replace")
+            assert chunk, f"stream closed before {marker!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tiny_checkpoint, tokenizer_dir, stream):
+    import signal
+    import time
+
+    args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--max-new-tokens", "1000000",
+            "--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", "0", "--prompt", "Once upon a time"]
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "sample.py"), *args] + (["--stream"] if stream else []),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = _wait_for(proc.stderr, "sampling")  # the model is loaded and generation starts
+        out = _wait_for(proc.stdout, "Once upon a time") if stream else ""
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        rest_out, rest_err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out += rest_out.decode()
+    err += rest_err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("sample.py: sampling") and len(lines) == 2, err
+    assert lines[1].startswith("sample.py: interrupted after ")
+    kept = int(lines[1].split("after ")[1].split()[0])
+    assert kept > 10  # 1.5 s of sampling at hundreds of tokens per second
+    assert out.startswith("Once upon a time") and out.endswith("-" * 40 + "\n")
+    assert len(out) > len("Once upon a time") + 10
+
+
+def test_long_prompt_is_cut_with_a_notice(tiny_checkpoint, tokenizer_dir):
+    prompt = " ".join(["word"] * 50)  # 50 tokens, context 32
+    proc = _start(["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--prompt", prompt,
+                   "--max-new-tokens", "3", "--temperature", "0"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    notices = [line for line in err.splitlines() if "context" in line]
+    assert notices == ["sample.py: prompt 1 has 50 tokens, more than the context of 32: kept its last 32"]
+    assert out.startswith(prompt)

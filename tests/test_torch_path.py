@@ -1,7 +1,7 @@
 """The torch table's fused shortcuts against the written-out reference math.
 
-``TORCH_OPS.attention`` runs ``F.scaled_dot_product_attention`` where it computes exactly what the
-explicit ``causal_attention_ref`` does, and the reference everywhere else; ``layer_norm_ref`` is
+``TORCH_OPS.attention`` runs ``F.scaled_dot_product_attention`` (with the reference's mask where
+``is_causal`` cannot say it), and the explicit ``causal_attention_ref`` only with dropout; ``layer_norm_ref`` is
 torch's fused LayerNorm on fp32 (or wider) statistics. Both are held to the explicit formulas in
 float64, values and every gradient.
 """
@@ -34,12 +34,28 @@ def test_sdpa_shortcut_matches_the_explicit_reference(Tq, Tk):
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
-def test_cases_sdpa_cannot_take_run_the_reference():
-    """A chunk of queries after a cache (bottom-right causal), left padding, dropout: the reference itself."""
-    _, q, k, v = qkv(2, 3, 5, 12, 16)
-    assert torch.equal(TORCH_OPS.attention(q, k, v), causal_attention_ref(q, k, v))
-    kv_start = torch.tensor([0, 4])
-    assert torch.equal(TORCH_OPS.attention(q, k, v, kv_start=kv_start), causal_attention_ref(q, k, v, kv_start=kv_start))
+@pytest.mark.parametrize("Tq,kwargs", [
+    (4, {}), (4, {"kv_start": [0, 4]}), (11, {"kv_start": [0, 4]}), (1, {"kv_len": [9]}),
+    (1, {"kv_len": [9], "kv_start": [0, 4]}), (3, {"kv_len": [9]}), (1, {"kv_len": [3, 11]}),
+], ids=["chunk", "chunk-padded", "square-padded", "static", "static-padded", "static-chunk", "static-rows"])
+def test_masked_cases_through_sdpa_match_the_explicit_reference(Tq, kwargs):
+    """A chunk after a cache (bottom-right causal), left padding (fully masked query rows give 0), a
+    fixed-size cache masked by length: SDPA with the reference's mask, values and gradients in float64."""
+    kwargs = {k: torch.tensor(v) for k, v in kwargs.items()}
+    base, q, k, v = qkv(2, 3, Tq, 11, 16)
+    out = TORCH_OPS.attention(q, k, v, **kwargs)
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, base, dout)
+    ref_base, rq, rk, rv = qkv(2, 3, Tq, 11, 16)
+    ref = causal_attention_ref(rq, rk, rv, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base, dout)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+    if "kv_start" in kwargs and Tq == 11:  # row 1's first 4 queries see nothing: zeros, not NaN
+        assert torch.equal(out[1, :, :4], torch.zeros_like(out[1, :, :4]))
+
+
+def test_dropout_runs_the_explicit_reference():
     _, q, k, v = qkv(2, 3, 12, 12, 16)
     torch.manual_seed(5)
     dropped = TORCH_OPS.attention(q, k, v, dropout_p=0.3)
