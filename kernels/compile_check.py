@@ -3,9 +3,10 @@
 Triton compiles for any CUDA target without a GPU. Here Triton's active driver is a stand-in that
 reports a target (sm_90 or sm_80) and its shared-memory limit, and our public functions
 (``kernels.causal_attention``, ``kernels.layer_norm``, ``kernels.add_layer_norm``,
-``kernels.linear_cross_entropy``, forward and backward) are called on CPU tensors shaped as the
-model makes them: strided views of the fused qkv projection, slices of a ``KVCache``, (B, T, N)
-rows, the final hidden states against the tied embedding. Each ``JITFunction.run`` becomes a warm-up
+``kernels.linear_cross_entropy``, forward and backward, and ``kernels.decode_attention``) are called
+on CPU tensors shaped as the model makes them: strided views of the fused qkv projection, slices of
+a ``KVCache`` and its whole fixed-size layers, (B, T, N) rows, the final hidden states against the
+tied embedding. Each ``JITFunction.run`` becomes a warm-up
 (compile, no launch), and each autotuned kernel is compiled once per configuration that survives
 its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strides as constants,
 divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
@@ -16,8 +17,10 @@ prefilled into the KV cache, one-token decode with and without kv_start; LayerNo
 LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
 the autocast mix (bf16 branch + fp32 residual); the LM head + cross-entropy row kernel for a
 vocabulary of 50,257 (4,096-wide tiles, 8 warps) and of 97 (one 128-wide tile, 1 warp) with logits
-in fp32, fp16 and bf16, training (gradient written) and evaluation (no_grad: statistics only). fp32 attention, a test path whose dots run on FMA
-with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
+in fp32, fp16 and bf16, training (gradient written) and evaluation (no_grad: statistics only); the
+split-K decode kernels for every head dim in fp32, fp16 and bf16, with and without kv_start, in one
+split and cut into 2, 8 and 64 key chunks (``DECODE_CASES``). fp32 attention, a test path whose dots
+run on FMA with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
 ``KERNEL_MODULES`` and every CUDA autotune configuration must be reached (``uncovered``).
 
 Per compiled variant: registers, stack and local bytes (spills) from ``cuobjdump
@@ -66,9 +69,10 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from kernels import attention
+from kernels.decode_attention import SUPPORTED_HEAD_DIMS as DECODE_HEAD_DIMS
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("kernels.attention", "kernels.layernorm", "kernels.cross_entropy")
+KERNEL_MODULES = ("kernels.attention", "kernels.layernorm", "kernels.cross_entropy", "kernels.decode_attention")
 TABLE = REPO / "bench" / "results" / "2026-11-26-static" / "compile.md"
 COMMAND = f"python -m kernels.compile_check --out {TABLE.relative_to(REPO)}"
 
@@ -233,7 +237,7 @@ HEADS = 3  # neither 1 nor a multiple of 16, as the JIT would specialise those
 
 @dataclass(frozen=True)
 class Case:
-    """One call pattern: ``family`` (attention / layernorm / cross_entropy), what it is, dtype, head dim,
+    """One call pattern: ``family`` (attention / decode / layernorm / cross_entropy), what it is, dtype, head dim,
     N or the vocabulary size V."""
 
     family: str
@@ -243,7 +247,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        unit = {"attention": "D", "layernorm": "N", "cross_entropy": "V"}[self.family]
+        unit = {"attention": "D", "decode": "D", "layernorm": "N", "cross_entropy": "V"}[self.family]
         return f"{self.what} {self.dtype} {unit}={self.size}"
 
 
@@ -260,6 +264,14 @@ LAYER_NORM_CASES = {
     "add_layer_norm": "residual add + LayerNorm forward and backward, weights in the input dtype",
     "add_layer_norm bf16+fp32": "autocast: bf16 branch output added to the fp32 residual, fp32 weights",
 }
+DECODE_CASES = {
+    "static step": "the static decode step: one token per row against the whole fixed-size cache, "
+                   "masked by the device length, batch x heads filling the programs (one split)",
+    "static step padded": "the same with left padding masked (kv_start)",
+    "split-K 2 kv_start": "batch 1, one head, a 4,096-slot cache cut into 2 key chunks, kv_start, then combined",
+    "split-K 8": "the same cut into 8 key chunks, no padding",
+    "split-K 64": "the same cut into 64 key chunks (the most the launcher picks)",
+}
 CROSS_ENTROPY_CASES = {
     "lm_head train": "fp32 hidden states and tied fp32 weight, logits in the case's dtype, loss.backward()",
     "lm_head eval": "the same under no_grad: statistics only, no gradient written",
@@ -274,6 +286,8 @@ def cases() -> list[Case]:
         for what in LAYER_NORM_CASES:
             dtypes = ("bfloat16",) if "bf16+fp32" in what else ("float32", "float16", "bfloat16")
             out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
+    out += [Case("decode", what, dtype, d) for d in DECODE_HEAD_DIMS
+            for dtype in ("float32", "float16", "bfloat16") for what in DECODE_CASES]
     out += [Case("cross_entropy", what, dtype, v) for v in CROSS_ENTROPY_VS
             for dtype in ("float32", "float16", "bfloat16") for what in CROSS_ENTROPY_CASES]
     return out
@@ -356,9 +370,27 @@ def _cross_entropy_call(case: Case) -> None:
         loss.backward()
 
 
+def _decode_call(case: Case) -> None:
+    import kernels
+    from gpt.config import GPTConfig
+    from gpt.kvcache import KVCache
+
+    dtype, D = getattr(torch, case.dtype), case.size
+    B, H, S = (2, HEADS, 256) if case.what.startswith("static") else (1, 1, 4096)
+    splits = None if case.what.startswith("static") else int(case.what.split()[1])
+    config = GPTConfig(vocab_size=64, max_seq_length=S, num_layers=1, num_heads=H, d_model=H * D, d_ff=64)
+    cache = KVCache.allocate(config, B, "cpu", dtype, padded="padded" in case.what or "kv_start" in case.what)
+    cache.reset(S // 2)  # a half-full cache
+    q, k, v = (t.transpose(1, 2) for t in torch.randn(B, 1, 3, H, D, dtype=dtype).unbind(2))  # (B, H, 1, D) views
+    with torch.no_grad():
+        k, v, kv_len = cache.write(0, k, v)  # the whole (B, H, S, D) caches of the layer, and the length (1,)
+        kernels.decode_attention(q, k, v, kv_len, kv_start=cache.start, num_splits=splits)
+
+
 def launch(case: Case) -> None:
     """Make the calls of one case (under ``compiling_for`` they compile instead of running)."""
-    calls = {"attention": _attention_call, "layernorm": _layer_norm_call, "cross_entropy": _cross_entropy_call}
+    calls = {"attention": _attention_call, "decode": _decode_call, "layernorm": _layer_norm_call,
+             "cross_entropy": _cross_entropy_call}
     calls[case.family](case)
 
 
@@ -592,9 +624,11 @@ def markdown(rows: list[dict], out: Path = TABLE) -> str:
         "specialisation: attention for D in {16, 32, 64, 128}, fp16 and bf16, every autotune "
         "configuration kept by the launch-time prune for the case's query length bucket; LayerNorm "
         f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}; the LM head + cross-entropy row kernel for V in "
-        f"{{{', '.join(map(str, CROSS_ENTROPY_VS))}}}, logits in fp32, fp16 and bf16. One row per distinct compiled "
+        f"{{{', '.join(map(str, CROSS_ENTROPY_VS))}}}, logits in fp32, fp16 and bf16; the split-K decode kernels for D in "
+        "{16, 32, 64, 128} in fp32, fp16 and bf16 (one query row: no dots). One row per distinct compiled "
         "kernel; *cases* lists the calls that reach it: "
-        + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES, **CROSS_ENTROPY_CASES}.items())
+        + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES, **DECODE_CASES,
+                                                  **CROSS_ENTROPY_CASES}.items())
         + ". fp32 attention (a test path: FMA dots, one configuration) is not compiled here.",
         "",
         "Columns: *regs* per thread, *spill* = stack / local bytes (cuobjdump), *shared* = Triton's "

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
@@ -196,7 +198,7 @@ def _check_inputs(q, k, v, kv_len, kv_start) -> None:
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"decode_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+    if not attention._launchable(q.device):  # the one rule (the compile check stands in for it)
         raise ValueError(f"decode_attention: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
     if kv_len.dtype != torch.int64 or kv_len.dim() != 1 or kv_len.shape[0] not in (1, B) or kv_len.device != q.device:
         raise ValueError(f"decode_attention: kv_len must be int64 of shape ({B},) or (1,) on {q.device}, got "
