@@ -39,3 +39,22 @@ def tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     return _shared_dir("TINYSTORIES_DIR", SHARED / "data" / "tinystories", "tinystories-sample.jsonl", "TinyStories sample")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run what is marked slow_on_cpu (Triton's interpreter on a CPU: minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow_on_cpu: takes minutes on a CPU (Triton's interpreter); "
+                                       "skipped there unless --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="minutes on a CPU (Triton's interpreter): run with --slow")
+    for item in items:
+        if "slow_on_cpu" in item.keywords:
+            item.add_marker(skip)

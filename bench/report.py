@@ -2,6 +2,7 @@
 
     python -m pytest bench --benchmark-json bench/results/<date>-<machine>/bench.json
     python -m bench.report bench/results/<date>-<machine>/bench.json   # writes report.md + plots beside it
+                                                   # (bench_<part>.json -> report_<part>.md)
     python -m bench.report --readme                                    # README section from all results
 
 Each benchmark's headline figure is the first unit it recorded in ``extra_info`` among UNITS.
@@ -115,26 +116,29 @@ def plots(data: dict, out: Path) -> list[Path]:
     return written
 
 
+def report_name(path: Path) -> str:
+    """bench.json -> report.md; bench_<part>.json (the GPU suite's parts) -> report_<part>.md."""
+    return "report.md" if path.stem == "bench" else f"report_{path.stem.removeprefix('bench_')}.md"
+
+
 def render(path: Path) -> Path:
     data = load(path)
     out = path.parent
     pngs = plots(data, out)
     md = f"# Benchmark results: {out.name}\n\n" + table(data)
     md += "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
-    report = out / "report.md"
+    report = out / report_name(path)
     report.write_text(md)
     return report
 
 
 def readme_section() -> str:
     """A section linking every committed result folder, newest first, with its tables inlined."""
-    folders = sorted((p.parent for p in RESULTS.glob("*/bench.json")), reverse=True)
-    if not folders:
+    files = sorted(RESULTS.glob("*/bench*.json"), key=lambda p: (p.parent.name, p.name), reverse=True)
+    if not files:
         return "No benchmark results committed yet."
-    parts = []
-    for folder in folders:
-        parts.append(f"#### `{folder.name}` ([report](bench/results/{folder.name}/report.md))\n\n" + table(load(folder / "bench.json"), level=5))
-    return "\n".join(parts)
+    return "\n".join(f"#### `{p.parent.name}/{p.name}` ([report](bench/results/{p.parent.name}/{report_name(p)}))\n\n"
+                     + table(load(p), level=5) for p in files)
 
 
 def update_readme() -> None:

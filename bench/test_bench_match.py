@@ -18,6 +18,9 @@ from gpt.data import TrainBatches
 from gpt.hardware import default_dtype
 from gpt.trainer import build_optimizer, evaluate, train_step
 
+# On a CPU both tests run the Triton kernels in the interpreter: ~5 minutes, so `pytest bench --slow`.
+pytestmark = pytest.mark.slow_on_cpu
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = default_dtype(DEVICE)

@@ -8,6 +8,7 @@ Skipped only when the installed Triton has no NVIDIA backend.
 """
 
 import copy
+import os
 import re
 
 import pytest
@@ -24,7 +25,7 @@ needs_nvidia_backend = pytest.mark.skipif(BIN_DIR is None, reason=NO_BACKEND or 
 
 @pytest.fixture(scope="session")
 def rows():
-    return cc.compile_all(jobs=2)
+    return cc.compile_all(jobs=min(8, os.cpu_count() or 2))  # 2 on CI's 2 cores, more on a GPU host
 
 
 def assert_none(found):
