@@ -153,3 +153,37 @@ def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype, head)
 
     _run(benchmark, f"ours_{impl}_{dtype}" + ("_compile" if compile_ else "") + ("_unfused" if head == "unfused" else ""),
          step)
+
+
+@pytest.mark.skipif(not CUDA, reason="MFU is a GPU figure")
+@pytest.mark.parametrize("big_batch", [128, 512])
+def test_train_step_mfu(benchmark, weights, big_batch):
+    """MFU of impl triton (bf16, fused head) at batches past the goal's 32: the step's model FLOPs
+    (``GPTConfig.flops_per_token``) per second over the device's data-sheet bf16 peak. A batch that
+    does not fit is skipped, so the largest reported is the largest that fits among these."""
+    from gpt.hardware import peak_flops
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = GPT2Model(CFG, impl="triton").to(DEVICE)
+    model.load_state_dict(weights)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, CFG.vocab_size, (big_batch, T), generator=g).to(DEVICE)
+    y = torch.cat([x[:, 1:], torch.full((big_batch, 1), -1, device=DEVICE)], dim=1)
+    opt = build_optimizer(model, TrainConfig(), DEVICE)
+
+    def step():
+        train_step(model, opt, [(x, y)], device=DEVICE, dtype=DTYPE, grad_clip=1.0)
+
+    try:
+        step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        pytest.skip(f"batch {big_batch} x {T} does not fit")
+    benchmark.pedantic(lambda: (step(), _sync()), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    tps = big_batch * T / benchmark.stats.stats.mean
+    flops = CFG.flops_per_token() * tps
+    peak = peak_flops(DEVICE)
+    record(benchmark, tokens_per_s=round(tps, 1), tokens_per_step=big_batch * T, tflops=round(flops / 1e12, 1),
+           mfu=round(flops / peak, 3) if peak else None,
+           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))

@@ -23,6 +23,7 @@ def plot_curves(history: dict, path: Path, title: str, tokens_per_step: int) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tr = history["train_log"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -31,6 +32,9 @@ def plot_curves(history: dict, path: Path, title: str, tokens_per_step: int) -> 
     ax_loss.set_ylabel("loss (nats per token)")
     ppl = ax_loss.secondary_yaxis("right", functions=(_perplexity, _loss))
     ppl.set_ylabel("perplexity")
+    ppl.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))  # 10, 20, 50, 100, ...
+    ppl.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ppl.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax_acc.plot(tr["steps"], [100 * a for a in tr["accuracies"]], label="train")
     ax_acc.plot(history["val_steps"], [100 * a for a in history["val_accuracies"]], "o-", label="validation")
     ax_acc.set_ylabel("next-token accuracy (%)")
@@ -38,6 +42,7 @@ def plot_curves(history: dict, path: Path, title: str, tokens_per_step: int) -> 
         ax.set_xlabel("optimizer step")
         tokens = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         tokens.set_xlabel("training tokens")
+        tokens.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
