@@ -9,13 +9,15 @@
 #   kernels  kernel benchmarks: attention vs SDPA-FA2, LayerNorm vs copy bandwidth and eager,
 #            the fused LM head vs F.linear + F.cross_entropy (bf16 checked first)              (<= 110 s)
 #   step     train step (batch 32 x 256: triton, torch, both compiled, transformers), MFU at
-#            batches 128 and 512                                                               (<= 140 s)
+#            batches 128 and 512                                                               (<= 150 s)
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
-#   train    python train.py, seed preset, 200 steps through each impl, same seed              (<= 2 x 45 s)
-#   match    torch-vs-triton matching, the training loop, step memory                          (<= 40 s)
+#   train    python train.py, seed preset, 200 steps through each impl, same seed              (<= 2 x 60 s)
+#   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
 #
 # Here (with ../shared beside the repo):  bash bench/gpu.sh --prepare      # copies data into device_data/
 # There (device tool, carry device_data):  bash bench/gpu.sh               (timeout_s 590: all parts)
+# Environment: TESTS (test paths, default tests), TESTS_CAP (s), KERNELS_K (a -k filter for the kernel
+# benchmarks), RUN_TAG (results in <date>-<device>-<tag>/, beside an earlier run's).
 # Results: bench/results/<date>-<device>/ (benchmarks in bench_<part>.json, logs, report_<part>.md).
 # Installs nothing: it runs on the machine's own torch/triton.
 set -uo pipefail
@@ -26,7 +28,7 @@ if [ "${1:-}" = "--prepare" ]; then
   SHARED="${SHARED_DIR:-../shared}"
   mkdir -p "$DATA/tinystories"
   cp -r "$SHARED/data/gpt2-tokenizer" "$DATA/"
-  cp "$SHARED/data/tinystories/tinystories-sample.jsonl" "$DATA/tinystories/"
+  cp "$SHARED/data/tinystories/tinystories-sample.jsonl" "$SHARED/data/tinystories/tinystories-sample.txt" "$DATA/tinystories/"
   du -sh "$DATA"
   exit 0
 fi
@@ -42,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export GPT2_TOKENIZER_DIR="$PWD/$DATA/gpt2-tokenizer" TINYSTORIES_DIR="$PWD/$DATA/tinystories"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "gpu.sh: no CUDA device" >&2; exit 1; }
-RES="bench/results/$(date -u +%F)-${GPU}"
+RES="bench/results/$(date -u +%F)-${GPU}${RUN_TAG:+-$RUN_TAG}"  # RUN_TAG: a second run the same day
 mkdir -p "$RES"
 $PY - <<'PY' | tee "$RES/env.txt"
 import platform, torch, triton
@@ -70,19 +72,20 @@ for part in "${PARTS[@]}"; do
   echo "=== $part ($(date -u +%T))"
   case "$part" in
     tests)
-      timeout 120 $PY -m pytest -q tests "${XDIST[@]}" --ignore=tests/test_compile_check.py -p no:cacheprovider \
+      timeout "${TESTS_CAP:-120}" $PY -m pytest -q ${TESTS:-tests} "${XDIST[@]}" --ignore=tests/test_compile_check.py -p no:cacheprovider \
         --durations=15 -rs 2>&1 | tee "$RES/pytest_tests.log" || status=1 ;;
     kernels)
-      bench kernels 110 bench/test_bench_attention.py bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py ;;
+      bench kernels 110 bench/test_bench_attention.py bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py \
+        ${KERNELS_K:+-k "$KERNELS_K"} ;;
     step)
-      bench step 140 bench/test_bench_train.py ;;
+      bench step 150 bench/test_bench_train.py ;;
     sample)
       bench sample 75 bench/test_bench_sample.py -k "not cpu" ;;
     match)
-      bench match 40 bench/test_bench_match.py bench/test_bench_loop.py bench/test_bench_memory.py ;;
+      bench match 50 bench/test_bench_match.py bench/test_bench_loop.py bench/test_bench_memory.py ;;
     train)
       for impl in torch triton; do
-        timeout 45 $PY train.py --preset seed --data "$DATA/tinystories/tinystories-sample.jsonl" \
+        timeout 60 $PY train.py --preset seed --data "$DATA/tinystories/tinystories-sample.jsonl" \
           --tokenizer "$DATA/gpt2-tokenizer" --cache-dir /tmp/gpt_cache --out-dir "/tmp/train_$impl" --overwrite \
           --impl "$impl" --max-steps 200 --warmup-steps 20 --eval-interval 100 --eval-tokens 65536 --seed 1 \
           --no-progress 2>&1 | tail -n 25 | tee "$RES/train_$impl.log" || status=1

@@ -41,12 +41,14 @@ ADD_BYTES = {"fwd": 4, "bwd": 4, "fwd+bwd": 8}
 
 
 def ln_torch(x, weight, bias):
-    return F.layer_norm(x, x.shape[-1:], weight, bias, EPS)
+    # CUDA's F.layer_norm wants one dtype: the fp32 weights cast to the activations' (a negligible
+    # (N,) cast, differentiable), so the peer reads and writes bf16 activations as ours does.
+    return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), EPS)
 
 
 def add_ln_torch(x, residual, weight, bias):
     s = x + residual
-    return F.layer_norm(s, s.shape[-1:], weight, bias, EPS), s
+    return F.layer_norm(s, s.shape[-1:], weight.to(s.dtype), bias.to(s.dtype), EPS), s
 
 
 def ln_triton(x, weight, bias):

@@ -336,16 +336,25 @@ def triton_ops() -> Ops:
     return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """"torch" or "triton" for ``impl`` on ``device`` ("auto": Triton on CUDA, torch elsewhere)."""
+def resolve_impl(impl: str, device: torch.device, config=None) -> str:
+    """"torch" or "triton" for ``impl`` on ``device``. "auto": Triton on CUDA where the kernels cover
+    the model (``config``, a ``GPTConfig``: a supported head dim and no attention dropout), torch
+    elsewhere, so a model the kernels cannot run still runs (e.g. the tiny preset's head dim 8)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if config is not None:
+            from kernels.attention import SUPPORTED_HEAD_DIMS
+
+            if config.head_dim not in SUPPORTED_HEAD_DIMS or config.attn_dropout > 0:
+                return "torch"
+        return "triton"
     return impl
 
 
-def select_ops(impl: str | Ops, device: torch.device) -> Ops:
+def select_ops(impl: str | Ops, device: torch.device, config=None) -> Ops:
     """The one place that maps ``impl`` to an implementation of every hot op.
 
     An ``Ops`` table is returned as is: tests mix implementations that way, e.g.
@@ -353,4 +362,4 @@ def select_ops(impl: str | Ops, device: torch.device) -> Ops:
     """
     if isinstance(impl, Ops):
         return impl
-    return triton_ops() if resolve_impl(impl, device) == "triton" else TORCH_OPS
+    return triton_ops() if resolve_impl(impl, device, config) == "triton" else TORCH_OPS

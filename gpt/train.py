@@ -267,7 +267,7 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
     return (f"train: preset {opts.preset} ({settings}) | "
             f"{trainer.raw.num_params() / 1e6:.2f}M parameters | {trainer.tokens_per_step:,} tokens/step "
             f"({tc.batch_size} seqs x {cfg.max_seq_length} tokens x {tc.grad_accum} accumulation) | {steps} | "
-            f"{trainer.device} {trainer.dtype}, impl {resolve_impl(opts.impl, trainer.device)}, {trainer.world} "
+            f"{trainer.device} {trainer.dtype}, impl {resolve_impl(opts.impl, trainer.device, cfg)}, {trainer.world} "
             f"process(es) | validation {evals}, {saves}at each validation | {where}")
 
 

@@ -140,7 +140,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             group["lr"] = lr
     metrics = torch.zeros(3, dtype=torch.float64, device=device)
     for i, (x, y) in enumerate(micro):
-        if device.type == "cuda":
+        if device.type == "cuda" and x.device.type == "cpu":  # batches from the host: copy without a sync
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         last = i == len(micro) - 1
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
@@ -410,6 +410,10 @@ class Trainer:
             if not torch.cuda.is_available():
                 raise TrainError(f"--device {name}: no CUDA GPU is available (use --device cpu --preset tiny)")
             if self.world > 1:
+                if self.local_rank >= torch.cuda.device_count():
+                    raise TrainError(f"torchrun started more processes on this machine than it has GPUs "
+                                     f"({torch.cuda.device_count()}): use --nproc_per_node "
+                                     f"{torch.cuda.device_count()}, or --device cpu")
                 device = torch.device("cuda", self.local_rank)
         elif device.type != "cpu":
             raise TrainError(f"--device {name}: only cpu and cuda are supported")
@@ -428,9 +432,13 @@ class Trainer:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise TrainError("--impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow interpreter)")
             try:
-                import kernels  # noqa: F401
+                from kernels.attention import SUPPORTED_HEAD_DIMS
             except (ImportError, AttributeError) as e:
                 raise TrainError(f"--impl triton: the Triton kernels are unavailable ({e})") from None
+            if cfg.head_dim not in SUPPORTED_HEAD_DIMS or cfg.attn_dropout > 0:
+                raise TrainError(f"--impl triton: the kernels need a head dim in {SUPPORTED_HEAD_DIMS} and no attention "
+                                 f"dropout (this model: head dim {cfg.head_dim}, attn dropout {cfg.attn_dropout}); "
+                                 "use --impl torch or auto")
         summary_writer = tensorboard_writer_class() if opts.tensorboard and self.master else None
         self.tokenizer = get_tokenizer(opts.tokenizer)
         if opts.tokenizer is None and self.tokenizer.source.startswith("dir:"):  # found via $GPT2_TOKENIZER_DIR:

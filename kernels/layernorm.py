@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention
+
 MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -159,6 +161,8 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
             raise TypeError(f"{name}: {pname} dtype {p.dtype} not supported (float32, float16, bfloat16)")
         if p.device != x.device:
             raise ValueError(f"{name}: {pname} is on {p.device} but the input is on {x.device}")
+    if not attention._launchable(x.device):  # the one rule (the compile check stands in for it)
+        raise ValueError(f"{name}: tensors on {x.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
 
 
 def _forward(x, residual, weight, bias, eps: float):

@@ -77,13 +77,14 @@ def test_static_decode_step_logits_match_recompute_with_and_without_padding(impl
     row's logits equal its own full recompute, padded or not, with either attention implementation."""
     if impl == "triton":
         pytest.importorskip("kernels")
-    model = spread_model(seed=11, impl=impl)
+    device = DEVICE if impl == "triton" else torch.device("cpu")  # the kernels: the GPU, or the interpreter
+    model = spread_model(seed=11, impl=impl).to(device)
     g = torch.Generator().manual_seed(11)
     for lengths in [(5, 5), (3, 8, 1)]:  # unpadded (cache.start None), then left-padded
         prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in lengths]
-        feed = torch.randint(0, EOS, (len(prompts), 6), generator=g)
+        feed = torch.randint(0, EOS, (len(prompts), 6), generator=g).to(device)
         dec = Decoder(model)
-        idx, start = left_pad(prompts, EOS, "cpu")
+        idx, start = left_pad(prompts, EOS, device)
         cache = dec.new_cache(len(prompts), 20, padded=any(start))
         assert (cache.start is None) == (len(set(lengths)) == 1)
         if cache.start is not None:
@@ -92,7 +93,7 @@ def test_static_decode_step_logits_match_recompute_with_and_without_padding(impl
             got = [dec.prefill(idx, cache)] + [dec.step(feed[:, t:t + 1], cache) for t in range(feed.shape[1])]
             assert cache.pos == int(cache.length) == idx.shape[1] + feed.shape[1]
             for b, p in enumerate(prompts):
-                seq = torch.tensor([p + feed[b].tolist()])
+                seq = torch.tensor([p + feed[b].tolist()], device=device)
                 want = model(seq)[0, len(p) - 1:]  # logits after the prompt and after each fed token
                 torch.testing.assert_close(torch.stack([step[b] for step in got]), want, atol=2e-5, rtol=2e-5)
 
@@ -139,17 +140,17 @@ def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch
     LayerNorm and split-K decode custom ops. aot_eager: dynamo's capture and functionalisation of
     the in-place cache writes are what is checked here (inductor's code generation and CUDA graphs
     are torch's; the GPU suite runs the real thing)."""
-    import functools
 
     from torch._dynamo.utils import counters
 
     if impl == "triton":
         pytest.importorskip("kernels")
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    real_compile = torch.compile  # aot_eager takes no mode (the Decoder asks CUDA for reduce-overhead)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="aot_eager", **kw))
     torch._dynamo.reset()
     counters.clear()
     config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
-    model = spread_model(config, seed=2)
+    model = spread_model(config, seed=2).to(DEVICE if impl == "triton" else "cpu")
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]]
     want = generate(model, prompts, 30, temperature=0, eos_id=None)
     model.impl = impl

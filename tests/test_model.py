@@ -182,3 +182,18 @@ def test_per_block_activation_checkpointing_gives_the_same_gradients():
         assert torch.equal(again_grads[name], g), name
     with torch.no_grad():
         torch.testing.assert_close(model(idx).logsumexp(-1).mean(), plain)
+
+
+def test_auto_impl_runs_triton_only_where_the_kernels_cover_the_model():
+    pytest.importorskip("kernels")
+    from gpt.ops import resolve_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name only: no GPU needed
+    assert resolve_impl("auto", cuda, GPTConfig()) == "triton"  # head dim 64
+    assert resolve_impl("auto", cuda) == "triton"
+    assert resolve_impl("auto", cpu, GPTConfig()) == "torch"
+    assert resolve_impl("auto", cuda, GPTConfig(d_model=32, num_heads=4)) == "torch"  # head dim 8: no kernel
+    assert resolve_impl("auto", cuda, GPTConfig(attn_dropout=0.1)) == "torch"  # no dropout in the kernel
+    assert resolve_impl("triton", cuda, GPTConfig(d_model=32, num_heads=4)) == "triton"  # asked for: its error
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("fast", cpu)

@@ -87,8 +87,9 @@ def test_ctrl_c_says_so_at_once_and_writes_resumable_checkpoint(base_args, tmp_p
 
 
 def test_torchrun_two_ranks_match_single_process_accumulation(base_args, tmp_path, history, capsys):
+    # Two ranks on one machine: gloo on the CPU (a GPU host may have a single GPU).
     args = base_args + ["--max-steps", "3", "--eval-interval", "0", "--log-interval", "1", "--grad-accum", "2",
-                        "--lr", "1e-2", "--warmup-steps", "0"]
+                        "--lr", "1e-2", "--warmup-steps", "0", "--device", "cpu"]
     ddp = _cli([*TORCHRUN, "train.py", *args, "--out-dir", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "2 process(es)" in ddp.stdout and ddp.stdout.count("test perplexity") == 1  # rank 0 prints
@@ -120,7 +121,7 @@ def _worker_pid(agent: int, rank: int) -> int | None:
 def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(base_args, tmp_path, history):
     out = tmp_path / "k"
     args = base_args + ["--max-steps", "40", "--eval-interval", "20", "--checkpoint-interval", "10", "--log-interval", "1",
-                        "--grad-accum", "2", "--resume", "auto", "--out-dir", str(out)]
+                        "--grad-accum", "2", "--resume", "auto", "--out-dir", str(out), "--device", "cpu"]
     proc = subprocess.Popen([*TORCHRUN, "--max-restarts", "2", "train.py", *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
