@@ -1,9 +1,7 @@
 """Train a GPT-2 on TinyStories: `python train.py` (GPU, seed model), `python train.py --preset tiny`
 (CPU), `torchrun --nproc_per_node N train.py` (DDP). See `python train.py --help`."""
 
-import sys
-
-from gpt.train import main
+from gpt.train import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -27,7 +27,10 @@ DTYPE = default_dtype(DEVICE)
 # CPU: tiny and fp32 (the interpreter is slow); GPU: seed width, bf16.
 CFG = (GPTConfig(max_seq_length=256, num_layers=2, num_heads=8, d_model=512, d_ff=2048, dropout=0.0) if CUDA
        else GPTConfig(max_seq_length=64, num_layers=2, num_heads=2, d_model=64, d_ff=128, dropout=0.0))
-TC = TrainConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+# The seed's recipe (lr 2e-4, linear warmup over the first third): at a constant 1e-3 from step 1 the
+# run spikes (loss 8.0 -> 12.5 at step 5 on an H200), and a spike amplifies bf16 rounding
+# differences into 10% per-step gaps that say nothing about the kernels.
+TC = TrainConfig(grad_clip=1.0)
 STEPS = 30 if CUDA else 8
 BATCH = 16 if CUDA else 4
 EVAL_TOKENS = 1 << 17 if CUDA else 2048
@@ -54,9 +57,11 @@ def train(model, splits, steps):
     batches = TrainBatches(splits.train, BATCH, CFG.max_seq_length, seed=0)
     opt = build_optimizer(model, TC, DEVICE)
     losses = []
-    for _ in range(steps):
+    warmup = max(1, steps // 3)
+    for i in range(steps):
         loss_sum, _, count = train_step(model, opt, [tuple(t.to(DEVICE) for t in batches.next())],
-                                        device=DEVICE, dtype=DTYPE, grad_clip=TC.grad_clip)
+                                        device=DEVICE, dtype=DTYPE, grad_clip=TC.grad_clip,
+                                        lr=TC.lr * min(1.0, (i + 1) / warmup))
         losses.append(loss_sum / count)
     return torch.stack(losses).float().cpu()
 

@@ -354,5 +354,17 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """Exit with ``code``. A torchrun worker (its output written, its process group destroyed)
+    skips the interpreter's finalization, where gloo's worker threads can still free tensors and
+    abort the process (pytorch/pytorch#179291; seen here in ~1 restarted run in 10), which
+    torchrun would take for a failure and restart."""
+    if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

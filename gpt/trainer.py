@@ -737,6 +737,10 @@ class Trainer:
                                                        f"this model's is {cfg.max_seq_length}"}
         seed_test["protocol"] = SEED_PROTOCOL
         if not self.master:
+            # Wait for rank 0's samples and files, so that every rank tears its process group down
+            # together: a gloo rank that destroys its group while a peer's is live can abort at exit
+            # ("terminate called without an active exception", seen here in 1 restarted run of 4).
+            dist.barrier()
             return {}
         samples = {}
         for prompt in SEED_PROMPTS:
@@ -776,6 +780,8 @@ class Trainer:
             self.tb.add_scalar("test/perplexity", test["perplexity"], st.step)
             self.tb.add_scalar("test/accuracy_pct", 100 * test["accuracy"], st.step)
             self.tb.close()
+        if self.world > 1:
+            dist.barrier()  # the other ranks wait here (above) until this rank's output is written
         return result
 
 

@@ -117,6 +117,29 @@ def test_matches_float64(monkeypatch, impl, dtype, N, C, V):
     assert check(impl, h, weight, targets, dtype) >= 3  # the planted hits were counted
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_whole_chunk_path_matches_float64_and_the_blocked_one(monkeypatch, dtype):
+    """The reference's GPU way (softmax over whole chunks, argmax without a sync) checked on the CPU:
+    the same loss, hits (ties included) and gradients as float64 and as the blocked CPU way."""
+    set_chunk_rows(monkeypatch, 97)
+    h, weight, targets = make_case(37, 24, 97, dtype, ignored=(2, 9), hits=(0, 5, 10))
+    weight[7] = weight[3]  # tokens 3 and 7 tie on every row: a target 7 there is a miss (first index)
+    targets[[11, 12]] = torch.tensor([3, 7])
+    got = {}
+    for blocked in (True, False):
+        monkeypatch.setattr(ops, "_blocks_on", lambda device, blocked=blocked: blocked)
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, correct, count = linear_cross_entropy_ref(hh, ww, targets)
+        loss.backward()
+        got[blocked] = (loss.detach(), correct, hh.grad, ww.grad)
+        assert check("ref", h, weight, targets, dtype) >= 3
+    (loss_b, correct_b, *grads_b), (loss_w, correct_w, *grads_w) = got[True], got[False]
+    assert correct_b == correct_w
+    torch.testing.assert_close(loss_w, loss_b, atol=0, rtol=1e-6)  # fp32 sums, grouped differently
+    for a, b in zip(grads_w, grads_b):  # rows are independent: the same arithmetic per element
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignore_index_inside_the_vocabulary(monkeypatch, impl):
     """ignore_index may be a real token (say, a padding id): those rows count for nothing."""
