@@ -42,6 +42,21 @@ def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def device_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """GPU time of fn()'s kernels per call in ms, launch overhead excluded: the sum of their device
+    times under torch.profiler. Beside ``cuda_time_ms`` (back-to-back calls, where a host slower
+    than the kernels sets the pace) it says what the kernels cost apart from launching them."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return us / iters / 1e3
+
+
 def record(benchmark, **info) -> None:
     """Put units and roofline figures into pytest-benchmark's extra_info (shown in the JSON and report)."""
     peaks = device_peaks()

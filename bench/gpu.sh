@@ -9,7 +9,7 @@
 #   kernels  kernel benchmarks: attention vs SDPA-FA2, LayerNorm vs copy bandwidth and eager,
 #            the fused LM head vs F.linear + F.cross_entropy (bf16 checked first)              (<= 110 s)
 #   step     train step (batch 32 x 256: triton, torch, both compiled, transformers), MFU at
-#            batches 128 and 512                                                               (<= 150 s)
+#            batches 128, 512, 2048                                                           (<= 150 s)
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
 #   train    python train.py, seed preset, 200 steps through each impl, same seed              (<= 2 x 60 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
