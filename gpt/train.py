@@ -99,8 +99,9 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help=f"where tokenized splits are cached, shared with `python -m gpt.data` "
                                          f"(default: {DEFAULTS.cache_dir})")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    run.add_argument("--impl", choices=IMPLS, help=f"hot-op implementation; auto: triton on CUDA, torch "
-                                                   f"elsewhere (default: {DEFAULTS.impl})")
+    run.add_argument("--impl", choices=IMPLS, help=f"hot-op implementation; auto: triton on CUDA where the "
+                                                   "kernels cover the model (head dim 16, 32, 64 or 128, no "
+                                                   f"attention dropout), torch elsewhere (default: {DEFAULTS.impl})")
     run.add_argument("--dtype", choices=sorted(DTYPES),
                      help=f"autocast dtype (default: bf16 on CUDA, {CPU_DEFAULT_DTYPE} on CPU)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -357,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 def exit_process(code: int) -> None:
     """Exit with ``code``. A torchrun worker (its output written, its process group destroyed)
     skips the interpreter's finalization, where gloo's worker threads can still free tensors and
-    abort the process (pytorch/pytorch#179291; seen here in ~1 restarted run in 10), which
-    torchrun would take for a failure and restart."""
+    abort the process (the mechanism pytorch/pytorch#179291 describes; seen here in ~1 restarted
+    run in 10), which torchrun would take for a failure and restart."""
     if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
