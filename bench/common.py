@@ -42,10 +42,9 @@ def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
-def device_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """GPU time of fn()'s kernels per call in ms, launch overhead excluded: the sum of their device
-    times under torch.profiler. Beside ``cuda_time_ms`` (back-to-back calls, where a host slower
-    than the kernels sets the pace) it says what the kernels cost apart from launching them."""
+def kernel_times_ms(fn, warmup: int = 3, iters: int = 10) -> dict[str, float]:
+    """Device time per call in ms of each GPU kernel fn() launches (torch.profiler), largest first:
+    what the kernels cost apart from launching them, and which of them costs what."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -53,8 +52,21 @@ def device_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return us / iters / 1e3
+    times = {e.key: e.self_device_time_total / iters / 1e3 for e in prof.key_averages()
+             if e.device_type == torch.autograd.DeviceType.CUDA}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def device_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """GPU time of fn()'s kernels per call in ms, launch overhead excluded. Beside ``cuda_time_ms``
+    (back-to-back calls, where a host slower than the kernels sets the pace) it says what the
+    kernels cost apart from launching them."""
+    return sum(kernel_times_ms(fn, warmup, iters).values())
+
+
+def top_kernels(times: dict[str, float], n: int = 8) -> list[str]:
+    """The n costliest kernels of ``kernel_times_ms`` as short 'ms name' strings, for extra_info."""
+    return [f"{ms:.3f} ms {name[:80]}" for name, ms in list(times.items())[:n]]
 
 
 def record(benchmark, **info) -> None:

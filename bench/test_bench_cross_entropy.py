@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import kernels
-from bench.common import cuda_time_ms, make_pass, record, requires_cuda, synced
+from bench.common import cuda_time_ms, kernel_times_ms, make_pass, record, requires_cuda, synced, top_kernels
 from gpt.ops import linear_cross_entropy_unfused
 
 pytestmark = requires_cuda
@@ -94,6 +94,7 @@ def test_linear_cross_entropy(benchmark, N, C):
     passes = {name: make_pass(lambda h, w, fn=fn: fn(h, w, targets)[0], inputs, grads, "fwd+bwd")
               for name, fn in impls.items()}
     ms = {name: cuda_time_ms(p, warmup=3, iters=10) for name, p in passes.items()}
+    kernels_fused = kernel_times_ms(passes["fused"], warmup=1, iters=3)  # where our time goes
     peak = {name: peak_bytes(p) for name, p in passes.items()}
     h.grad = weight.grad = None
     tflops = {name: 6 * N * V * C / (t * 1e-3) / 1e12 for name, t in ms.items()}
@@ -113,4 +114,6 @@ def test_linear_cross_entropy(benchmark, N, C):
         memory_ratio_vs_eager=round(peak["eager"] / peak["fused"], 2),
         memory_ratio_vs_compiled=round(peak["compiled"] / peak["fused"], 2),
         bf16_logits_mib=round(N * V * 2 / 2**20, 1),
+        kernel_ms=round(sum(kernels_fused.values()), 3),  # launch overhead excluded
+        top_kernels=top_kernels(kernels_fused),
     )

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from bench.common import record
+from bench.common import kernel_times_ms, record, top_kernels
 from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_loss, seed_optimizer
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.hardware import autocast, default_dtype
@@ -184,8 +184,10 @@ def test_train_step_mfu(benchmark, weights, big_batch):
         pytest.skip(f"batch {big_batch} x {T} does not fit")
     benchmark.pedantic(lambda: (step(), _sync()), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     tps = big_batch * T / benchmark.stats.stats.mean
+    kernels = kernel_times_ms(step, warmup=0, iters=2)  # where a step's GPU time goes
     flops = CFG.flops_per_token() * tps
     peak = peak_flops(DEVICE)
     record(benchmark, tokens_per_s=round(tps, 1), tokens_per_step=big_batch * T, tflops=round(flops / 1e12, 1),
            mfu=round(flops / peak, 3) if peak else None,
-           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           kernel_ms=round(sum(kernels.values()), 2), top_kernels=top_kernels(kernels, 12))
