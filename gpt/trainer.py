@@ -432,11 +432,12 @@ class Trainer:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise TrainError("--impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow interpreter)")
             try:
-                from kernels.attention import SUPPORTED_HEAD_DIMS
+                import kernels
             except (ImportError, AttributeError) as e:
                 raise TrainError(f"--impl triton: the Triton kernels are unavailable ({e})") from None
-            if cfg.head_dim not in SUPPORTED_HEAD_DIMS or cfg.attn_dropout > 0:
-                raise TrainError(f"--impl triton: the kernels need a head dim in {SUPPORTED_HEAD_DIMS} and no attention "
+            head_dims = kernels.attention.SUPPORTED_HEAD_DIMS
+            if cfg.head_dim not in head_dims or cfg.attn_dropout > 0:
+                raise TrainError(f"--impl triton: the kernels need a head dim in {head_dims} and no attention "
                                  f"dropout (this model: head dim {cfg.head_dim}, attn dropout {cfg.attn_dropout}); "
                                  "use --impl torch or auto")
         summary_writer = tensorboard_writer_class() if opts.tensorboard and self.master else None

@@ -229,7 +229,8 @@ def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "resume_without_ckpt",
-                                  "corrupt_ckpt", "text_as_ckpt", "triton_missing", "bad_device", "no_tensorboard",
+                                  "corrupt_ckpt", "text_as_ckpt", "triton_missing", "triton_head_dim", "bad_device",
+                                  "no_tensorboard",
                                   "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file"])
 def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
@@ -244,6 +245,7 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         "batch_size_0": "--batch-size must be >= 1", "accum_0": "--grad-accum must be >= 1",
         "resume_without_ckpt": f"no run to continue in {out_dir} (it holds", "corrupt_ckpt": "corrupt or truncated",
         "text_as_ckpt": "not a loadable checkpoint of this project", "triton_missing": "Triton kernels are unavailable",
+        "triton_head_dim": "the kernels need a head dim in (16, 32, 64, 128) and no attention dropout (this model: head dim 8",
         "bad_device": "--device 'tpu' is not a device name", "no_tensorboard": "pip install tensorboard",
         "refusal": "continue it with --resume, replace it with --overwrite, or choose another --out-dir",
         "resume_and_overwrite": "choose one", "weight_decay_on": "invalid choice",
@@ -271,6 +273,9 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         monkeypatch.setitem(sys.modules, "kernels", None)  # `import kernels` raises ImportError
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         args += ["--impl", "triton"]
+    elif case == "triton_head_dim":  # d_model 32 over 4 heads
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        args += ["--impl", "triton", "--num-heads", "4"]
     elif case == "bad_device":
         args += ["--device", "tpu"]
     elif case == "no_tensorboard":
