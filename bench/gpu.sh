@@ -72,8 +72,9 @@ for part in "${PARTS[@]}"; do
   echo "=== $part ($(date -u +%T))"
   case "$part" in
     tests)
-      timeout "${TESTS_CAP:-120}" $PY -m pytest -q ${TESTS:-tests} "${XDIST[@]}" --ignore=tests/test_compile_check.py -p no:cacheprovider \
-        --durations=15 -rs 2>&1 | tee "$RES/pytest_tests.log" || status=1 ;;
+      # -v: every result is named as it comes, so a pass cut short by its cap still says what failed.
+      timeout "${TESTS_CAP:-120}" $PY -m pytest -v ${TESTS:-tests} "${XDIST[@]}" --ignore=tests/test_compile_check.py \
+        -p no:cacheprovider --durations=15 -rs 2>&1 | tee "$RES/pytest_tests.log" | grep -v " PASSED " || status=1 ;;
     kernels)
       bench kernels 110 bench/test_bench_attention.py bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py \
         ${KERNELS_K:+-k "$KERNELS_K"} ;;

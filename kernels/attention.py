@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -540,7 +542,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: O
 
 def _bucket(n: int) -> int:
     """Power-of-two length bucket (the autotuning key), so configs are tuned once per bucket."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -567,7 +569,7 @@ def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
 
     def grid(meta):
-        return B * H, triton.cdiv(Tq, meta["BLOCK_M"])
+        return B * H, cdiv(Tq, meta["BLOCK_M"])
 
     _attn_fwd[grid](
         q, k, v, o, lse, q if kv_start is None else kv_start,
@@ -583,7 +585,7 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(Tq, 64))](
+    _attn_bwd_delta_kernel[(B * H, cdiv(Tq, 64))](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -591,10 +593,10 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
     common = dict(HEAD_DIM=D, HAS_KV_START=kv_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
 
     def grid_keys(meta):
-        return B * H, triton.cdiv(Tk, meta["BLOCK_N"])
+        return B * H, cdiv(Tk, meta["BLOCK_N"])
 
     def grid_queries(meta):
-        return B * H, triton.cdiv(Tq, meta["BLOCK_M"])
+        return B * H, cdiv(Tq, meta["BLOCK_M"])
 
     _attn_bwd_dkdv[grid_keys](
         q, k, v, do, lse, delta, dk, dv, starts,

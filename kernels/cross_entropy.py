@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import attention
+from .host import cdiv, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
@@ -155,7 +156,7 @@ def _ce_rows_kernel(
 
 def _block_and_warps(V: int) -> tuple[int, int]:
     """The vocabulary tile (a power of two up to MAX_BLOCK_V) and 1-8 warps for ~16 values a thread."""
-    block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    block = min(next_power_of_2(V), MAX_BLOCK_V)
     return block, min(max(block // 512, 1), 8)
 
 
@@ -191,7 +192,7 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     # One chunk of logits, reused. Its rows are padded to a multiple of 128 elements: with V = 50,257
     # unpadded rows would start off 16-byte boundaries and keep cuBLAS off its aligned kernels (nanoGPT
     # pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
-    row_stride = triton.cdiv(V, 128) * 128
+    row_stride = cdiv(V, 128) * 128
     buf = torch.empty(min(rows, N), row_stride, dtype=dtype, device=h.device)[:, :V]
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
         for r0 in range(0, N, rows):

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from . import attention
+from .host import cdiv, next_power_of_2
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,13 +228,13 @@ def plan_splits(rows: int, slots: int, block_n: int, device: torch.device, num_s
     the GPU), at most one chunk per key block and MAX_SPLITS. Depends only on the shapes, so a
     captured decode step replays the same grid. ``num_splits`` overrides it (tests).
     """
-    blocks = triton.cdiv(slots, block_n)
+    blocks = cdiv(slots, block_n)
     if num_splits is None:
         programs = 2 * _sm_count(device) if device.type == "cuda" else 4
-        num_splits = triton.cdiv(programs, rows)
+        num_splits = cdiv(programs, rows)
     num_splits = max(1, min(num_splits, blocks, MAX_SPLITS))
-    chunk = triton.cdiv(blocks, num_splits) * block_n
-    return triton.cdiv(slots, chunk), chunk
+    chunk = cdiv(blocks, num_splits) * block_n
+    return cdiv(slots, chunk), chunk
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
@@ -270,7 +271,7 @@ def _decode_forward(q, k, v, kv_len, kv_start, scale: float, num_splits: Optiona
     if not single:
         _decode_combine_kernel[(B * H,)](
             part_o, part_m, part_l, o, ob, oh, od, H, splits,
-            HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
+            HEAD_DIM=D, SPLITS_P2=next_power_of_2(splits), num_warps=4,
         )
     return o
 

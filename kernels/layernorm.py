@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import attention
+from .host import cdiv, next_power_of_2
 
 MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,7 +131,7 @@ def _layer_norm_bwd_kernel(
 
 def _block_and_warps(N: int) -> tuple[int, int]:
     """A power-of-two block covering the row, and enough warps for about 8-16 values per thread."""
-    block = triton.next_power_of_2(N)
+    block = next_power_of_2(N)
     return block, min(max(block // 256, 1), 16)
 
 
@@ -199,8 +200,8 @@ def _backward(dy, ds, x, weight, mean, rstd):
     # About 16 resident warps per SM to hide memory latency, but at least 16 rows per program so
     # that the (P, N) fp32 partials (read again by the final sum) stay small next to the activations.
     programs = _num_sms(x.device.index) * max(1, 16 // warps) if x.is_cuda else 4
-    rows_per_program = max(triton.cdiv(M, programs), min(M, 16), 1)
-    programs = max(triton.cdiv(M, rows_per_program), 1)
+    rows_per_program = max(cdiv(M, programs), min(M, 16), 1)
+    programs = max(cdiv(M, rows_per_program), 1)
     dw = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)
     _layer_norm_bwd_kernel[(programs,)](
