@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU suite for a lent H100/H200, in parts that fit one 10-minute device call (a 15-minute lease
-# holds one such call and the machine's start). Each part caps its own time, leaves its results even
-# when it fails, and (under the device tool) refreshes $OUT/results.tgz as soon as it ends, so a
-# call cut short still brings back every part that finished.
+# The GPU suite for a lent H100/H200, in parts, for one 10-minute device call (a 15-minute lease holds
+# one such call and the machine's start): ~6 min on an H200 on 2026-11-26, with fewer benchmarks.
+# Each part caps its own time (the caps add up to 12 min: a slow run loses its last parts), leaves its
+# results even when it fails, and (under the device tool) refreshes $OUT/results.tgz as soon as it
+# ends, so a call cut short still brings back every part that finished.
 #
 #   tests    python -m pytest tests on the GPU (xdist where installed): every kernel test on CUDA,
 #            bf16 included; the static compile gate is left to CI                            (<= 120 s)
-#   kernels  kernel benchmarks: attention vs SDPA-FA2, LayerNorm vs copy bandwidth and eager,
-#            the fused LM head vs F.linear + F.cross_entropy (bf16 checked first)              (<= 110 s)
+#   attention  attention vs SDPA-FA2 (training shapes, decode), bf16 checked first            (<= 100 s)
+#   kernels  LayerNorm vs copy bandwidth and eager, the fused LM head vs F.linear +
+#            F.cross_entropy, per-kernel device times                                          (<= 100 s)
 #   step     train step (batch 32 x 256: triton, torch, both compiled, transformers), MFU at
-#            batches 128, 512, 2048                                                           (<= 150 s)
+#            batches 128, 512, 2048 with the step's costliest kernels                         (<= 150 s)
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
 #   train    python train.py, seed preset, 200 steps through each impl, same seed              (<= 2 x 60 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
@@ -34,9 +36,9 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests kernels step sample train match)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests attention kernels step sample train match)
 for part in "${PARTS[@]}"; do
-  case "$part" in tests|kernels|step|sample|train|match) ;; *) echo "gpu.sh: unknown part '$part' (tests, kernels, step, sample, train, match)" >&2; exit 2;; esac
+  case "$part" in tests|attention|kernels|step|sample|train|match) ;; *) echo "gpu.sh: unknown part '$part' (tests, attention, kernels, step, sample, train, match)" >&2; exit 2;; esac
 done
 
 PY=${PYTHON:-python3}
@@ -75,9 +77,10 @@ for part in "${PARTS[@]}"; do
       # -v: every result is named as it comes, so a pass cut short by its cap still says what failed.
       timeout "${TESTS_CAP:-120}" $PY -m pytest -v ${TESTS:-tests} "${XDIST[@]}" --ignore=tests/test_compile_check.py \
         -p no:cacheprovider --durations=15 -rs 2>&1 | tee "$RES/pytest_tests.log" | grep -v " PASSED " || status=1 ;;
+    attention)
+      bench attention 100 bench/test_bench_attention.py ${KERNELS_K:+-k "$KERNELS_K"} ;;
     kernels)
-      bench kernels 110 bench/test_bench_attention.py bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py \
-        ${KERNELS_K:+-k "$KERNELS_K"} ;;
+      bench kernels 100 bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py ${KERNELS_K:+-k "$KERNELS_K"} ;;
     step)
       bench step 150 bench/test_bench_train.py ;;
     sample)
