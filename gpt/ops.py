@@ -356,13 +356,16 @@ def resolve_impl(impl: str, device: torch.device, config=None) -> str:
     if impl == "auto":
         if torch.device(device).type != "cuda":
             return "torch"
-        if config is not None:
-            from kernels.attention import SUPPORTED_HEAD_DIMS
-
-            if config.head_dim not in SUPPORTED_HEAD_DIMS or config.attn_dropout > 0:
-                return "torch"
-        return "triton"
+        return "triton" if config is None or triton_covers(config) else "torch"
     return impl
+
+
+def triton_covers(config) -> bool:
+    """Whether the Triton kernels run this model (a ``GPTConfig``): a head dim they have and no
+    attention dropout."""
+    from kernels.attention import SUPPORTED_HEAD_DIMS
+
+    return config.head_dim in SUPPORTED_HEAD_DIMS and config.attn_dropout == 0
 
 
 def select_ops(impl: str | Ops, device: torch.device, config=None) -> Ops:

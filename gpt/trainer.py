@@ -37,6 +37,7 @@ from .data import (DEFAULT_CACHE_DIR, SEED_IGNORE_INDEX, SEED_ROW_TOKENS, TrainB
 from .errors import UserError, one_line
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
+from .ops import triton_covers
 from .tokenizer import EOS_ID
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
@@ -435,11 +436,10 @@ class Trainer:
                 import kernels
             except (ImportError, AttributeError) as e:
                 raise TrainError(f"--impl triton: the Triton kernels are unavailable ({e})") from None
-            head_dims = kernels.attention.SUPPORTED_HEAD_DIMS
-            if cfg.head_dim not in head_dims or cfg.attn_dropout > 0:
-                raise TrainError(f"--impl triton: the kernels need a head dim in {head_dims} and no attention "
-                                 f"dropout (this model: head dim {cfg.head_dim}, attn dropout {cfg.attn_dropout}); "
-                                 "use --impl torch or auto")
+            if not triton_covers(cfg):
+                raise TrainError(f"--impl triton: the kernels need a head dim in {kernels.attention.SUPPORTED_HEAD_DIMS} "
+                                 f"and no attention dropout (this model: head dim {cfg.head_dim}, attn dropout "
+                                 f"{cfg.attn_dropout}); use --impl torch or auto")
         summary_writer = tensorboard_writer_class() if opts.tensorboard and self.master else None
         self.tokenizer = get_tokenizer(opts.tokenizer)
         if opts.tokenizer is None and self.tokenizer.source.startswith("dir:"):  # found via $GPT2_TOKENIZER_DIR:

@@ -512,32 +512,37 @@ def _launchable(device: torch.device) -> bool:
     return device.type == "cuda" or (_INTERPRET and device.type == "cpu")
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor]) -> None:
-    """Raise a one-line ValueError for anything the kernels do not support."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor]) -> None:
+    """One-line ValueErrors, prefixed with ``name``, for q, k, v (and kv_start) that no attention
+    kernel here takes: shapes, head dim, dtypes, devices. Shared by causal and decode attention."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"causal_attention: {name} must be (B, H, T, D), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: {arg} must be (B, H, T, D), got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"causal_attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
-    B, H, Tq, D = q.shape
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} disagree: their shapes differ")
+    B, H, _, D = q.shape
     if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
-        raise ValueError(f"causal_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on (B, H, D)")
-    Tk = k.shape[2]
-    if Tq < 1 or Tk < Tq:
-        raise ValueError(f"causal_attention: need 1 <= Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on (B, H, D)")
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"causal_attention: head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
+        raise ValueError(f"{name}: head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"causal_attention: q, k, v must share one dtype of fp16/bf16/fp32, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{name}: q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"causal_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(f"{name}: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
     if not _launchable(q.device):
-        raise ValueError(f"causal_attention: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
+        raise ValueError(f"{name}: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
     if kv_start is not None:
         if kv_start.dtype != torch.int64 or tuple(kv_start.shape) != (B,) or kv_start.device != q.device:
-            raise ValueError(f"causal_attention: kv_start must be int64 of shape ({B},) on {q.device}, got "
+            raise ValueError(f"{name}: kv_start must be int64 of shape ({B},) on {q.device}, got "
                              f"{kv_start.dtype} {tuple(kv_start.shape)} on {kv_start.device}")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor]) -> None:
+    """Raise a one-line ValueError for anything the kernels do not support."""
+    _check_qkv("causal_attention", q, k, v, kv_start)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq < 1 or Tk < Tq:
+        raise ValueError(f"causal_attention: need 1 <= Tq <= Tk, got Tq={Tq}, Tk={Tk}")
 
 
 def _bucket(n: int) -> int:

@@ -48,8 +48,7 @@ import triton.language as tl
 from . import attention
 from .host import cdiv, next_power_of_2
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = attention.SUPPORTED_HEAD_DIMS  # the inputs are checked by attention's rules
 MAX_SPLITS = 64
 LOG2E = 1.4426950408889634
 
@@ -184,30 +183,13 @@ def _decode_combine_kernel(
 
 def _check_inputs(q, k, v, kv_len, kv_start) -> None:
     """Raise a one-line ValueError for anything the kernels do not support."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"decode_attention: {name} must be (B, H, T, D), got shape {tuple(t.shape)}")
-    B, H, Tq, D = q.shape
-    if Tq != 1:
-        raise ValueError(f"decode_attention: one query row per (batch, head), got Tq={Tq}")
-    if k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
-        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"decode_attention: head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"decode_attention: q, k, v must share one dtype of fp16/bf16/fp32, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"decode_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
-    if not attention._launchable(q.device):  # the one rule (the compile check stands in for it)
-        raise ValueError(f"decode_attention: tensors on {q.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
+    if q.dim() == 4 and q.shape[2] != 1:
+        raise ValueError(f"decode_attention: one query row per (batch, head), got Tq={q.shape[2]}")
+    attention._check_qkv("decode_attention", q, k, v, kv_start)
+    B = q.shape[0]
     if kv_len.dtype != torch.int64 or kv_len.dim() != 1 or kv_len.shape[0] not in (1, B) or kv_len.device != q.device:
         raise ValueError(f"decode_attention: kv_len must be int64 of shape ({B},) or (1,) on {q.device}, got "
                          f"{kv_len.dtype} {tuple(kv_len.shape)} on {kv_len.device}")
-    if kv_start is not None:
-        if kv_start.dtype != torch.int64 or tuple(kv_start.shape) != (B,) or kv_start.device != q.device:
-            raise ValueError(f"decode_attention: kv_start must be int64 of shape ({B},) on {q.device}, got "
-                             f"{kv_start.dtype} {tuple(kv_start.shape)} on {kv_start.device}")
 
 
 @functools.cache
