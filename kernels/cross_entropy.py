@@ -5,7 +5,8 @@ computes -- the mean cross-entropy of the logits ``h @ weight.T`` over targets !
 many of those targets are the (first-index) argmax of their logits, and the count -- without ever
 holding the (N, V) logits: rows go through in chunks of ``CHUNK_ELEMENTS // V``, and for each chunk
 
-1. cuBLAS makes the chunk's logits, ``h_c @ W.T`` (M, V), in the compute dtype;
+1. cuBLAS makes the chunk's logits, ``h_c @ W.T`` (M, V), in the compute dtype (over the vocabulary
+   padded with zero weight rows to a multiple of 128, ``VOCAB_MULTIPLE``: aligned GEMMs);
 2. ``_ce_rows_kernel`` (one program per row) keeps a running max and sum of exponentials over
    vocabulary tiles in fp32, with the first index of the max and the target's logit, writes the
    row's loss lse - logit[target] and whether the argmax hit the target, then overwrites the row
@@ -54,6 +55,10 @@ from .host import cdiv, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
+# The GEMMs run over the vocabulary padded with zero weight rows to a multiple of VOCAB_MULTIPLE
+# (50,257 -> 50,304, nanoGPT's padding): an odd V is unaligned on each GEMM's contiguous dimension (the
+# logits' columns, dh's reduction, dW's rows), which keeps cuBLAS off its 16-byte tensor-core kernels.
+VOCAB_MULTIPLE = 128
 MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel: 16 fp32 values per thread over 8 warps
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read
 
@@ -164,6 +169,18 @@ def _chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMENTS // V)
 
 
+def _vocab_padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (V, C) weight in ``dtype`` with zero rows appended up to a multiple of VOCAB_MULTIPLE."""
+    V, C = weight.shape
+    Vp = cdiv(V, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if Vp == V:
+        return weight.to(dtype).contiguous()
+    w = torch.empty((Vp, C), dtype=dtype, device=weight.device)
+    w[:V].copy_(weight)
+    w[V:].zero_()
+    return w
+
+
 def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
              ignore_index: int, write_grad: bool) -> None:
     """Launch the row kernel on one chunk: (M, V) logits, (M,) int64 targets, (M,) loss and hits."""
@@ -180,27 +197,25 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     gradients being those of the mean loss (row r weighs counted[r] / count)."""
     N, C = h.shape
     V = weight.shape[0]
-    w = weight.to(dtype).contiguous()  # (V, C)
+    w = _vocab_padded(weight, dtype)  # (Vp, C): zero rows past V
+    Vp = w.shape[0]
     counted = targets != ignore_index  # (N,)
     count = counted.sum()
     row_weight = counted.float() / count.clamp(min=1)  # (N,): into the (M, C) GEMM operands
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
     hits = torch.empty(N, dtype=torch.int32, device=h.device)
     dh = torch.empty((N, C) if need_dh else (0,), dtype=h.dtype, device=h.device)
-    dw = torch.zeros((V, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
-    rows = _chunk_rows(V)
-    # One chunk of logits, reused. Its rows are padded to a multiple of 128 elements: with V = 50,257
-    # unpadded rows would start off 16-byte boundaries and keep cuBLAS off its aligned kernels (nanoGPT
-    # pads the vocabulary itself to 50,304 for this); the row kernel takes the stride.
-    row_stride = cdiv(V, 128) * 128
-    buf = torch.empty(min(rows, N), row_stride, dtype=dtype, device=h.device)[:, :V]
+    dw = torch.zeros((Vp, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
+    rows = _chunk_rows(Vp)
+    buf = torch.empty(min(rows, N), Vp, dtype=dtype, device=h.device)  # one chunk of logits, reused
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
             hc = h[r0:r1].to(dtype)  # (M, C)
-            logits = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, V)
-            _ce_rows(logits, targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
-            g = logits  # now softmax - onehot, zero on ignored rows
+            g = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, Vp) logits; 0 past V
+            # The row kernel reads the first V columns (row stride Vp) and overwrites them with
+            # softmax - onehot, zero on ignored rows; the zero columns past V stay, and add nothing.
+            _ce_rows(g[:, :V], targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
             rw = row_weight[r0:r1, None]  # (M, 1)
             if need_dh:
                 dh[r0:r1] = (g @ w) * rw  # (M, C)
@@ -211,7 +226,7 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
                 else:
                     dw += g.t() @ hw  # a half-precision partial (fp32 accumulation inside the GEMM)
     loss = loss_rows.sum() / count.clamp(min=1)
-    return loss, hits.sum(dtype=torch.int64), count, dh, dw
+    return loss, hits.sum(dtype=torch.int64), count, dh, dw[:V]
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,

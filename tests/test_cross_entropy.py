@@ -30,12 +30,17 @@ IMPLS = {"ref": linear_cross_entropy_ref, "triton": kernels.linear_cross_entropy
 ROWS_PER_CHUNK = 8
 
 
+def padded(V, multiple):
+    return -(-V // multiple) * multiple
+
+
 def set_chunk_rows(monkeypatch, V, rows=ROWS_PER_CHUNK):
     """Chunks of ``rows`` rows of logits for vocabulary size V (fp32; the reference chunks by bytes: 4
-    rows in fp64, 16 in half precision), and the reference's softmax in blocks of 3 rows."""
-    monkeypatch.setattr(ops, "LCE_CHUNK_BYTES", rows * V * 4)
+    rows in fp64, 16 in half precision; both chunk the padded vocabulary), and the reference's
+    softmax in blocks of 3 rows."""
+    monkeypatch.setattr(ops, "LCE_CHUNK_BYTES", rows * padded(V, ops.LCE_VOCAB_MULTIPLE) * 4)
     monkeypatch.setattr(ops, "LCE_BLOCK_ELEMENTS", 3 * V)
-    monkeypatch.setattr(kce, "CHUNK_ELEMENTS", rows * V)
+    monkeypatch.setattr(kce, "CHUNK_ELEMENTS", rows * padded(V, kce.VOCAB_MULTIPLE))
 
 
 def make_case(N, C, V, dtype, seed=0, ignored=(), hits=()):
@@ -138,6 +143,50 @@ def test_reference_whole_chunk_path_matches_float64_and_the_blocked_one(monkeypa
     torch.testing.assert_close(loss_w, loss_b, atol=0, rtol=1e-6)  # fp32 sums, grouped differently
     for a, b in zip(grads_w, grads_b):  # rows are independent: the same arithmetic per element
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+class GemmShapes(torch.overrides.TorchFunctionMode):
+    """Records the (rows, inner, cols) of every 2-D matrix product called while active."""
+
+    PRODUCTS = {"mm", "matmul", "addmm", "addmm_", "__matmul__"}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.PRODUCTS:
+            a, b = args[-2:]
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl,dtype", [("ref", torch.bfloat16), ("triton", torch.float32)])
+def test_gemms_run_over_the_padded_vocabulary(monkeypatch, impl, dtype):
+    """Each of the three head GEMMs (logits, dh, dW) spans the vocabulary padded with zero weight rows
+    to a multiple of 128 (aligned BLAS kernels), never V = 97 itself, and the padding changes nothing:
+    loss, hits and both gradients against float64. (The reference pads on a GPU and in half
+    precision; the kernel path always.)"""
+    set_chunk_rows(monkeypatch, 97)
+    h, weight, targets = make_case(19, 16, 97, dtype, ignored=(2,), hits=(0, 5))
+    mode = GemmShapes()
+
+    def recorded(fn):  # the head's own products, not the float64 expectation's
+        def run(*args):
+            with mode:
+                return fn(*args)
+        return run
+
+    if impl == "ref":
+        monkeypatch.setitem(IMPLS, impl, recorded(IMPLS[impl]))
+    else:  # the chunk loop, inside the custom op (a mode entered outside does not reach in)
+        monkeypatch.setattr(kce, "_forward", recorded(kce._forward))
+    assert check(impl, h, weight, targets, dtype) >= 2
+    chunks = 2 if dtype == torch.bfloat16 else 3  # 16 rows a chunk in half precision, 8 in fp32
+    assert len(mode.shapes) == 3 * chunks  # (logits, dh, dW) per row chunk
+    assert all(128 in shape and 97 not in shape for shape in mode.shapes), mode.shapes
+    w = (ops.vocab_padded if impl == "ref" else kce._vocab_padded)(weight, dtype)
+    assert w.shape == (128, 16) and torch.equal(w[:97], weight) and torch.count_nonzero(w[97:]) == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
