@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite for a lent H100/H200, in parts, for one 10-minute device call (a 15-minute lease holds
 # one such call and the machine's start): ~6 min on an H200 on 2026-11-26, with fewer benchmarks.
-# Each part caps its own time (the caps add up to 12 min: a slow run loses its last parts), leaves its
+# Each part caps its own time (the caps add up to 13 min: a slow run loses its last parts), leaves its
 # results even when it fails, and (under the device tool) refreshes $OUT/results.tgz as soon as it
 # ends, so a call cut short still brings back every part that finished.
 #
@@ -10,10 +10,10 @@
 #   attention  attention vs SDPA-FA2 (training shapes, decode), bf16 checked first            (<= 100 s)
 #   kernels  LayerNorm vs copy bandwidth and eager, the fused LM head vs F.linear +
 #            F.cross_entropy, per-kernel device times                                          (<= 100 s)
-#   step     train step (batch 32 x 256: triton, torch, both compiled, transformers), MFU at
-#            batches 128, 512, 2048 with the step's costliest kernels                         (<= 150 s)
+#   step     train step at batch 32 x 256 (triton, torch, both compiled, both CUDA-graphed,
+#            transformers); MFU at batches 128, 512, 2048 with the costliest kernels           (<= 150 s)
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
-#   train    python train.py, seed preset, 200 steps through each impl, same seed              (<= 2 x 60 s)
+#   train    python train.py, seed preset, 200 steps: impl torch, triton, triton --cuda-graph  (<= 3 x 60 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
 #
 # Here (with ../shared beside the repo):  bash bench/gpu.sh --prepare      # copies data into device_data/
@@ -88,12 +88,15 @@ for part in "${PARTS[@]}"; do
     match)
       bench match 50 bench/test_bench_match.py bench/test_bench_loop.py bench/test_bench_memory.py ;;
     train)
-      for impl in torch triton; do
+      for run in torch triton graph; do  # graph: impl triton, the step captured (--cuda-graph)
+        impl=${run/graph/triton}
+        extra=()
+        [ "$run" = graph ] && extra=(--cuda-graph)
         timeout 60 $PY train.py --preset seed --data "$DATA/tinystories/tinystories-sample.jsonl" \
-          --tokenizer "$DATA/gpt2-tokenizer" --cache-dir /tmp/gpt_cache --out-dir "/tmp/train_$impl" --overwrite \
-          --impl "$impl" --max-steps 200 --warmup-steps 20 --eval-interval 100 --eval-tokens 65536 --seed 1 \
-          --no-progress 2>&1 | tail -n 25 | tee "$RES/train_$impl.log" || status=1
-        cp "/tmp/train_$impl/training_history.json" "$RES/train_${impl}_history.json" 2>/dev/null || status=1
+          --tokenizer "$DATA/gpt2-tokenizer" --cache-dir /tmp/gpt_cache --out-dir "/tmp/train_$run" --overwrite \
+          --impl "$impl" ${extra[@]+"${extra[@]}"} --max-steps 200 --warmup-steps 20 --eval-interval 100 --eval-tokens 65536 \
+          --seed 1 --no-progress 2>&1 | tail -n 25 | tee "$RES/train_$run.log" || status=1
+        cp "/tmp/train_$run/training_history.json" "$RES/train_${run}_history.json" 2>/dev/null || status=1
       done ;;
   esac
   [ -e "$RES/bench_$part.json" ] && { $PY -m bench.report "$RES/bench_$part.json" || status=1; }

@@ -4,7 +4,8 @@ Peers, measured in the same run: transformers' GPT2LMHeadModel (fp32, eager atte
 the same weights as ours, and the seed's own model and recipe (bench/seed_recipe.py). Ours runs as
 train.py does: impl torch at the device's default dtype (fp32 on CPU, bf16 autocast on CUDA), fused
 AdamW, clipping at 1.0, the fused LM head + cross-entropy; on CUDA also impl triton, impl
-triton + torch.compile, and impl torch + torch.compile (the compiled plain-PyTorch peer). The ``_unfused`` variants swap in the unfused head
+triton + torch.compile, impl torch + torch.compile (the compiled plain-PyTorch peer), and both
+impls' step captured in a CUDA graph (train.py --cuda-graph). The ``_unfused`` variants swap in the unfused head
 (``gpt.ops.linear_cross_entropy_unfused``: all logits, ``F.cross_entropy``) to show what the fused
 one buys in the same run.
 Before timing, each model's loss on the batch is checked against ours (same weights: equal; the seed
@@ -155,6 +156,26 @@ def test_train_step_ours(benchmark, batch, weights, impl, compile_, dtype, head)
 
     _run(benchmark, f"ours_{impl}_{dtype}" + ("_compile" if compile_ else "") + ("_unfused" if head == "unfused" else ""),
          step)
+
+
+@pytest.mark.skipif(not CUDA, reason="a CUDA graph needs a GPU")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_train_step_cuda_graph(benchmark, batch, weights, impl):
+    """train.py --cuda-graph's step (gpt.graphstep): the same step captured once and replayed, so
+    the host's launch work (hundreds of kernels a step) is gone; timed after the warm-up and capture."""
+    from gpt.graphstep import WARMUP_STEPS, GraphedTrainStep
+
+    model = GPT2Model(CFG, impl=impl).to(DEVICE)
+    model.load_state_dict(weights)
+    tc = TrainConfig()
+    opt = build_optimizer(model, tc, DEVICE)
+    graphed = GraphedTrainStep(model, opt, device=DEVICE, dtype=DTYPE, grad_clip=tc.grad_clip)
+    x, y = batch
+    for _ in range(WARMUP_STEPS):
+        graphed([(x, y)], tc.lr)
+    assert not graphed.captured
+    _run(benchmark, f"ours_{impl}_{DTYPE}_cuda_graph", lambda: graphed([(x, y)], tc.lr))  # its warm-up captures
+    assert graphed.captured and graphed.eager_steps == WARMUP_STEPS
 
 
 @pytest.mark.skipif(not CUDA, reason="MFU is a GPU figure")

@@ -30,10 +30,12 @@ def default_dtype(device: torch.device | str) -> str:
 
 
 def autocast(device: torch.device | str, dtype: str):
-    """Mixed precision for ``dtype`` ("fp32": none) on ``device``."""
+    """Mixed precision for ``dtype`` ("fp32": none) on ``device``. Without autocast's cast cache: the
+    model casts each weight once a forward anyway, and a CUDA graph capturing the step
+    (gpt.graphstep) must not keep the cache's tensors."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype], cache_enabled=False)
 
 
 def device_peaks(device: torch.device | str = "cuda") -> dict:

@@ -35,6 +35,7 @@ from .config import GPTConfig, TrainConfig
 from .data import (DEFAULT_CACHE_DIR, SEED_IGNORE_INDEX, SEED_ROW_TOKENS, TrainBatches, eval_batches,
                    story_rows)
 from .errors import UserError, one_line
+from .graphstep import GraphedTrainStep, check_graphable
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
@@ -72,6 +73,7 @@ class RunOptions:
     impl: str = "auto"
     dtype: str | None = None  # None: hardware.default_dtype(device)
     compile: bool = False
+    cuda_graph: bool = False  # capture the step in a CUDA graph after 3 eager ones (gpt.graphstep)
     seed: int = 1337
     log_interval: int = 10
     checkpoint_interval: int = 100  # steps between last.pt writes (also at every evaluation); 0 = evaluations only
@@ -138,7 +140,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     micro = list(micro_batches)
     if lr is not None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # a captured step's lr (gpt.graphstep): written in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
     metrics = torch.zeros(3, dtype=torch.float64, device=device)
     for i, (x, y) in enumerate(micro):
         if device.type == "cuda" and x.device.type == "cpu":  # batches from the host: copy without a sync
@@ -429,6 +434,8 @@ class Trainer:
         opts, tc, cfg = self.opts, self.tc, self.model_cfg
         if self.dtype == "fp16" and self.device.type == "cpu":
             raise TrainError("--dtype fp16 is for CUDA; use bf16 or fp32 on a CPU")
+        if opts.cuda_graph:
+            check_graphable(self.device, self.world, self.dtype, opts.compile)
         if opts.impl == "triton":
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise TrainError("--impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow interpreter)")
@@ -490,6 +497,9 @@ class Trainer:
         self.model = self.fwd  # training calls this: DDP-wrapped under torchrun
         if self.world > 1:
             self.model = DistributedDataParallel(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # After the restore: a captured step must see the optimizer state it will keep using.
+        self.graphed = GraphedTrainStep(self.model, self.optimizer, device=self.device, dtype=self.dtype,
+                                        grad_clip=tc.grad_clip) if opts.cuda_graph else None
         if summary_writer is not None:
             self.tb = summary_writer(opts.tensorboard)
         self.setup_seconds = time.perf_counter() - self.t_created
@@ -658,8 +668,13 @@ class Trainer:
                     raise KeyboardInterrupt
                 self.lr = lr_at(st.step, tc, self.max_steps)
                 micro = [self.batches.next() for _ in range(self.accum)]
-                acc += train_step(self.model, self.optimizer, micro, device=self.device, dtype=self.dtype,
-                                  grad_clip=tc.grad_clip, scaler=self.scaler, lr=self.lr)
+                if self.graphed is None:
+                    acc += train_step(self.model, self.optimizer, micro, device=self.device, dtype=self.dtype,
+                                      grad_clip=tc.grad_clip, scaler=self.scaler, lr=self.lr)
+                else:
+                    if self.graphed.captured:  # a replay is compute and update at once: committed
+                        self._interruptible = False
+                    acc += self.graphed(micro, self.lr)
                 self._interruptible = False  # (the pre-hook did too; a scaler-skipped update has no hook)
                 st.step += 1
                 st.tokens_seen += self.tokens_per_step

@@ -1,0 +1,156 @@
+"""The training step captured in a CUDA graph and replayed: one launch a step instead of hundreds.
+
+An eager step of the seed model launches a few hundred kernels (ours, cuBLAS's, autograd's, the
+optimizer's), each costing 10-100 us of Python, autograd and driver work on the host. At batch
+32 x 256 the GPU's share of a step is a few milliseconds, so the host sets the pace: on an H200 the
+step reached 11.5% MFU at batch 32 and 17.1% at batch 512 with the same kernels
+(bench/results/2026-11-26-NVIDIA-H200/). ``GraphedTrainStep`` is ``train_step`` without that cost:
+
+1. the first ``warmup`` steps run eagerly (``train_step`` as is), on the side stream the capture
+   will use: Triton compiles and autotunes, cuBLAS makes its workspaces, the optimizer its state;
+2. the next step is captured in a CUDA graph (``torch.cuda.graph``) over static device buffers --
+   the micro-batches, the learning rate (a device tensor the fused AdamW reads: ``capturable``), the
+   step's metrics -- and replayed to run it;
+3. every later step copies its batch into the buffers (pinned, asynchronous), writes the lr and
+   replays: no host sync, and the metrics tensor is read in stream order before the next replay
+   overwrites it.
+
+A replay computes what an eager step computes: the same kernels on the same addresses, so results
+agree with eager steps to rounding (tests/test_graphstep.py). Dropout draws fresh numbers on every
+replay (the CUDA generator moves its Philox offset per replay), not eager's exact stream.
+
+Needs (``check_graphable``, one-line errors): CUDA, one process (no DDP: its hooks all-reduce
+outside the graph), no fp16 loss scaler (its skipped steps are host decisions), no ``--compile``
+(``torch.compile(mode="reduce-overhead")`` graphs a compiled model itself). A step whose
+micro-batches differ in shape from the captured ones runs eagerly. The optimizer's state must not be
+replaced after the capture (``load_state_dict`` makes new tensors): a run resumes before it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .errors import UserError
+
+WARMUP_STEPS = 3  # eager steps before the capture: compilation, autotuning, lazy initialisation
+
+
+class GraphError(UserError):
+    """A run that CUDA-graph capture cannot serve: one line."""
+
+
+def check_graphable(device: torch.device, world_size: int, dtype: str, compiled: bool) -> None:
+    """Raise GraphError unless a training step on ``device`` can be captured (see the module doc)."""
+    if device.type != "cuda":
+        raise GraphError(f"--cuda-graph needs a CUDA device, got {device}")
+    if world_size > 1:
+        raise GraphError(f"--cuda-graph runs in one process; torchrun started {world_size}")
+    if dtype == "fp16":
+        raise GraphError("--cuda-graph cannot capture fp16's loss scaler (its skipped steps are decided on the "
+                         "host); use --dtype bf16")
+    if compiled:
+        raise GraphError("--cuda-graph and --compile do not combine (torch.compile's mode='reduce-overhead' "
+                         "graphs a compiled model)")
+
+
+def use_tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make every param group's lr a device tensor and the optimizer capturable, so a captured step
+    reads the lr written before each replay instead of the number it saw at capture."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device != device:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        group["capturable"] = True
+
+
+class GraphedTrainStep:
+    """``train_step(model, optimizer, micro_batches, lr=...)``, captured after ``warmup`` eager steps.
+
+    ``step(micro_batches, lr)`` returns the step's ``[sum of loss * count, correct, count]`` (float64,
+    on the device), as ``train_step`` does; after the capture it is a static tensor that the next
+    step overwrites, so read it (or add it up) before then. ``captured`` says whether steps now replay.
+    On a CPU (tests) nothing is captured: a "replay" runs the eager step on the static buffers, so
+    everything but the graph itself -- buffers, lr, warm-up, shape fallback -- is checked there.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 dtype: str, grad_clip: float = 0.0, warmup: int = WARMUP_STEPS):
+        self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        self.options = dict(device=self.device, dtype=dtype, grad_clip=grad_clip)
+        self.warmup = warmup
+        self.eager_steps = 0
+        self.inputs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # static device buffers
+        self.metrics: Optional[torch.Tensor] = None  # the captured step's output
+        self._replay = None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        use_tensor_lr(optimizer, self.device)
+
+    @property
+    def captured(self) -> bool:
+        return self._replay is not None
+
+    def __call__(self, micro_batches: Iterable, lr: float) -> torch.Tensor:
+        micro = list(micro_batches)
+        if self.captured and self._fits(micro):
+            self._load(micro, lr)
+            self._replay()
+            return self.metrics
+        if self.captured or self.eager_steps < self.warmup:
+            self.eager_steps += 1
+            return self._on_side_stream(lambda: self._eager(micro, lr))
+        self.inputs = [(torch.empty_like(x, device=self.device), torch.empty_like(y, device=self.device))
+                       for x, y in micro]
+        self._load(micro, lr)
+        self._capture()
+        self._replay()
+        return self.metrics
+
+    def _eager(self, micro: list, lr: float) -> torch.Tensor:
+        from .trainer import train_step
+
+        return train_step(self.model, self.optimizer, micro, lr=lr, **self.options)
+
+    def _fits(self, micro: list) -> bool:
+        return len(micro) == len(self.inputs) and all(
+            x.shape == sx.shape and y.shape == sy.shape and x.dtype == sx.dtype and y.dtype == sy.dtype
+            for (x, y), (sx, sy) in zip(micro, self.inputs))
+
+    def _load(self, micro: list, lr: float) -> None:
+        """The batch into the static buffers and the lr into its tensors, in stream order."""
+        for (x, y), (sx, sy) in zip(micro, self.inputs):
+            for src, dst in ((x, sx), (y, sy)):
+                if src.device.type == "cpu" and self.device.type == "cuda":
+                    src = src.pin_memory()  # an asynchronous copy; the pinned block lives until it is done
+                dst.copy_(src, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
+
+    def _on_side_stream(self, fn):
+        """fn() on the capture's stream, ordered after and before the current stream's work."""
+        if self.stream is None:
+            return fn()
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
+    def _capture(self) -> None:
+        from .trainer import train_step
+
+        def step():
+            return train_step(self.model, self.optimizer, self.inputs, **self.options)
+
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are made inside the graph's memory
+        if self.device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.metrics = step()
+            self._graph = graph  # holds the graph's memory pool
+            self._replay = graph.replay
+        else:  # no graphs on a CPU: a replay is the same step run again on the static buffers
+            self.metrics = torch.zeros(3, dtype=torch.float64)
+            self._replay = lambda: self.metrics.copy_(step())

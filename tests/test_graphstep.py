@@ -1,0 +1,118 @@
+"""gpt.graphstep: the training step captured in a CUDA graph, against eager ``train_step``.
+
+On a GPU the capture is real (impl auto: the Triton kernels). On a CPU, which has no graphs, a
+"replay" runs the eager step again on the static buffers: that checks everything around the graph
+-- the warm-up count, each step's batch and lr reaching the step through the buffers (a stale
+buffer trains on the capture's batch again and the weights part), the fallback for another batch
+shape, the metrics -- and the refusals.
+"""
+
+import pytest
+import torch
+
+from gpt import GPT2Model, GPTConfig, TrainConfig
+from gpt.graphstep import GraphedTrainStep, GraphError, check_graphable
+from gpt.train import main
+from gpt.trainer import build_optimizer, train_step
+
+from conftest import DEVICE
+
+CFG = GPTConfig(vocab_size=101, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+WARMUP = 2
+LRS = [2.0**-k for k in (7, 8, 8, 9, 10, 9, 11, 12, 10)]  # exact in fp32: the lr tensor holds what eager uses
+
+
+def micro_batches(step: int, rows: int = 3, micro: int = 2) -> list:
+    """``micro`` (x, y) pairs of (rows, 16) CPU tokens, different every step, some targets ignored."""
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for _ in range(micro):
+        x = torch.randint(0, CFG.vocab_size, (rows, 16), generator=g)
+        y = torch.randint(0, CFG.vocab_size, (rows, 16), generator=g)
+        y[0, -3:] = -1
+        out.append((x, y))
+    return out
+
+
+PLAN = [micro_batches(i, rows=2 if i == 6 else 3) for i in range(len(LRS))]  # step 6: another shape
+
+
+def train(dtype: str, graphed: bool):
+    torch.manual_seed(0)
+    model = GPT2Model(CFG, impl="auto").to(DEVICE)
+    opt = build_optimizer(model, TrainConfig(), DEVICE)
+    stepper = GraphedTrainStep(model, opt, device=DEVICE, dtype=dtype, grad_clip=1.0, warmup=WARMUP) if graphed else None
+    metrics, captured = [], []
+    for micro, lr in zip(PLAN, LRS):
+        if graphed:
+            m = stepper(micro, lr)
+            captured.append(stepper.captured)
+        else:
+            m = train_step(model, opt, micro, device=DEVICE, dtype=dtype, grad_clip=1.0, lr=lr)
+        metrics.append(m.clone())  # a replay's metrics tensor is overwritten by the next replay
+    return model, torch.stack(metrics), stepper, captured
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_graphed_steps_match_eager_steps(dtype):
+    eager, eager_metrics, _, _ = train(dtype, graphed=False)
+    graphed, graphed_metrics, stepper, captured = train(dtype, graphed=True)
+    assert captured == [False] * WARMUP + [True] * (len(LRS) - WARMUP)
+    assert stepper.eager_steps == WARMUP + 1  # the warm-up, and step 6 (another shape) ran eagerly
+    # The same ops on the same values: equal to rounding (fp32 sums may be grouped differently on a GPU).
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == "fp32" else dict(atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(graphed_metrics, eager_metrics, **tol)
+    assert graphed_metrics[:, 2].tolist() == eager_metrics[:, 2].tolist()  # targets counted
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert all(p.grad is None for p in graphed.parameters())  # no gradient held between steps
+
+
+def test_a_stale_batch_would_show():
+    """The comparison above can fail: training every step after the warm-up on the capture's batch
+    (what a replay reading stale buffers would do) ends elsewhere."""
+    eager, _, _, _ = train("fp32", graphed=False)
+    torch.manual_seed(0)
+    stale = GPT2Model(CFG, impl="auto").to(DEVICE)
+    opt = build_optimizer(stale, TrainConfig(), DEVICE)
+    for i, lr in enumerate(LRS):
+        train_step(stale, opt, PLAN[min(i, WARMUP)], device=DEVICE, dtype="fp32", grad_clip=1.0, lr=lr)
+    assert not all(torch.allclose(p, q, atol=1e-6, rtol=1e-5) for p, q in zip(stale.parameters(), eager.parameters()))
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.device("cpu"), 1, "fp32", False), "--cuda-graph needs a CUDA device, got cpu"),
+    ((torch.device("cuda"), 2, "bf16", False), "--cuda-graph runs in one process; torchrun started 2"),
+    ((torch.device("cuda"), 1, "fp16", False), "--cuda-graph cannot capture fp16's loss scaler"),
+    ((torch.device("cuda"), 1, "bf16", True), "--cuda-graph and --compile do not combine"),
+])
+def test_what_cannot_be_captured_is_refused(args, message):
+    with pytest.raises(GraphError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        check_graphable(*args)
+    check_graphable(torch.device("cuda"), 1, "bf16", False)  # what can
+
+
+def test_cli_refuses_cuda_graph_on_a_cpu_in_one_line(base_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*base_args, "--device", "cpu", "--cuda-graph", "--max-steps", "2", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --cuda-graph needs a CUDA device, got cpu"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA graph needs a GPU")
+def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, history, capsys):
+    """train.py --cuda-graph: 3 eager steps, a capture, replays; the logged losses and the final
+    test figures match the eager run's (no dropout, so both draw nothing)."""
+    runs = {}
+    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+        out = tmp_path / name
+        args = [*base_args, "--max-steps", "20", "--eval-interval", "10", "--dropout", "0", "--dtype", "fp32",
+                "--out-dir", str(out), *extra]
+        assert main(args) == 0, capsys.readouterr().err[-2000:]
+        runs[name] = history(out)
+    eager, graph = runs["eager"], runs["graph"]
+    assert graph["train_log"]["steps"] == eager["train_log"]["steps"]
+    for key in ("train_losses", "val_losses"):
+        assert graph[key] == pytest.approx(eager[key], rel=1e-4), key
+    assert graph["final_perplexity"] == pytest.approx(eager["final_perplexity"], rel=1e-4)
