@@ -134,6 +134,27 @@ def test_add_layer_norm_matches_float64(dtype, shape):
     add_ln_check(dtype, dtype, shape)
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "no_input_needs_grad"])
+def test_inference_calls_skip_autograd_and_give_the_same_values(monkeypatch, grad_mode):
+    """Without a gradient to make (no_grad, or no input requiring one) the launcher runs without an
+    autograd node; the values are the training path's, bit for bit."""
+    x, r = rand((3, 5, 96), torch.float32, seed=1), rand((3, 5, 96), torch.float32, seed=2)
+    weight, bias = make_params(96)
+    trained = kernels.layer_norm(x, weight, bias), kernels.add_layer_norm(x, r, weight, bias)
+    applied = []
+    for cls in (kernels.layernorm.LayerNormFunction, kernels.layernorm.AddLayerNormFunction):
+        monkeypatch.setattr(cls, "apply", lambda *a, cls=cls, apply=cls.apply: applied.append(cls) or apply(*a))
+    if grad_mode == "no_grad":
+        with torch.no_grad():
+            y, (y2, s2) = kernels.layer_norm(x, weight, bias), kernels.add_layer_norm(x, r, weight, bias)
+    else:
+        w, b = weight.detach(), bias.detach()
+        y, (y2, s2) = kernels.layer_norm(x, w, b), kernels.add_layer_norm(x, r, w, b)
+    assert applied == [] and y.grad_fn is None and y2.grad_fn is None
+    assert torch.equal(y, trained[0]) and torch.equal(y2, trained[1][0]) and torch.equal(s2, trained[1][1])
+    assert trained[0].grad_fn is not None  # the training path does make a node
+
+
 def test_add_layer_norm_mixed_dtypes():
     """Under autocast the model adds a bf16 branch output to the fp32 residual stream: fp32 result."""
     add_ln_check(torch.bfloat16, torch.float32, (3, 7, 48))
