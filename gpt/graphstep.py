@@ -77,6 +77,8 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  dtype: str, grad_clip: float = 0.0, warmup: int = WARMUP_STEPS):
+        if warmup < 1:  # the first step compiles kernels and makes the optimizer state: never inside a capture
+            raise ValueError(f"GraphedTrainStep needs warmup >= 1 eager steps, got {warmup}")
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.options = dict(device=self.device, dtype=dtype, grad_clip=grad_clip)
         self.warmup = warmup

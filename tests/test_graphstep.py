@@ -92,6 +92,13 @@ def test_what_cannot_be_captured_is_refused(args, message):
     check_graphable(torch.device("cuda"), 1, "bf16", False)  # what can
 
 
+def test_a_capture_needs_a_warm_up():
+    model = GPT2Model(CFG, impl="torch")
+    with pytest.raises(ValueError, match="needs warmup >= 1 eager steps, got 0"):
+        GraphedTrainStep(model, build_optimizer(model, TrainConfig(), torch.device("cpu")), device="cpu",
+                         dtype="fp32", warmup=0)
+
+
 def test_cli_refuses_cuda_graph_on_a_cpu_in_one_line(base_args, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*base_args, "--device", "cpu", "--cuda-graph", "--max-steps", "2", "--out-dir", str(out)]) == 1
