@@ -5,6 +5,7 @@
     python sample.py --hf path/to/gpt2 --stream
     python sample.py --quantize int8            # CPU: int8 weights, the fastest CPU decoding
     python sample.py --compile --num-samples 64 # GPU: the decode step as a CUDA graph
+    python sample.py --cuda-graph               # GPU: the eager step as a CUDA graph, no compilation
 
 On a CPU, --impl triton runs the kernels in Triton's interpreter (slow; for checking only).
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step; on CUDA it replays as a CUDA graph. Use it on a GPU for more "
                         "than ~100 tokens (compiling takes tens of seconds once); not on a CPU")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the eager decode step from a CUDA graph, captured on the second token (CUDA; "
+                        "no compilation: milliseconds where --compile takes tens of seconds)")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="LayerNorm/attention implementation (auto: triton on CUDA, torch on CPU)")
     p.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt "
@@ -111,7 +115,7 @@ def load(args):
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
     dtype = ("bf16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
     decoder = Decoder(model, device=device, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize,
-                      compile=args.compile)
+                      compile=args.compile, cuda_graph=args.cuda_graph)
     return decoder, tokenizer, device
 
 

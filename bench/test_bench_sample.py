@@ -19,8 +19,10 @@ parameter; int8: 1 byte plus fp32 scales), so ``bytes per token / memory bandwid
 tokens/s. Bandwidth is measured here with a large tensor copy ((read + write) bytes / time).
 
 GPU (CUDA only; skipped with a reason elsewhere): bf16, impl="auto" (Triton kernels), greedy,
-batch 1 and 64, the eager decode step and the compiled one (``Decoder(compile=True)``:
-``torch.compile(mode="reduce-overhead")``, a CUDA graph per step), against transformers
+batch 1 and 64, the eager decode step, the compiled one (``Decoder(compile=True)``:
+``torch.compile(mode="reduce-overhead")``, a CUDA graph per step) and the eager step captured in a
+CUDA graph without compiling (``Decoder(cuda_graph=True)``; each generation pays one eager step and
+one capture, both timed), against transformers
 ``generate`` (bf16, same weights, its default attention) on the same card. Goal: compiled >= 5x
 transformers at batch 1. ``test_decode_attention_cuda`` times the split-K decode kernel against the
 one-program-per-row FlashAttention kernel and SDPA at batch 1, and checks bf16 against float64.
@@ -197,11 +199,11 @@ def cuda_models():
 
 @requires_cuda
 @pytest.mark.benchmark(group="sample")
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "cuda_graph"])
 @pytest.mark.parametrize("batch", [1, 64])
-def test_sample_cuda(benchmark, cuda_models, batch, compiled):
+def test_sample_cuda(benchmark, cuda_models, batch, mode):
     model, hf = cuda_models
-    dec = Decoder(model, compile=compiled)
+    dec = Decoder(model, compile=mode == "compiled", cuda_graph=mode == "cuda_graph")
     prompts = torch.randint(0, 50000, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
     rows = prompts.tolist()
     with torch.inference_mode(), dec.running():  # one step (Triton, compiled or not) vs the torch reference
@@ -231,7 +233,7 @@ def test_sample_cuda(benchmark, cuda_models, batch, compiled):
     tokens = batch * GPU_NEW_TOKENS
     ours_s = benchmark.stats.stats.min
     record(benchmark, tokens_per_s=round(tokens / ours_s, 1), hf_tokens_per_s=round(tokens / hf_s, 1),
-           ratio_vs_hf=round(hf_s / ours_s, 2), tokens_agreeing_with_hf=round(agree, 3), compiled=compiled)
+           ratio_vs_hf=round(hf_s / ours_s, 2), tokens_agreeing_with_hf=round(agree, 3), mode=mode)
 
 
 @requires_cuda

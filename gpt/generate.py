@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .graphstep import Captured, run_on
 from .hardware import DTYPES
 from .kvcache import KVCache
 from .model import GPT2Model
@@ -118,6 +119,14 @@ def _head(model: GPT2Model, lm_head: Optional[Int8Linear], h: torch.Tensor) -> t
     return logits.float()
 
 
+class _CacheGraph(NamedTuple):
+    """A decode step captured over one cache: its static (B, 1) token input and the graph."""
+
+    cache: KVCache
+    tok: torch.Tensor
+    graph: Captured
+
+
 class Decoder:
     """A model made ready to decode, and its prefill and decode step.
 
@@ -138,16 +147,25 @@ class Decoder:
     ``mode="reduce-overhead"``, which replays it as a CUDA graph (the cache tensors are marked as
     static addresses, so the graph writes into them in place). Worth it on a GPU, where a small
     model's eager step is launch overhead; on a CPU the first tokens wait for the compilation.
+
+    ``cuda_graph=True`` (CUDA) captures the eager step itself -- our kernels as they are, no
+    compilation -- in a CUDA graph (``gpt.graphstep.Captured``): the first step on a cache runs eagerly
+    (Triton compiles and autotunes), the second is captured over that cache and replayed from then
+    on (``_graph_step``). Capturing takes milliseconds where compiling takes tens of seconds.
     """
 
     def __init__(self, model: GPT2Model, *, device=None, dtype: Optional[str] = None,
-                 quantize: Optional[str] = None, compile: bool = False):
+                 quantize: Optional[str] = None, compile: bool = False, cuda_graph: bool = False):
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         if quantize is not None and quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         weight = model.wte.weight
         self.device = weight.device if device is None else _resolve(device)
+        if cuda_graph and compile:
+            raise ValueError("cuda_graph and compile do not combine (a compiled step on CUDA is already a CUDA graph)")
+        if cuda_graph and not _captures_graphs(self.device):
+            raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
         move = self.device != weight.device
         cast = dtype is not None and DTYPES[dtype] != weight.dtype
         self.source = model
@@ -161,6 +179,10 @@ class Decoder:
                 self.lm_head = Int8Linear(model.wte.weight)
         self.model = model
         self.compiled = compile
+        self.cuda_graph = cuda_graph
+        self.graphed: Optional[_CacheGraph] = None  # the graph of the last cache stepped on
+        self._warmed: Optional[KVCache] = None  # the cache whose first step ran eagerly
+        self._stream: Optional[torch.cuda.Stream] = None  # where graphed steps warm up and are captured
         self._step = _decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -175,6 +197,8 @@ class Decoder:
             parts.append("int8 weights")
         if self.compiled:
             parts.append("compiled")
+        if self.cuda_graph:
+            parts.append("CUDA graph")
         return ", ".join(parts)
 
     @property
@@ -218,14 +242,44 @@ class Decoder:
         """Feed one token per row (B, 1) at ``cache.pos``; return next-token logits (B, V)."""
         if self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's logits have been consumed
-        logits = self._step(self.model, self.lm_head, tok, cache)
+        if self.cuda_graph:
+            logits = self._graph_step(tok, cache)
+        else:
+            logits = self._step(self.model, self.lm_head, tok, cache)
         cache.pos += 1
         return logits
+
+    def _graph_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The step as a replay of the cache's graph: its first step runs eagerly (on the capture's
+        stream: Triton compiles and autotunes there), its second is captured -- over the cache and a
+        static (B, 1) token buffer; the capture records the cache writes and ``cache.length += 1``
+        and runs nothing -- and replayed, as is every later one. The logits come back in the graph's
+        static tensor, which the next replay overwrites (stream order reads them first). A new cache
+        (a new generation) drops the last one's graph and its memory."""
+        graphed = self.graphed
+        if graphed is not None and graphed.cache is cache and graphed.tok.shape == tok.shape:
+            graphed.tok.copy_(tok)
+            return graphed.graph.replay()
+        self.graphed = None
+        if self._stream is None and self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+        if self._warmed is not cache:
+            self._warmed = cache
+            return run_on(self._stream, lambda: _decode_step(self.model, self.lm_head, tok, cache))
+        static_tok = tok.clone()
+        captured = Captured(lambda: _decode_step(self.model, self.lm_head, static_tok, cache), self._stream)
+        self.graphed = _CacheGraph(cache, static_tok, captured)
+        return captured.replay()
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of a whole sequence through the decode weights (perplexity checks)."""
         with self.running():
             return _head(self.model, self.lm_head, self.model.hidden_states(idx))
+
+
+def _captures_graphs(device: torch.device) -> bool:
+    """Whether ``device`` captures CUDA graphs (``cuda_graph=True`` is refused elsewhere)."""
+    return device.type == "cuda"
 
 
 def _resolve(device) -> torch.device:

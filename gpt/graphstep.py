@@ -1,4 +1,5 @@
 """The training step captured in a CUDA graph and replayed: one launch a step instead of hundreds.
+(``run_on`` and ``Captured`` serve the decode step's graph too: ``gpt.generate.Decoder(cuda_graph=True)``.)
 
 An eager step of the seed model launches a few hundred kernels (ours, cuBLAS's, autograd's, the
 optimizer's), each costing 10-100 us of Python, autograd and driver work on the host. At batch
@@ -35,6 +36,40 @@ import torch
 from .errors import UserError
 
 WARMUP_STEPS = 3  # eager steps before the capture: compilation, autotuning, lazy initialisation
+
+
+def run_on(stream: Optional[torch.cuda.Stream], fn):
+    """fn() on ``stream`` (None: the current stream), after the current stream's queued work and
+    before what is queued on it next."""
+    if stream is None:
+        return fn()
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        out = fn()
+    current.wait_stream(stream)
+    return out
+
+
+class Captured:
+    """``fn`` recorded in a CUDA graph on ``stream``: ``replay()`` runs it again and returns its
+    output, a static tensor every replay overwrites. Recording runs nothing. With ``stream`` None
+    (no CUDA: tests) ``replay()`` calls ``fn`` itself, which checks everything around the graph."""
+
+    def __init__(self, fn, stream: Optional[torch.cuda.Stream]):
+        self.fn, self.graph, self.output = fn, None, None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            self.graph = torch.cuda.CUDAGraph()  # holds the graph's memory pool while it lives
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.output = fn()
+
+    def replay(self):
+        if self.graph is None:
+            self.output = self.fn()
+        else:
+            self.graph.replay()
+        return self.output
 
 
 class GraphError(UserError):
@@ -84,35 +119,30 @@ class GraphedTrainStep:
         self.warmup = warmup
         self.eager_steps = 0
         self.inputs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # static device buffers
-        self.metrics: Optional[torch.Tensor] = None  # the captured step's output
-        self._replay = None
+        self.graph: Optional[Captured] = None
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         use_tensor_lr(optimizer, self.device)
 
     @property
     def captured(self) -> bool:
-        return self._replay is not None
+        return self.graph is not None
 
     def __call__(self, micro_batches: Iterable, lr: float) -> torch.Tensor:
+        from .trainer import train_step
+
         micro = list(micro_batches)
         if self.captured and self._fits(micro):
             self._load(micro, lr)
-            self._replay()
-            return self.metrics
+            return self.graph.replay()
         if self.captured or self.eager_steps < self.warmup:
             self.eager_steps += 1
-            return self._on_side_stream(lambda: self._eager(micro, lr))
+            return run_on(self.stream, lambda: train_step(self.model, self.optimizer, micro, lr=lr, **self.options))
         self.inputs = [(torch.empty_like(x, device=self.device), torch.empty_like(y, device=self.device))
                        for x, y in micro]
         self._load(micro, lr)
-        self._capture()
-        self._replay()
-        return self.metrics
-
-    def _eager(self, micro: list, lr: float) -> torch.Tensor:
-        from .trainer import train_step
-
-        return train_step(self.model, self.optimizer, micro, lr=lr, **self.options)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are made inside the graph's memory
+        self.graph = Captured(lambda: train_step(self.model, self.optimizer, self.inputs, **self.options), self.stream)
+        return self.graph.replay()
 
     def _fits(self, micro: list) -> bool:
         return len(micro) == len(self.inputs) and all(
@@ -128,31 +158,3 @@ class GraphedTrainStep:
                 dst.copy_(src, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)
-
-    def _on_side_stream(self, fn):
-        """fn() on the capture's stream, ordered after and before the current stream's work."""
-        if self.stream is None:
-            return fn()
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            out = fn()
-        current.wait_stream(self.stream)
-        return out
-
-    def _capture(self) -> None:
-        from .trainer import train_step
-
-        def step():
-            return train_step(self.model, self.optimizer, self.inputs, **self.options)
-
-        self.optimizer.zero_grad(set_to_none=True)  # gradients are made inside the graph's memory
-        if self.device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.metrics = step()
-            self._graph = graph  # holds the graph's memory pool
-            self._replay = graph.replay
-        else:  # no graphs on a CPU: a replay is the same step run again on the static buffers
-            self.metrics = torch.zeros(3, dtype=torch.float64)
-            self._replay = lambda: self.metrics.copy_(step())

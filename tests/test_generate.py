@@ -158,6 +158,47 @@ def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def _graphed_generations(model, monkeypatch):
+    """Two greedy generations (padding, past the context) through ``Decoder(cuda_graph=True)``; on a
+    CPU, which has no graphs, the refusal is lifted and a "replay" runs the step on the static
+    token buffer. Returns the decoder and both outputs."""
+    from gpt import generate as gen
+
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(gen, "_captures_graphs", lambda device: True)
+    dec = Decoder(model, cuda_graph=True)
+    first = generate(dec, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], 30, temperature=0, eos_id=None)
+    cache = dec.graphed.cache
+    second = generate(dec, [[7, 7, 2]], 12, temperature=0, eos_id=None)
+    assert dec.graphed.cache is not cache  # a new generation captured its own cache's graph
+    return dec, first, second
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch, impl):
+    """The decode step replayed from a graph (warmed up on a cache's first step, captured on its
+    second) gives the tokens of the eager step, through re-prefills past the 16-token context, with
+    padding, over two generations with different caches."""
+    if impl == "triton":
+        pytest.importorskip("kernels")
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=2).to(DEVICE if impl == "triton" else "cpu")
+    want_first = generate(model, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], 30, temperature=0, eos_id=None)
+    want_second = generate(model, [[7, 7, 2]], 12, temperature=0, eos_id=None)
+    model.impl = impl
+    dec, first, second = _graphed_generations(model, monkeypatch)
+    assert (first, second) == (want_first, want_second)
+    assert dec.summary.endswith("CUDA graph")
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run():
+    model = spread_model()
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device, got cpu"):
+        Decoder(model, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph and compile do not combine"):
+        Decoder(model, cuda_graph=True, compile=True)
+
+
 def test_left_pad():
     idx, start = left_pad([[5], [1, 2, 3]], pad_id=0, device="cpu")
     assert idx.tolist() == [[0, 0, 5], [1, 2, 3]] and start == [2, 0]
@@ -358,6 +399,7 @@ def test_sample_cli_errors(tmp_path, tiny_checkpoint, tokenizer_dir):
         "top-k": ok + ["--top-k", "-1"],
         "max-new-tokens": ok + ["--max-new-tokens", "0"],
         "tokenizer": ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tmp_path / "no-tokenizer")],
+        "cuda_graph needs a CUDA device, got cpu": ok + ["--cuda-graph", "--device", "cpu"],
     }
     procs = {match: _start(args) for match, args in cases.items()}  # all at once: startup dominates
     for match, proc in procs.items():
