@@ -16,7 +16,7 @@ step reached 11.5% MFU at batch 32 and 17.1% at batch 512 with the same kernels
    replays: no host sync, and the metrics tensor is read in stream order before the next replay
    overwrites it.
 
-A replay computes what an eager step computes: the same kernels on the same addresses, so results
+A replay computes what an eager step computes, the same kernels on the same values, so results
 agree with eager steps to rounding (tests/test_graphstep.py). Dropout draws fresh numbers on every
 replay (the CUDA generator moves its Philox offset per replay), not eager's exact stream.
 
