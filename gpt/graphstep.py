@@ -100,6 +100,15 @@ def use_tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
         group["capturable"] = True
 
 
+def use_float_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Undo ``use_tensor_lr`` (a checkpoint of a graphed run loads its lr tensors, on the CPU):
+    plain-number lrs and a non-capturable optimizer, as ``build_optimizer`` makes them."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+        group["capturable"] = False
+
+
 class GraphedTrainStep:
     """``train_step(model, optimizer, micro_batches, lr=...)``, captured after ``warmup`` eager steps.
 

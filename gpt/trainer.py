@@ -35,7 +35,7 @@ from .config import GPTConfig, TrainConfig
 from .data import (DEFAULT_CACHE_DIR, SEED_IGNORE_INDEX, SEED_ROW_TOKENS, TrainBatches, eval_batches,
                    story_rows)
 from .errors import UserError, one_line
-from .graphstep import GraphedTrainStep, check_graphable
+from .graphstep import GraphedTrainStep, check_graphable, use_float_lr
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
@@ -314,6 +314,7 @@ class TrainState:
         """Load a checkpoint written by ``checkpoint``; raises KeyError/ValueError/... if it does not fit."""
         self.model.load_state_dict(ck["model_state_dict"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        use_float_lr(self.optimizer)  # as built; a --cuda-graph run makes them tensors again (after this)
         self.scaler.load_state_dict(ck["scaler"])
         self.batches.load_state_dict(ck["batches"][rank])
         set_rng_states(ck["rng"][rank], self.device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig, TrainConfig
-from gpt.graphstep import GraphedTrainStep, GraphError, check_graphable
+from gpt.graphstep import GraphedTrainStep, GraphError, check_graphable, use_float_lr
 from gpt.train import main
 from gpt.trainer import build_optimizer, train_step
 
@@ -78,6 +78,41 @@ def test_a_stale_batch_would_show():
     for i, lr in enumerate(LRS):
         train_step(stale, opt, PLAN[min(i, WARMUP)], device=DEVICE, dtype="fp32", grad_clip=1.0, lr=lr)
     assert not all(torch.allclose(p, q, atol=1e-6, rtol=1e-5) for p, q in zip(stale.parameters(), eager.parameters()))
+
+
+def test_a_graphed_runs_checkpoint_resumes_eagerly_and_graphed(tmp_path):
+    """The optimizer state of a graphed run (lr a device tensor, capturable) saves and loads as our
+    checkpoints do (weights-only, to the CPU), is made plain again as ``TrainState.restore`` does,
+    and the next step is the same whether the resumed run replays a graph or steps eagerly."""
+    from gpt.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT2Model(CFG, impl="auto").to(DEVICE)
+    opt = build_optimizer(model, TrainConfig(), DEVICE)
+    stepper = GraphedTrainStep(model, opt, device=DEVICE, dtype="fp32", grad_clip=1.0, warmup=1)
+    for i in range(3):
+        stepper(PLAN[i], LRS[i])
+    assert stepper.captured
+    save_checkpoint({"model_state_dict": model.state_dict(), "config": CFG.to_dict(),
+                     "optimizer": opt.state_dict()}, tmp_path / "last.pt")
+    after = {}
+    for graphed in (False, True):
+        ck = load_checkpoint(tmp_path / "last.pt")  # per resume: a loaded optimizer steps the loaded tensors
+        resumed = GPT2Model(CFG, impl="auto").to(DEVICE)
+        resumed.load_state_dict(ck["model_state_dict"])
+        ropt = build_optimizer(resumed, TrainConfig(), DEVICE)
+        ropt.load_state_dict(ck["optimizer"])
+        use_float_lr(ropt)  # as TrainState.restore does
+        assert all(isinstance(g["lr"], float) and not g["capturable"] for g in ropt.param_groups)
+        if graphed:
+            GraphedTrainStep(resumed, ropt, device=DEVICE, dtype="fp32", grad_clip=1.0, warmup=1)(PLAN[3], LRS[3])
+        else:
+            train_step(resumed, ropt, PLAN[3], device=DEVICE, dtype="fp32", grad_clip=1.0, lr=LRS[3])
+        after[graphed] = resumed
+    stepper(PLAN[3], LRS[3])  # the run that never stopped
+    for p, q, r in zip(model.parameters(), after[False].parameters(), after[True].parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r, p, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [
