@@ -9,7 +9,7 @@
 #            bf16 included; the static compile gate is left to CI                            (<= 120 s)
 #   attention  attention vs SDPA-FA2 (training shapes, decode), bf16 checked first            (<= 100 s)
 #   kernels  LayerNorm vs copy bandwidth and eager, the fused LM head vs F.linear +
-#            F.cross_entropy, per-kernel device times                                          (<= 100 s)
+#            F.cross_entropy, per-kernel device times, the launchers' host time a call          (<= 100 s)
 #   step     train step at batch 32 x 256 (triton, torch, both compiled, both CUDA-graphed,
 #            transformers); MFU at batches 128, 512, 2048 with the costliest kernels           (<= 150 s)
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
@@ -80,7 +80,8 @@ for part in "${PARTS[@]}"; do
     attention)
       bench attention 100 bench/test_bench_attention.py ${KERNELS_K:+-k "$KERNELS_K"} ;;
     kernels)
-      bench kernels 100 bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py ${KERNELS_K:+-k "$KERNELS_K"} ;;
+      bench kernels 100 bench/test_bench_layernorm.py bench/test_bench_cross_entropy.py bench/test_bench_host.py \
+        ${KERNELS_K:+-k "$KERNELS_K"} ;;
     step)
       bench step 150 bench/test_bench_train.py ;;
     sample)

@@ -22,7 +22,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # (extra_info key, column title), in order of preference for the headline figure.
-UNITS = [("mb_per_s", "MB/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("peak_mib", "MiB peak")]
+UNITS = [("mb_per_s", "MB/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("peak_mib", "MiB peak"),
+         ("host_us", "us of host time a call")]
 # Every recorded ratio against a peer ("ratio_vs_X" / "speedup_vs_X") and every "% of a peak" figure.
 RATIO_PREFIXES = ("ratio_vs_", "speedup_vs_")
 PCT_PREFIX = "pct_"
