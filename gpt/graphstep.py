@@ -54,7 +54,9 @@ def run_on(stream: Optional[torch.cuda.Stream], fn):
 class Captured:
     """``fn`` recorded in a CUDA graph on ``stream``: ``replay()`` runs it again and returns its
     output, a static tensor every replay overwrites. Recording runs nothing. With ``stream`` None
-    (no CUDA: tests) ``replay()`` calls ``fn`` itself, which checks everything around the graph."""
+    (no CUDA: tests) ``replay()`` calls ``fn`` itself and copies the result into one output tensor,
+    as a replay overwrites the graph's: that checks everything around the graph, a caller keeping
+    an earlier replay's output included."""
 
     def __init__(self, fn, stream: Optional[torch.cuda.Stream]):
         self.fn, self.graph, self.output = fn, None, None
@@ -64,11 +66,13 @@ class Captured:
             with torch.cuda.graph(self.graph, stream=stream):
                 self.output = fn()
 
-    def replay(self):
-        if self.graph is None:
+    def replay(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.output is None:
             self.output = self.fn()
         else:
-            self.graph.replay()
+            self.output.copy_(self.fn())
         return self.output
 
 
