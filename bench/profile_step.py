@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.ops import TORCH_OPS, linear_cross_entropy_unfused
-from gpt.trainer import build_optimizer, train_step
+from gpt.step import build_optimizer, train_step
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,8 @@ from gpt.config import get_preset
 from gpt.data import TrainBatches, prepare_data
 from gpt.hardware import autocast, default_dtype
 from gpt.tokenizer import get_tokenizer
-from gpt.trainer import RunOptions, Trainer, train_step
+from gpt.step import train_step
+from gpt.trainer import RunOptions, Trainer
 
 pytestmark = pytest.mark.benchmark(group="loop")
 

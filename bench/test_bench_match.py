@@ -16,7 +16,7 @@ from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.checkpoint import load_model, save_checkpoint
 from gpt.data import TrainBatches
 from gpt.hardware import default_dtype
-from gpt.trainer import build_optimizer, evaluate, train_step
+from gpt.step import build_optimizer, evaluate, train_step
 
 # On a CPU both tests run the Triton kernels in the interpreter: ~5 minutes, so `pytest bench --slow`.
 pytestmark = pytest.mark.slow_on_cpu

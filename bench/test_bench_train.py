@@ -23,7 +23,7 @@ from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_loss, seed_optimi
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.hardware import autocast, default_dtype
 from gpt.ops import linear_cross_entropy_unfused, select_ops
-from gpt.trainer import build_optimizer, train_step
+from gpt.step import build_optimizer, train_step
 
 pytestmark = pytest.mark.benchmark(group="train")
 

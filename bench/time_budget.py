@@ -30,7 +30,7 @@ from gpt.data import DEFAULT_CACHE_DIR, TrainBatches, prepare_data, story_rows  
 from gpt.model import GPT2Model  # noqa: E402
 from gpt.tokenizer import get_tokenizer  # noqa: E402
 from gpt.hardware import default_dtype  # noqa: E402
-from gpt.trainer import build_optimizer, evaluate, lr_at, train_step  # noqa: E402
+from gpt.step import build_optimizer, evaluate, lr_at, train_step  # noqa: E402
 
 CALIBRATION_STEPS = 3
 

@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 import torch
 
 from .errors import UserError
+from .step import train_step
 
 WARMUP_STEPS = 3  # eager steps before the capture: compilation, autotuning, lazy initialisation
 
@@ -141,8 +142,6 @@ class GraphedTrainStep:
         return self.graph is not None
 
     def __call__(self, micro_batches: Iterable, lr: float) -> torch.Tensor:
-        from .trainer import train_step
-
         micro = list(micro_batches)
         if self.captured and self._fits(micro):
             self._load(micro, lr)

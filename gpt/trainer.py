@@ -1,63 +1,47 @@
-"""Training: one optimizer step, one evaluation, the state a checkpoint holds, and the loop around them.
+"""The training loop (``Trainer``): schedule, logging, evaluation and early stopping, checkpoints,
+Ctrl-C, DDP, and the final test pass, samples, history JSON and curves.
 
-* ``train_step`` and ``evaluate`` are the building blocks; the loop, the benchmarks and
-  ``bench/time_budget.py`` all call them. ``evaluate_seed_protocol`` scores a model the way the
-  seed did (stories padded to 256 with EOS, padding counted), for comparison with its figures.
-* ``TrainState`` is everything a resumable checkpoint holds (weights, optimizer, scaler, data
-  position, RNG streams, counters, history, which data) and how it is written and restored.
-* ``Trainer`` is the loop: schedule, logging, evaluation and early stopping, checkpoints, Ctrl-C,
-  DDP, and the final test pass, samples, history JSON and curves.
-
-The step never waits on the device: loss, correct and counted targets accumulate in a device tensor
-that is read (one sync) only every ``--log-interval`` steps, where NaN/inf is also caught.
+Its pieces live beside it: ``gpt.step`` (one optimizer step, one evaluation), ``gpt.state`` (what a
+resumable checkpoint holds), ``gpt.graphstep`` (the step as a CUDA graph). The loop never waits on
+the device between steps: loss, correct and counted targets accumulate in a device tensor that is
+read (one sync) only every ``--log-interval`` steps, where NaN/inf is also caught.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import GPTConfig, TrainConfig
-from .data import (DEFAULT_CACHE_DIR, SEED_IGNORE_INDEX, SEED_ROW_TOKENS, TrainBatches, eval_batches,
-                   story_rows)
+from .data import DEFAULT_CACHE_DIR, SEED_ROW_TOKENS, TrainBatches
 from .errors import UserError, one_line
-from .graphstep import GraphedTrainStep, check_graphable, use_float_lr
+from .graphstep import GraphedTrainStep, check_graphable
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
-from .tokenizer import EOS_ID
+from .state import TrainState, data_identity, same_data
+from .step import (SEED_PROTOCOL, TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol,
+                   lr_at, train_step)
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
 BEST_NAME, LAST_NAME = "gpt2_best_model.pt", "last.pt"
 HISTORY_NAME, CURVES_NAME = "training_history.json", "training_curves_with_accuracy.png"
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME, CURVES_NAME)  # what a run writes into --out-dir
 ETA_AFTER_STEPS = 3  # the start-up ETA line is printed after this many steps of a session
-TEST_PROTOCOL = "every real token of the test split once: stories packed with one EOS between them, no padding"
-SEED_PROTOCOL = (f"the seed's: every test story on its own row, truncated or padded with EOS to {SEED_ROW_TOKENS} "
-                 f"tokens, padding counted as targets, target id {SEED_IGNORE_INDEX} ('!') ignored; "
-                 "text not stripped of quotes as the seed's was")
 
 
 class TrainError(UserError):
     """A user-facing problem (bad flag, missing checkpoint, diverged loss): one line, exit 1."""
-
-
-class StopTraining(Exception):
-    """Ctrl-C arrived: the loop stops at the next step boundary and writes a resumable checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -96,247 +80,8 @@ def remove_run(out_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on every parameter (``weight_decay_on='all'``, the seed's) or on
-    matrices only (dim >= 2, embeddings included; 'matrices'); fused (one pass over each parameter)
-    on CUDA and CPU: 57 vs 250 ms a step for the seed model on one CPU thread."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tc.weight_decay_on == "all":
-        groups = [{"params": params, "weight_decay": tc.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type in ("cuda", "cpu"))
-
-
-def lr_at(step: int, tc: TrainConfig, max_steps: int) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr * min_lr_ratio``."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    span = max(1, max_steps - tc.warmup_steps)
-    progress = min(1.0, (step - tc.warmup_steps) / span)
-    min_lr = tc.lr * tc.min_lr_ratio
-    return min_lr + 0.5 * (tc.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable, *,
-               device: torch.device, dtype: str, grad_clip: float = 0.0,
-               scaler: Optional[torch.amp.GradScaler] = None, lr: Optional[float] = None) -> torch.Tensor:
-    """One optimizer step over ``micro_batches`` [(x, y), ...] (gradient accumulation, the loss averaged
-    over them): forward under autocast, backward, then clip the global gradient norm, step, clear.
-
-    ``model(x, y)`` returns an ``LMLoss``; a DDP model all-reduces on the last micro-batch only.
-    ``scaler`` is fp16's loss scaler (None or disabled: no scaling). Returns the step's
-    ``[sum of loss * count, correct, count]`` as a float64 tensor on the device: no host sync
-    (but fp16's), so the caller reads metrics when it chooses.
-    """
-    micro = list(micro_batches)
-    if lr is not None:
-        for group in optimizer.param_groups:
-            if isinstance(group["lr"], torch.Tensor):  # a captured step's lr (gpt.graphstep): written in place
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-    metrics = torch.zeros(3, dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(micro):
-        if device.type == "cuda" and x.device.type == "cpu":  # batches from the host: copy without a sync
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        last = i == len(micro) - 1
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(device, dtype):
-                out = model(x, y)
-            loss = out.loss / len(micro)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-        metrics += torch.stack([out.loss.detach().double() * out.count, out.correct.double(), out.count.double()])
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_clip > 0:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return metrics
-
-
-@torch.no_grad()
-def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int = 0, world_size: int = 1,
-          should_stop=None, desc: str | None = None, total: int | None = None) -> dict:
-    """Loss, perplexity and accuracy over the targets (!= -1) of ``batches`` [(x, y), ...].
-
-    ``model(x, y)`` must return an ``LMLoss``. Under DDP each rank takes every world_size-th batch
-    and the sums are all-reduced, so every rank gets the same numbers. ``desc``: show a progress
-    bar (with an ETA) of ``total`` batches under that name.
-    """
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * count, correct, count
-    bar = None
-    if desc is not None:
-        mine = None if total is None else len(range(rank, total, world_size))
-        bar = tqdm(total=mine, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
-    try:
-        for i, (x, y) in enumerate(batches):
-            if should_stop is not None and should_stop():
-                raise StopTraining
-            if i % world_size != rank:
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                out = model(x, y)
-            sums += torch.stack([out.loss.double() * out.count, out.correct.double(), out.count.double()])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    if world_size > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    loss_sum, correct, count = sums.tolist()
-    loss = loss_sum / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1.0),
-            "tokens": int(count)}
-
-
-def evaluate(model, tokens, context: int, batch_size: int, device: torch.device, dtype: str,
-             max_tokens: int = 0, rank: int = 0, world_size: int = 1, should_stop=None,
-             desc: str | None = None) -> dict:
-    """Loss, perplexity and next-token accuracy over the real tokens of ``tokens`` (each once), in
-    non-overlapping windows of ``context`` (``gpt.data.eval_batches``); see ``score``."""
-    targets = len(tokens) - 1 if max_tokens <= 0 else min(len(tokens) - 1, max_tokens)
-    total = math.ceil(math.ceil(targets / context) / batch_size)  # batches eval_batches yields
-    return score(model, eval_batches(tokens, context, batch_size, max_tokens), device, dtype, rank, world_size,
-                 should_stop, desc, total)
-
-
-def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device, dtype: str, rank: int = 0,
-                           world_size: int = 1, desc: str | None = None) -> dict:
-    """The seed's test figures for ``model`` on the packed split ``tokens`` (``SEED_PROTOCOL``): every
-    story on its own row of ``SEED_ROW_TOKENS`` (``gpt.data.story_rows``), x = row[:-1], y = row[1:],
-    the EOS padding counted as targets and target id ``SEED_IGNORE_INDEX`` ignored, as the seed did.
-    Adds ``rows`` (stories scored) to ``score``'s dict."""
-    rows = torch.from_numpy(story_rows(tokens, EOS_ID, SEED_ROW_TOKENS))
-    targets = rows[:, 1:].masked_fill(rows[:, 1:] == SEED_IGNORE_INDEX, -1)
-    batches = ((rows[i:i + batch_size, :-1], targets[i:i + batch_size]) for i in range(0, len(rows), batch_size))
-    total = -(-len(rows) // batch_size)
-    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows)}
-
-
-# ----------------------------------------------------------------------------------------------
-# What a checkpoint holds
-# ----------------------------------------------------------------------------------------------
-
-
-def rng_states(device: torch.device) -> dict:
-    """Torch (CPU and CUDA), NumPy and Python RNG states as tensors and plain values (weights_only-safe)."""
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None,
-        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
-        "python_version": py_version, "python_state": torch.tensor(py_state, dtype=torch.int64),
-        "python_gauss": py_gauss,
-    }
-
-
-def set_rng_states(s: dict, device: torch.device) -> None:
-    torch.set_rng_state(s["torch"])
-    if device.type == "cuda" and s["cuda"] is not None:
-        torch.cuda.set_rng_state(s["cuda"], device)
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
-                         s["numpy_has_gauss"], s["numpy_gauss"]))
-    random.setstate((s["python_version"], tuple(s["python_state"].tolist()), s["python_gauss"]))
-
-
-def new_history() -> dict:
-    """The seed's per-evaluation keys, plus when each evaluation happened and every logged train step.
-
-    One train-loss definition everywhere (console, plot, both keys): the token-weighted mean loss
-    over the steps since the previous log point (``--log-interval``); ``train_losses[i]`` is that
-    figure at evaluation i.
-    """
-    return {
-        "train_losses": [], "train_accuracies": [], "val_losses": [], "val_accuracies": [],
-        "val_perplexities": [], "val_steps": [], "val_tokens": [],
-        "train_log": {"steps": [], "tokens": [], "losses": [], "accuracies": []},
-    }
-
-
-class TrainState:
-    """Everything a resumable checkpoint holds: the weights, optimizer and scaler, this rank's data
-    position and RNG streams, the step and token counters, early-stopping bookkeeping, the history,
-    and which data the run trains on (``data``: source, tokenizer hash, split sizes).
-
-    ``checkpoint(gather)`` builds the checkpoint dict (a collective under DDP: ``gather`` collects one
-    object from every rank); ``restore(ckpt)`` puts a checkpoint back. Both the best-model and the
-    last checkpoint have this form; ``model_state_dict`` + ``config`` is the seed's part.
-    """
-
-    def __init__(self, model: GPT2Model, optimizer, scaler, batches: TrainBatches, tc: TrainConfig,
-                 opts: RunOptions, device: torch.device, data: dict):
-        self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
-        self.tc, self.opts, self.device, self.data = tc, opts, device, data
-        self.step = 0  # optimizer steps taken
-        self.tokens_seen = 0  # training tokens over all ranks
-        self.best_val = math.inf  # best validation loss so far
-        self.bad_evals = 0  # evaluations since the best one (early stopping)
-        self.history = new_history()
-
-    def checkpoint(self, gather: Callable[[object], list]) -> dict:
-        batches = gather(self.batches.state_dict())
-        rng = gather(rng_states(self.device))
-        return {
-            "model_state_dict": self.model.state_dict(), "config": self.model.config.to_dict(),
-            "train_config": asdict(self.tc), "run_options": asdict(self.opts), "data": self.data,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val_loss": self.best_val, "bad_evals": self.bad_evals, "history": self.history,
-            "batches": batches, "rng": rng, "world_size": len(batches),
-        }
-
-    def restore(self, ck: dict, rank: int) -> None:
-        """Load a checkpoint written by ``checkpoint``; raises KeyError/ValueError/... if it does not fit."""
-        self.model.load_state_dict(ck["model_state_dict"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        use_float_lr(self.optimizer)  # as built; a --cuda-graph run makes them tensors again (after this)
-        self.scaler.load_state_dict(ck["scaler"])
-        self.batches.load_state_dict(ck["batches"][rank])
-        set_rng_states(ck["rng"][rank], self.device)
-        self.step, self.tokens_seen = ck["step"], ck["tokens_seen"]
-        self.best_val, self.bad_evals, self.history = ck["best_val_loss"], ck["bad_evals"], ck["history"]
-
-
 def write_json(obj: dict, path: Path) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
-
-
-def data_identity(meta: dict) -> dict:
-    """What identifies a run's data in its checkpoint, wherever the files are now: the tokenizer,
-    the split mode and sizes, the source files' hashes (``source``, the path then, is for messages)."""
-    fingerprint = meta.get("fingerprint")
-    hashes = [f["sha256"] for f in fingerprint] if isinstance(fingerprint, list) else fingerprint
-    return {"source": meta.get("source"), "tokenizer_hash": meta.get("tokenizer_hash"),
-            "test_split": meta.get("test_split"), "tokens": meta.get("tokens"), "sha256": hashes}
-
-
-def same_data(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
 
 
 def init_distributed(backend: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.graphstep import GraphedTrainStep, GraphError, check_graphable, use_float_lr
 from gpt.train import main
-from gpt.trainer import build_optimizer, train_step
+from gpt.step import build_optimizer, train_step
 
 from conftest import DEVICE
 

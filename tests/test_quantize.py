@@ -78,7 +78,7 @@ def trained(tokenizer_dir, stories_dir, tmp_path_factory):
     """(model, test tokens): CFG trained for STEPS AdamW steps on the sample, tokens mapped to VOCAB ids."""
     from gpt.data import prepare_data
     from gpt.tokenizer import get_tokenizer
-    from gpt.trainer import build_optimizer, train_step
+    from gpt.step import build_optimizer, train_step
 
     splits = prepare_data(str(stories_dir / "tinystories-sample.jsonl"), get_tokenizer(str(tokenizer_dir)),
                           cache_dir=tmp_path_factory.mktemp("cache"), num_stories=2000, progress=False)

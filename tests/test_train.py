@@ -22,8 +22,8 @@ from gpt.config import PRESETS, GPTConfig, TrainConfig
 from gpt.data import EOS_ID, SEED_IGNORE_INDEX, story_rows
 from gpt.model import GPT2Model, LMLoss
 from gpt.train import build_parser, field_comments, main
-from gpt.trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS, build_optimizer,
-                         evaluate_seed_protocol)
+from gpt.step import build_optimizer, evaluate_seed_protocol, lr_at
+from gpt.trainer import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS
 
 SEED_KEYS = {"train_losses", "val_losses", "train_accuracies", "val_accuracies", "final_perplexity",
              "generated_texts"}
@@ -334,12 +334,12 @@ def test_seed_preset_is_the_seed_recipe():
     opt = build_optimizer(model, seed, torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    assert trainer_mod.lr_at(10**6, seed, 10**6) == 0.0  # cosine to 0
+    assert lr_at(10**6, seed, 10**6) == 0.0  # cosine to 0
     # Our preferred choices live in the other presets: decay on matrices only, cosine to 10%.
     opt = build_optimizer(model, tiny, torch.device("cpu"))
     assert {g["weight_decay"] for g in opt.param_groups} == {tiny.weight_decay, 0.0}
     assert all(p.dim() < 2 for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
-    assert trainer_mod.lr_at(600, tiny, 600) == pytest.approx(tiny.lr * 0.1)
+    assert lr_at(600, tiny, 600) == pytest.approx(tiny.lr * 0.1)
 
 
 def test_seed_protocol_scores_padded_rows_counting_pads():

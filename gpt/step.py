@@ -1,0 +1,172 @@
+"""One optimizer step and one evaluation: the building blocks that the loop (``gpt.trainer``), the
+CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py`` all call.
+
+* ``build_optimizer`` and ``lr_at``: the optimizer and the schedule of a ``TrainConfig``.
+* ``train_step``: forward, backward, clipping and the update over a step's micro-batches. It never
+  waits on the device: loss, correct and counted targets come back in a device tensor that the
+  caller reads when it chooses (the loop: every ``--log-interval`` steps).
+* ``score`` / ``evaluate``: loss, perplexity and accuracy over every real token once
+  (``TEST_PROTOCOL``); ``evaluate_seed_protocol`` scores a model the way the seed did (stories
+  padded to 256 with EOS, padding counted; ``SEED_PROTOCOL``), for comparison with its figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import TrainConfig
+from .data import SEED_IGNORE_INDEX, SEED_ROW_TOKENS, eval_batches, story_rows
+from .hardware import autocast
+from .tokenizer import EOS_ID
+
+TEST_PROTOCOL = "every real token of the test split once: stories packed with one EOS between them, no padding"
+SEED_PROTOCOL = (f"the seed's: every test story on its own row, truncated or padded with EOS to {SEED_ROW_TOKENS} "
+                 f"tokens, padding counted as targets, target id {SEED_IGNORE_INDEX} ('!') ignored; "
+                 "text not stripped of quotes as the seed's was")
+
+
+class StopTraining(Exception):
+    """Ctrl-C arrived: the loop stops at the next step boundary and writes a resumable checkpoint
+    (``score`` raises it when its ``should_stop`` says so)."""
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter (``weight_decay_on='all'``, the seed's) or on
+    matrices only (dim >= 2, embeddings included; 'matrices'); fused (one pass over each parameter)
+    on CUDA and CPU: 57 vs 250 ms a step for the seed model on one CPU thread."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.weight_decay_on == "all":
+        groups = [{"params": params, "weight_decay": tc.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type in ("cuda", "cpu"))
+
+
+def lr_at(step: int, tc: TrainConfig, max_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr * min_lr_ratio``."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, max_steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    min_lr = tc.lr * tc.min_lr_ratio
+    return min_lr + 0.5 * (tc.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable, *,
+               device: torch.device, dtype: str, grad_clip: float = 0.0,
+               scaler: Optional[torch.amp.GradScaler] = None, lr: Optional[float] = None) -> torch.Tensor:
+    """One optimizer step over ``micro_batches`` [(x, y), ...] (gradient accumulation, the loss averaged
+    over them): forward under autocast, backward, then clip the global gradient norm, step, clear.
+
+    ``model(x, y)`` returns an ``LMLoss``; a DDP model all-reduces on the last micro-batch only.
+    ``scaler`` is fp16's loss scaler (None or disabled: no scaling). Returns the step's
+    ``[sum of loss * count, correct, count]`` as a float64 tensor on the device: no host sync
+    (but fp16's), so the caller reads metrics when it chooses.
+    """
+    micro = list(micro_batches)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):  # a captured step's lr (gpt.graphstep): written in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+    metrics = torch.zeros(3, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(micro):
+        if device.type == "cuda" and x.device.type == "cpu":  # batches from the host: copy without a sync
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        last = i == len(micro) - 1
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, dtype):
+                out = model(x, y)
+            loss = out.loss / len(micro)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        metrics += torch.stack([out.loss.detach().double() * out.count, out.correct.double(), out.count.double()])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+@torch.no_grad()
+def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int = 0, world_size: int = 1,
+          should_stop=None, desc: str | None = None, total: int | None = None) -> dict:
+    """Loss, perplexity and accuracy over the targets (!= -1) of ``batches`` [(x, y), ...].
+
+    ``model(x, y)`` must return an ``LMLoss``. Under DDP each rank takes every world_size-th batch
+    and the sums are all-reduced, so every rank gets the same numbers. ``desc``: show a progress
+    bar (with an ETA) of ``total`` batches under that name.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * count, correct, count
+    bar = None
+    if desc is not None:
+        mine = None if total is None else len(range(rank, total, world_size))
+        bar = tqdm(total=mine, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for i, (x, y) in enumerate(batches):
+            if should_stop is not None and should_stop():
+                raise StopTraining
+            if i % world_size != rank:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                out = model(x, y)
+            sums += torch.stack([out.loss.double() * out.count, out.correct.double(), out.count.double()])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss_sum, correct, count = sums.tolist()
+    loss = loss_sum / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1.0),
+            "tokens": int(count)}
+
+
+def evaluate(model, tokens, context: int, batch_size: int, device: torch.device, dtype: str,
+             max_tokens: int = 0, rank: int = 0, world_size: int = 1, should_stop=None,
+             desc: str | None = None) -> dict:
+    """Loss, perplexity and next-token accuracy over the real tokens of ``tokens`` (each once), in
+    non-overlapping windows of ``context`` (``gpt.data.eval_batches``); see ``score``."""
+    targets = len(tokens) - 1 if max_tokens <= 0 else min(len(tokens) - 1, max_tokens)
+    total = math.ceil(math.ceil(targets / context) / batch_size)  # batches eval_batches yields
+    return score(model, eval_batches(tokens, context, batch_size, max_tokens), device, dtype, rank, world_size,
+                 should_stop, desc, total)
+
+
+def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device, dtype: str, rank: int = 0,
+                           world_size: int = 1, desc: str | None = None) -> dict:
+    """The seed's test figures for ``model`` on the packed split ``tokens`` (``SEED_PROTOCOL``): every
+    story on its own row of ``SEED_ROW_TOKENS`` (``gpt.data.story_rows``), x = row[:-1], y = row[1:],
+    the EOS padding counted as targets and target id ``SEED_IGNORE_INDEX`` ignored, as the seed did.
+    Adds ``rows`` (stories scored) to ``score``'s dict."""
+    rows = torch.from_numpy(story_rows(tokens, EOS_ID, SEED_ROW_TOKENS))
+    targets = rows[:, 1:].masked_fill(rows[:, 1:] == SEED_IGNORE_INDEX, -1)
+    batches = ((rows[i:i + batch_size, :-1], targets[i:i + batch_size]) for i in range(0, len(rows), batch_size))
+    total = -(-len(rows) // batch_size)
+    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows)}
