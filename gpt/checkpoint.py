@@ -18,25 +18,57 @@ class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or not one of ours. The message is one line for the user."""
 
 
+class WriteError(UserError):
+    """A run output could not be written (disk full, no permission, ...): one line; the file it was
+    to replace is untouched."""
+
+
+class _Recorded:
+    """A file's ``write`` that remembers the OS error it raised: ``torch.save`` reports a full disk
+    as a RuntimeError about zip positions ("unexpected pos 704 vs 598"), the cause lost."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace ``path`` with what ``write(file)`` writes: a temp file in the same directory,
     flushed to disk, then renamed over ``path``. A crash or Ctrl-C mid-write leaves the previous
     file untouched and no temp file behind. The file gets the usual permissions of a new file.
+    An OS error on the way (a full disk, no permission) is a ``WriteError`` naming ``path`` and
+    the cause; any other exception (``write``'s own) passes through as it is.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp, recorded = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorded = _Recorded(f)
+            write(recorded)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = recorded.error if recorded is not None and recorded.error is not None else e
+        if isinstance(cause, OSError):
+            kept = f"; the previous {path.name} is untouched" if path.exists() else ""
+            raise WriteError(f"cannot write {path}: {cause.strerror or one_line(cause)}{kept}") from None
         raise
 
 

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .config import SEED_NUM_STORIES
-from .errors import UserError
+from .errors import UserError, one_line
 from .tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
 
 HUB_DATASET = "roneneldan/TinyStories"
@@ -270,13 +270,16 @@ def _hub_stories(split: str, first, rows, skips: _Skips) -> Iterator[_Story]:
 def _file_fingerprint(p: Path) -> dict:
     st = p.stat()
     h = hashlib.sha256()
-    with p.open("rb") as f:
-        if st.st_size <= FULL_HASH_BYTES:
-            h.update(f.read())
-        else:
-            h.update(f.read(1 << 20))
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
+    try:
+        with p.open("rb") as f:
+            if st.st_size <= FULL_HASH_BYTES:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    except OSError as e:  # no permission, an I/O error
+        raise DataError(f"cannot read {p}: {e.strerror or one_line(e)}") from None
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
 
@@ -324,7 +327,7 @@ class _TokenWriter:
 
     def write(self, batch: list[list[int]]) -> None:
         flat = [t for ids in batch for t in (*ids, EOS_ID)]
-        np.asarray(flat, dtype=np.uint16).tofile(self.file)
+        self.file.write(np.asarray(flat, dtype=np.uint16).tobytes())  # write(): a full disk is ENOSPC, not tofile's "N requested and M written"
         self.lengths.extend(len(ids) + 1 for ids in batch)
 
     def close(self) -> None:
@@ -385,10 +388,10 @@ def prepare_data(
                                   _read_hub("validation", skips))
     else:
         stories = _read_hub("train", skips)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         start = time.time()
         kept, held, eot_in_text = _tokenize(stories, tokenizer, tmp, num_stories, official, progress)
         if official and not held:
@@ -409,6 +412,10 @@ def prepare_data(
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, final)
+    except OSError as e:  # a full disk, no permission, a source that fails to read: the cache is left as it was
+        if e.filename is not None and files is not None and Path(e.filename) in files:
+            raise DataError(f"cannot read {e.filename}: {e.strerror or one_line(e)}") from None
+        raise DataError(f"cannot write the token cache in {cache_dir}: {e.strerror or one_line(e)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

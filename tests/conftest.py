@@ -7,11 +7,15 @@ modules import it: ``from conftest import DEVICE, perturbed_model``; pytest load
 the CPU. Triton is a hard dependency on Linux x86_64 (setup.py): the kernel tests fail, not skip,
 without it.
 
+``FullDisk`` is a file on a disk that fills up (test_checkpoint.py, test_train.py).
+
 The training tests (test_train.py, test_train_cli.py) share ``base_args``: a 1-layer d_model-32
 model, context 32, on 150 stories of the shared sample, tokenized once into ``train_cache``.
 """
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,23 @@ from gpt import GPT2Model, GPTConfig
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA_ONLY_REASON = "needs CUDA: Triton's interpreter returns garbage for tl.dot on bf16"
+
+
+class FullDisk:
+    """A file with ``room`` bytes left on its disk: a write past them raises ENOSPC, as the OS does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def perturbed_model(config: GPTConfig, *, device, seed: int = 0) -> GPT2Model:

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig
-from gpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+import gpt.checkpoint
+from gpt.checkpoint import CheckpointError, WriteError, atomic_write, load_checkpoint, load_model, save_checkpoint
+
+from conftest import FullDisk
 
 SMALL = GPTConfig(vocab_size=50, max_seq_length=8, num_layers=1, num_heads=2, d_model=16, d_ff=32)
 
@@ -33,6 +36,37 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         save_checkpoint({"bad": _Unpicklable()}, path)  # fails mid-write
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def fill_disk(monkeypatch, room: int) -> None:
+    """Every later ``atomic_write`` writes to a disk with ``room`` bytes free."""
+    real = gpt.checkpoint._Recorded.__init__
+    monkeypatch.setattr(gpt.checkpoint._Recorded, "__init__", lambda self, f: real(self, FullDisk(f, room)))
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, room):
+    """torch.save itself turns the OS's ENOSPC into a RuntimeError about zip positions; the write
+    names the file and the cause instead, and leaves the earlier checkpoint and no temp file."""
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model_state_dict": {}, "config": SMALL.to_dict()}, path)
+    before = path.read_bytes()
+    fill_disk(monkeypatch, room)
+    big = {"model_state_dict": GPT2Model(SMALL).state_dict(), "config": SMALL.to_dict()}
+    with pytest.raises(WriteError) as e:
+        save_checkpoint(big, path)
+    assert str(e.value) == f"cannot write {path}: No space left on device; the previous c.pt is untouched"
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    with pytest.raises(WriteError, match=r"^cannot write .*new\.json: No space left on device$"):
+        atomic_write(tmp_path / "new.json", lambda f: f.write(b"{}" * 4000))  # no earlier file
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_directory_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WriteError, match=r"^cannot write .*file/sub/c\.pt: Not a directory$"):
+        save_checkpoint({"model_state_dict": {}, "config": SMALL.to_dict()}, tmp_path / "file" / "sub" / "c.pt")
 
 
 class _Evil:

@@ -1,5 +1,6 @@
 """gpt.data: exact, once-only tokenization of TinyStories into cached splits, and the batches over them."""
 
+import errno
 import json
 import os
 import subprocess
@@ -162,6 +163,26 @@ def test_incomplete_cache_is_rebuilt_and_no_temp_left(tmp_path, tok, texts):
     second = prepare_data(src, tok, tmp_path / "c", 0, progress=False)
     assert second.path == first.path and len(second.val) == first.meta["tokens"]["val"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [first.path.name]
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, tok, texts, monkeypatch):
+    """A full disk while tokenizing, or a cache directory that cannot be made: a one-line DataError
+    naming the cache, no temp directory left, earlier cache entries untouched."""
+    src = write_jsonl(tmp_path / "s.jsonl", texts[:10])
+    first = prepare_data(src, tok, tmp_path / "c", 0, progress=False)
+    write_jsonl(src, texts[:12])  # another source: a new cache entry
+
+    def full_disk(self, batch):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_mod._TokenWriter, "write", full_disk)
+    with pytest.raises(DataError, match=f"^cannot write the token cache in {tmp_path / 'c'}: No space left on device$"):
+        prepare_data(src, tok, tmp_path / "c", 0, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [first.path.name]
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=f"^cannot write the token cache in {tmp_path / 'file' / 'c'}: Not a directory$"):
+        prepare_data(src, tok, tmp_path / "file" / "c", 0, progress=False)
 
 
 def test_deterministic(tmp_path, tok, texts):

@@ -15,15 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt.checkpoint
 import gpt.curves
 import gpt.trainer as trainer_mod
 from gpt.checkpoint import load_checkpoint
 from gpt.config import PRESETS, GPTConfig, TrainConfig
 from gpt.data import EOS_ID, SEED_IGNORE_INDEX, story_rows
 from gpt.model import GPT2Model, LMLoss
-from gpt.train import build_parser, field_comments, main
 from gpt.step import build_optimizer, evaluate_seed_protocol, lr_at
+from gpt.train import build_parser, field_comments, main
 from gpt.trainer import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS
+
+from conftest import FullDisk
 
 SEED_KEYS = {"train_losses", "val_losses", "train_accuracies", "val_accuracies", "final_perplexity",
              "generated_texts"}
@@ -169,6 +172,32 @@ def test_checkpoint_interval(base_args, tmp_path, capsys, monkeypatch):
     assert saved == [(LAST_NAME, 3), (LAST_NAME, 6), (BEST_NAME, 7), (LAST_NAME, 7)]
     ck = load_checkpoint(tmp_path / "ci" / LAST_NAME)
     assert ck["history"]["train_log"]["steps"] == [3, 5, 6, 7]  # a checkpoint step is also a log step
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_path, capsys, monkeypatch):
+    """The disk fills after the first last.pt: the next write fails, the run exits 1 with one line
+    naming the file and the cause, and the last.pt before it is intact and resumable."""
+    out = tmp_path / "full"
+    real = gpt.checkpoint._Recorded.__init__
+    writes = []
+
+    def recorded(self, f):  # the first write has the disk's room, every later one none
+        writes.append(1)
+        real(self, f if len(writes) == 1 else FullDisk(f, 0))
+
+    monkeypatch.setattr(gpt.checkpoint._Recorded, "__init__", recorded)
+    rc, _, err = run_main(base_args + ["--max-steps", "6", "--eval-interval", "0", "--checkpoint-interval", "2",
+                                       "--out-dir", str(out)], capsys)
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (f"error: cannot write {out / LAST_NAME}: No space left on device; "
+                                            f"the previous {LAST_NAME} is untouched")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [LAST_NAME]
+    assert load_checkpoint(out / LAST_NAME)["step"] == 2
+    monkeypatch.setattr(gpt.checkpoint._Recorded, "__init__", real)  # room again
+    rc, _, err = run_main(["--resume", "--out-dir", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert load_checkpoint(out / LAST_NAME)["step"] == 6
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, capsys, monkeypatch):
