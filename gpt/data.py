@@ -217,7 +217,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the Hugging Face hub does not answer within ``HUB_PROBE_SECONDS`` (None: it answers, or
     offline mode is set and ``datasets`` will read its own cache). Proxies in the environment apply."""
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
@@ -235,7 +235,7 @@ def _hub_unreachable() -> str | None:
 def _read_hub(split: str, skips: _Skips) -> Iterator[_Story]:
     """The hub split's stories. Connects at once (not at the first ``next``), so an unreachable hub
     fails in seconds, before any progress bar, with one line."""
-    why = _hub_unreachable()
+    why = hub_unreachable()
     if why is not None:
         raise DataError(f"cannot load {HUB_DATASET} ({split}) from the Hugging Face hub, which does not answer "
                         f"({why}): pass local files with --data PATH (or set HF_DATASETS_OFFLINE=1 to use a "

@@ -1,4 +1,5 @@
-"""Exact conversion between our GPT2Model and transformers' GPT2LMHeadModel.
+"""Exact conversion between our GPT2Model and transformers' GPT2LMHeadModel, and
+``load_pretrained``: a model from one of our checkpoints, a transformers directory or a hub name.
 
 transformers stores GPT-2's projections as ``Conv1D`` with weights (in, out); ours are
 ``nn.Linear`` with weights (out, in), so those four matrices are transposed; everything else maps
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, load_model
 from .config import GPTConfig
+from .data import hub_unreachable
+from .errors import one_line
 from .model import GPT2Model
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -108,3 +112,37 @@ def load_hf(directory: str | Path, impl: str = "auto") -> GPT2Model:
     if model_type != "gpt2":
         raise ValueError(f"{directory} holds a {model_type!r} model, not GPT-2")
     return from_transformers(GPT2LMHeadModel.from_pretrained(directory, torch_dtype=torch.float32), impl=impl)
+
+
+def load_pretrained(source: str) -> GPT2Model:
+    """A model (fp32, on the CPU, impl torch) with the weights of ``source``: a checkpoint of ours
+    (a ``.pt`` file, e.g. ``out/gpt2_best_model.pt``), a transformers GPT-2 directory (``export_hf``'s
+    or OpenAI's), or a Hugging Face hub name (``gpt2``, ``gpt2-medium``, ``distilgpt2``, ...: downloaded
+    once by transformers, which needs the network or its cache). Raises ``CheckpointError`` (one
+    line) when it cannot."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return load_model(path, impl="torch")
+    looks_local = path.is_dir() or source.endswith(".pt") or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint file or model directory")
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"{source} has no config.json: not a transformers model directory")
+    where, offline = (str(path), None) if path.is_dir() else (f"the Hugging Face hub's {source}", hub_unreachable())
+    try:  # when the hub does not answer, only a copy transformers cached before will do
+        hf_model = GPT2LMHeadModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=torch.float32, local_files_only=offline is not None)
+    except (OSError, ValueError, KeyError) as e:  # no such repo or cached copy, not GPT-2, unreadable weights
+        if offline is not None:
+            raise CheckpointError(f"cannot load {source} from the Hugging Face hub, which does not answer ({offline}), "
+                                  "and transformers has no cached copy: pass a checkpoint file or a model directory"
+                                  ) from None
+        raise CheckpointError(f"cannot load a GPT-2 from {where}: {one_line(e)}") from None
+    try:
+        return from_transformers(hf_model, impl="torch")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+

@@ -120,6 +120,12 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                      help="hide the progress bars (shown by default)")
     run.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files to DIR (needs the "
                                                           "optional tensorboard package)")
+    run.add_argument("--init-from", metavar="SOURCE",
+                     help="start a new run from these weights instead of random ones: one of our checkpoints "
+                          f"(e.g. out/{BEST_NAME}), a transformers GPT-2 directory, or a Hugging Face hub name "
+                          "(gpt2, gpt2-medium, ...; needs the network or transformers' cache). The model's sizes, "
+                          "context and dropout come from it; --max-seq-length may shrink the context, --dropout and "
+                          "--attn-dropout may change")
     run.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
     values = get_preset(preset)
     for title, cls, chosen in (("model (GPTConfig)", GPTConfig, values.model), ("training (TrainConfig)", TrainConfig, values.train)):
@@ -170,22 +176,62 @@ def _validate_run_options(opts: RunOptions) -> None:
 
 
 def _absolute(opts: RunOptions) -> RunOptions:
-    """Paths a resumed run must find again from any working directory, made absolute."""
-    return replace(opts, **{k: str(Path(getattr(opts, k)).resolve()) for k in ("data", "tokenizer", "cache_dir")
-                            if getattr(opts, k) is not None})
+    """Paths a resumed run must find again from any working directory, made absolute (``init_from``
+    where it names a local file or directory, not a hub model)."""
+    paths = {k: str(Path(getattr(opts, k)).resolve()) for k in ("data", "tokenizer", "cache_dir")
+             if getattr(opts, k) is not None}
+    if opts.init_from is not None and Path(opts.init_from).expanduser().exists():
+        paths["init_from"] = str(Path(opts.init_from).expanduser().resolve())
+    return replace(opts, **paths)
 
 
-def _new_run(ns: argparse.Namespace) -> tuple[RunOptions, GPTConfig, TrainConfig]:
+# Model flags that may differ from an --init-from model's: they change no weight.
+MAY_DIFFER_FROM_START = frozenset({"dropout", "attn_dropout"})
+
+
+def _start_from(ns: argparse.Namespace, source: str) -> tuple[GPTConfig, dict]:
+    """The model config and initial state dict of a run started from ``source`` (``--init-from``):
+    the source's config, with the dropouts given on the command line and a context cut to
+    ``--max-seq-length`` (the first rows of the position table); any other model flag must agree."""
+    from .hf import load_pretrained
+
+    start = load_pretrained(source)
+    theirs = start.config
+    given = _given(ns, GPTConfig)
+    for name, value in given.items():
+        shrinks = name == "max_seq_length" and value <= theirs.max_seq_length
+        if name not in MAY_DIFFER_FROM_START and not shrinks and value != getattr(theirs, name):
+            how = " (the context may only shrink)" if name == "max_seq_length" else ""
+            raise TrainError(f"{_flag(name)} {value} contradicts the --init-from model ({name} {getattr(theirs, name)}): "
+                             f"its architecture comes from {source}{how}")
+    try:
+        cfg = replace(theirs, **given)
+    except (ValueError, TypeError) as e:
+        raise TrainError(str(e)) from None
+    weights = start.state_dict()
+    weights["wpe.weight"] = weights["wpe.weight"][:cfg.max_seq_length].clone()  # positions past the context: unused
+    return cfg, weights
+
+
+def _new_run(ns: argparse.Namespace) -> tuple[RunOptions, GPTConfig, TrainConfig, dict | None]:
+    """A new run's options and configs, and its initial weights (None: random)."""
     preset = get_preset(ns.preset or DEFAULTS.preset)
     opts = _absolute(replace(DEFAULTS, **_given(ns, RunOptions)))
     try:
-        return opts, replace(preset.model, **_given(ns, GPTConfig)), replace(preset.train, **_given(ns, TrainConfig))
+        tc = replace(preset.train, **_given(ns, TrainConfig))
+        if opts.init_from is None:
+            return opts, replace(preset.model, **_given(ns, GPTConfig)), tc, None
     except (ValueError, TypeError) as e:
         raise TrainError(str(e)) from None
+    cfg, weights = _start_from(ns, opts.init_from)
+    return opts, cfg, tc, weights
 
 
 def _resumed_run(ns: argparse.Namespace, ck: dict, last: Path) -> tuple[RunOptions, GPTConfig, TrainConfig]:
     """The run recorded in ``ck``, with the flags given on this command line checked against it."""
+    if ns.init_from is not None:
+        raise TrainError(f"--init-from sets a new run's starting weights; --resume continues the run in {last.parent} "
+                         f"from its {LAST_NAME}")
     try:
         recorded = {f.name: ck["run_options"][f.name] for f in fields(RunOptions) if f.name in ck["run_options"]}
         opts = replace(DEFAULTS, **recorded)
@@ -263,7 +309,7 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
     saves = f"{LAST_NAME} every {opts.checkpoint_interval} steps and " if opts.checkpoint_interval else f"{LAST_NAME} "
     evals = f"every {tc.eval_interval} steps" if tc.eval_interval else "at the end"
     where = (f"resuming at step {trainer.state.step} of {trainer.out / LAST_NAME}" if resumed
-             else f"new run in {trainer.out}")
+             else f"new run in {trainer.out}" + (f", starting from {opts.init_from}" if opts.init_from else ""))
     if resumed:
         settings = "the run's settings" + (f"; from this command: {' '.join(flags)}" if flags else "")
     else:
@@ -292,8 +338,9 @@ def _report(trainer: Trainer, result: dict) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     ck, out = _plan(ns)
+    start_weights = None
     if ck is None:
-        opts, model_cfg, tc = _new_run(ns)
+        opts, model_cfg, tc, start_weights = _new_run(ns)
     else:  # the run continues where its checkpoint was found, whatever directory it was started in
         opts, model_cfg, tc = _resumed_run(ns, ck, out / LAST_NAME)
         opts = replace(opts, out_dir=str(out))
@@ -307,7 +354,7 @@ def run(ns: argparse.Namespace) -> int:
         raise TrainError(f"--resume: the checkpoint was written by {ck.get('world_size')} processes, this run has {world}")
     if opts.tensorboard:
         tensorboard_writer_class()  # fail now, not after the data is ready
-    trainer = Trainer(opts, model_cfg, tc)
+    trainer = Trainer(opts, model_cfg, tc, start_weights)
     trainer.setup(ck)
     previous = signal.signal(signal.SIGINT, trainer.on_sigint)  # Ctrl-C: stop at a step boundary, twice: now
     try:

@@ -64,6 +64,7 @@ class RunOptions:
     sample_length: int = 100
     progress: bool = True
     tensorboard: str | None = None  # TensorBoard log directory; None: no event files
+    init_from: str | None = None  # a new run's starting weights (gpt.hf.load_pretrained's source); None: random
 
 
 def run_files(out_dir: Path) -> list[Path]:
@@ -134,9 +135,10 @@ class Trainer:
     ``tokens_per_sec_with_startup`` counts every step and the set-up (data, model) before them.
     """
 
-    def __init__(self, opts: RunOptions, model_cfg: GPTConfig, tc: TrainConfig):
+    def __init__(self, opts: RunOptions, model_cfg: GPTConfig, tc: TrainConfig, start_weights: dict | None = None):
         self.t_created = time.perf_counter()
         self.opts, self.model_cfg, self.tc = opts, model_cfg, tc
+        self.start_weights = start_weights  # a new run's initial state dict (--init-from); None: random
         self.out = Path(opts.out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -226,6 +228,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(opts.seed)  # same initial weights on every rank
         self.raw = GPT2Model(cfg, impl=opts.impl).to(self.device)
+        if resume_ckpt is None and self.start_weights is not None:
+            self.raw.load_state_dict(self.start_weights)
         self.optimizer = build_optimizer(self.raw, tc, self.device)
         # The optimizer update must never be torn by a second Ctrl-C: from here the step is committed.
         self.optimizer.register_step_pre_hook(self._enter_update)

@@ -380,7 +380,7 @@ def fake_hub(monkeypatch, texts):
         return ({"text": t} for t in rows)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(data_mod, "_hub_unreachable", lambda: None)  # no probe of the real hub
+    monkeypatch.setattr(data_mod, "hub_unreachable", lambda: None)  # no probe of the real hub
     return calls
 
 
