@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=_ShowDefaults)
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default 'Once upon a time')")
     p.add_argument("--checkpoint", default="out/gpt2_best_model.pt", help="checkpoint from train.py")
-    p.add_argument("--hf", metavar="DIR", help="sample from a transformers GPT-2 directory instead of --checkpoint (default: none)")
+    p.add_argument("--hf", metavar="SOURCE", help="sample from a transformers GPT-2 directory or a Hugging Face hub "
+                                                 "name (gpt2, ...) instead of --checkpoint (default: none)")
     p.add_argument("--max-new-tokens", type=_number(int, lambda n: n >= 1, ">= 1"), default=200,
                    help="new tokens per sample (fewer if EOS comes first)")
     p.add_argument("--temperature", type=_number(float, lambda t: t >= 0, ">= 0"), default=0.8, help="0 = greedy")
@@ -105,12 +106,10 @@ def load(args):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     tokenizer = get_tokenizer(args.tokenizer)
     if args.hf:
-        from transformers.utils import logging as hf_logging
+        from gpt.hf import load_pretrained
 
-        from gpt.hf import load_hf
-
-        hf_logging.disable_progress_bar()
-        model = load_hf(args.hf, impl=args.impl)
+        model = load_pretrained(args.hf)
+        model.impl = args.impl
     else:
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
     dtype = ("bf16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype

@@ -8,7 +8,6 @@ by name. transformers is imported lazily: the model itself does not need it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -99,19 +98,6 @@ def export_hf(model: GPT2Model, directory: str | Path) -> Path:
     directory = Path(directory)
     to_transformers(model).save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-def load_hf(directory: str | Path, impl: str = "auto") -> GPT2Model:
-    """Our model from a transformers GPT-2 directory (ours or OpenAI's)."""
-    from transformers import GPT2LMHeadModel
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} has no config.json: not a transformers model directory")
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    if model_type != "gpt2":
-        raise ValueError(f"{directory} holds a {model_type!r} model, not GPT-2")
-    return from_transformers(GPT2LMHeadModel.from_pretrained(directory, torch_dtype=torch.float32), impl=impl)
 
 
 def load_pretrained(source: str) -> GPT2Model:

@@ -410,6 +410,23 @@ def test_sample_cli_errors(tmp_path, tiny_checkpoint, tokenizer_dir):
         assert out == ""
 
 
+def test_sample_cli_from_a_transformers_directory_gives_the_checkpoints_text(tiny_checkpoint, tokenizer_dir, tmp_path):
+    """--hf DIR (gpt.hf.load_pretrained) decodes the same greedy text as --checkpoint of the same weights."""
+    from gpt.checkpoint import load_model
+    from gpt.hf import export_hf
+
+    export_hf(load_model(tiny_checkpoint), tmp_path / "hf")
+    common = ["--tokenizer", str(tokenizer_dir), "--temperature", "0", "--max-new-tokens", "8", "--prompt",
+              "Once upon a time", "--impl", "torch", "--device", "cpu"]
+    procs = [_start(["--checkpoint", str(tiny_checkpoint), *common]), _start(["--hf", str(tmp_path / "hf"), *common])]
+    (ours, err), (theirs, err_hf) = (p.communicate(timeout=120) for p in procs)
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (err, err_hf)
+    assert theirs == ours and len(ours) > len("Once upon a time\n")
+    bad = _start(["--hf", str(tmp_path), *common])  # a directory without config.json
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and err.strip().endswith(f"{tmp_path} has no config.json: not a transformers model directory")
+
+
 def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_dir):
     args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--temperature", "0",
             "--max-new-tokens", "6", "--prompt", "Once upon a time", "--prompt", "🦄 A dragon", "--impl", "torch"]
