@@ -40,6 +40,7 @@ from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOption
                       remove_run, run_files, tensorboard_writer_class)
 
 DEFAULTS = RunOptions()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the run at a step boundary with last.pt written
 # Flags a resumed run may change: where and how it runs, how long, how often it reports and saves.
 RESUME_MAY_CHANGE = frozenset({
     "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "cuda_graph", "log_interval", "checkpoint_interval",
@@ -356,7 +357,8 @@ def run(ns: argparse.Namespace) -> int:
         tensorboard_writer_class()  # fail now, not after the data is ready
     trainer = Trainer(opts, model_cfg, tc, start_weights)
     trainer.setup(ck)
-    previous = signal.signal(signal.SIGINT, trainer.on_sigint)  # Ctrl-C: stop at a step boundary, twice: now
+    # Ctrl-C or SIGTERM: stop at a step boundary and save; twice: now
+    previous = {sig: signal.signal(sig, trainer.on_stop_signal) for sig in STOP_SIGNALS}
     try:
         if trainer.master:
             if ns.overwrite:
@@ -367,7 +369,8 @@ def run(ns: argparse.Namespace) -> int:
             print(_start_line(trainer, ck is not None, flags), flush=True)
         reason = trainer.train()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if reason in ("interrupted", "stopped_now"):
         if trainer.master:
             st = trainer.state.step
@@ -376,7 +379,7 @@ def run(ns: argparse.Namespace) -> int:
             how = "at the end of a step" if reason == "interrupted" else "now, the step in progress dropped"
             print(f"interrupted at step {st} ({how}): {saved}; continue with --resume --out-dir {trainer.out}",
                   file=sys.stderr)
-        return 130
+        return 128 + (trainer.stop_signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
     try:
         result = trainer.finish()
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -128,7 +129,8 @@ class Trainer:
     step boundary before it (weights, optimizer, data position and RNG, all of that boundary). The
     parts that move state forward (optimizer update, counters, logs, checkpoint writes) finish first;
     an evaluation in progress is dropped. Under DDP a second Ctrl-C exits without writing (the ranks
-    may be inside different collectives); the last checkpoint written stays.
+    may be inside different collectives); the last checkpoint written stays. SIGTERM (a scheduler's
+    preemption, ``kill``, torchrun shutting its workers down) is handled as Ctrl-C is.
 
     Timing: ``train_seconds`` is the loop without evaluation passes (their checkpoint writes
     included); ``tokens_per_sec`` is the steady state, every step of this session but its first, and
@@ -149,6 +151,7 @@ class Trainer:
         self.accum = tc.grad_accum // self.world  # micro-batches per rank per optimizer step
         self.tokens_per_step = tc.batch_size * tc.grad_accum * model_cfg.max_seq_length
         self._stop_requested = False  # first Ctrl-C: stop at the next step boundary
+        self.stop_signal: int | None = None  # the signal that asked first (SIGINT or SIGTERM): the exit code
         self._stop_now = False  # second Ctrl-C: stop as soon as no state is half-updated
         self._interruptible = False  # a KeyboardInterrupt now loses nothing the boundary snapshot lacks
         self._stop_agreed = False  # acted on: every rank sees the same value (agreed at log steps under DDP)
@@ -284,16 +287,18 @@ class Trainer:
 
     # -- Ctrl-C --------------------------------------------------------------------------------
 
-    def on_sigint(self, signum, frame) -> None:
-        """The SIGINT handler while training (installed by the command line)."""
+    def on_stop_signal(self, signum, frame) -> None:
+        """The SIGINT and SIGTERM handler while training (installed by the command line)."""
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {what} again"
         if not self._stop_requested:
-            self._stop_requested = True
+            self._stop_requested, self.stop_signal = True, signum
             if self.master:
-                _say(f"Ctrl-C: stopping after the current step (step {self.state.step + 1}) and saving "
-                     f"{self.out / LAST_NAME}; press Ctrl-C again to stop now")
+                _say(f"{what}: stopping after the current step (step {self.state.step + 1}) and saving "
+                     f"{self.out / LAST_NAME}; {again} to stop now")
             return
         if not self._stop_now and self.master:
-            _say("Ctrl-C again: stopping now" + (", saving the last step boundary" if self.world == 1 else ""))
+            _say(f"{what} again: stopping now" + (", saving the last step boundary" if self.world == 1 else ""))
         self._stop_now = True
         if self._interruptible:
             raise KeyboardInterrupt

@@ -61,7 +61,11 @@ def test_refusal_then_one_flag_resume_from_another_directory(base_args, tmp_path
     assert not any(elsewhere.iterdir())  # nothing written where the command ran (the cache is the run's)
 
 
-def test_ctrl_c_says_so_at_once_and_writes_resumable_checkpoint(base_args, tmp_path):
+@pytest.mark.parametrize("sig,name,again,code", [
+    (signal.SIGINT, "Ctrl-C", "press Ctrl-C again", 130),
+    (signal.SIGTERM, "SIGTERM", "send SIGTERM again", 143),  # a scheduler's preemption, kill, torchrun's shutdown
+], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_says_so_at_once_and_writes_resumable_checkpoint(base_args, tmp_path, sig, name, again, code):
     out_dir = tmp_path / "int"
     proc = subprocess.Popen([sys.executable, "-u", "train.py", *base_args, "--max-steps", "100000", "--log-interval", "1",
                              "--eval-interval", "0", "--out-dir", str(out_dir)],
@@ -70,15 +74,15 @@ def test_ctrl_c_says_so_at_once_and_writes_resumable_checkpoint(base_args, tmp_p
         for line in proc.stdout:  # the start line comes just before the first step
             if line.startswith("train: preset"):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         notice = "\n"
         while notice == "\n":  # the first line on stderr (after a blank one) is the notice
             notice = proc.stderr.readline()
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert notice.startswith("Ctrl-C: stopping after the current step") and "Ctrl-C again to stop now" in notice
-    assert proc.returncode == 130, err
+    assert notice.startswith(f"{name}: stopping after the current step") and f"{again} to stop now" in notice
+    assert proc.returncode == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted at step") and "--resume" in lines[0], err
     step = int(lines[0].split()[3])
