@@ -287,6 +287,17 @@ def _plan(ns: argparse.Namespace) -> tuple[dict | None, Path]:
     return None, out
 
 
+def _check_writable(directory: Path, flag: str) -> None:
+    """A TrainError unless ``directory`` is, or can be made as, a directory this process may write in."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:  # the nearest ancestor that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"cannot create {flag} {directory}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"cannot write {flag} {directory}: no write permission in {existing}")
+
+
 def _step_of(last: Path):
     try:
         return load_checkpoint(last).get("step", "?")
@@ -353,8 +364,10 @@ def run(ns: argparse.Namespace) -> int:
         return 0
     if ck is not None and ck.get("world_size", 1) != world:
         raise TrainError(f"--resume: the checkpoint was written by {ck.get('world_size')} processes, this run has {world}")
+    _check_writable(out, "--out-dir")  # fail now, not after the data is ready
     if opts.tensorboard:
-        tensorboard_writer_class()  # fail now, not after the data is ready
+        tensorboard_writer_class()
+        _check_writable(Path(opts.tensorboard), "--tensorboard")
     trainer = Trainer(opts, model_cfg, tc, start_weights)
     trainer.setup(ck)
     # Ctrl-C or SIGTERM: stop at a step boundary and save; twice: now

@@ -260,7 +260,8 @@ def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "resume_without_ckpt",
                                   "corrupt_ckpt", "text_as_ckpt", "triton_missing", "triton_head_dim", "bad_device",
                                   "no_tensorboard",
-                                  "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file"])
+                                  "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file",
+                                  "out_dir_under_a_file", "tensorboard_under_a_file"])
 def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -279,6 +280,10 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         "refusal": "continue it with --resume, replace it with --overwrite, or choose another --out-dir",
         "resume_and_overwrite": "choose one", "weight_decay_on": "invalid choice",
         "out_dir_is_a_file": "is a file, not a directory",
+        "out_dir_under_a_file": f"cannot create --out-dir {tmp_path / 'notes.txt' / 'run'}: {tmp_path / 'notes.txt'} is "
+                                "a file, not a directory",
+        "tensorboard_under_a_file": f"cannot create --tensorboard {tmp_path / 'notes.txt' / 'tb'}: "
+                                    f"{tmp_path / 'notes.txt'} is a file, not a directory",
     }[case]
     if case == "missing_data":
         args += ["--data", str(tmp_path / "nope.jsonl")]
@@ -322,6 +327,11 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
     elif case == "out_dir_is_a_file":
         (tmp_path / "notes.txt").write_text("mine")
         args += ["--out-dir", str(tmp_path / "notes.txt")]
+    elif case in ("out_dir_under_a_file", "tensorboard_under_a_file"):  # found before the data is prepared
+        (tmp_path / "notes.txt").write_text("mine")
+        monkeypatch.setattr("gpt.data.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+        args += (["--out-dir", str(tmp_path / "notes.txt" / "run")] if case == "out_dir_under_a_file"
+                 else ["--tensorboard", str(tmp_path / "notes.txt" / "tb")])
     if case == "weight_decay_on":  # argparse's own one-line usage error, exit 2
         with pytest.raises(SystemExit) as exc:
             main(args)
