@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
 
     try:
         run(args)
+    except BrokenPipeError:  # the reader went away (`sample.py | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + signal.SIGPIPE
     except (UserError, ValueError, OSError, RuntimeError) as e:  # ours, and torch's / the OS's on bad input
         print(f"sample.py: error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -427,6 +427,18 @@ def test_sample_cli_from_a_transformers_directory_gives_the_checkpoints_text(tin
     assert bad.returncode == 1 and err.strip().endswith(f"{tmp_path} has no config.json: not a transformers model directory")
 
 
+def test_sample_cli_stops_quietly_when_its_reader_goes_away(tiny_checkpoint, tokenizer_dir):
+    """`sample.py | head -1`: the closed pipe ends it with SIGPIPE's exit code, no error or traceback."""
+    proc = _start(["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--max-new-tokens", "1000000",
+                   "--temperature", "1", "--top-k", "0", "--top-p", "1", "--stream", "--impl", "torch", "--device", "cpu"])
+    assert len(proc.stdout.read(20)) == 20  # the first characters of the sample
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.splitlines()[0]], err  # the start line only
+    assert err.startswith("sample.py: sampling 1 x 1000000 tokens")
+
+
 def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_dir):
     args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--temperature", "0",
             "--max-new-tokens", "6", "--prompt", "Once upon a time", "--prompt", "🦄 A dragon", "--impl", "torch"]
