@@ -21,21 +21,21 @@ from .model import GPT2Model
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# Our GPTConfig field -> transformers' GPT2Config attribute: the one map both directions use.
+_CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "max_seq_length": "n_positions", "num_layers": "n_layer", "num_heads": "n_head",
+    "d_model": "n_embd", "d_ff": "n_inner", "dropout": "resid_pdrop", "attn_dropout": "attn_pdrop",
+    "layer_norm_eps": "layer_norm_epsilon",
+}
+
+
 def hf_config(config: GPTConfig):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.max_seq_length,
-        n_embd=config.d_model,
-        n_layer=config.num_layers,
-        n_head=config.num_heads,
-        n_inner=config.d_ff,
+        **{theirs: getattr(config, ours) for ours, theirs in _CONFIG_NAMES.items()},
+        embd_pdrop=config.dropout,  # ours has one dropout for embeddings and residual branches
         activation_function="gelu_new",  # tanh approximation, as ours
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.attn_dropout,
-        layer_norm_epsilon=config.layer_norm_eps,
         bos_token_id=50256,
         eos_token_id=50256,
         tie_word_embeddings=True,
@@ -47,17 +47,9 @@ def config_from_hf(hf) -> GPTConfig:
         raise ValueError(f"not a GPT-2 config (model_type={hf.model_type!r})")
     if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"unsupported activation {hf.activation_function!r} (need tanh GELU)")
-    return GPTConfig(
-        vocab_size=hf.vocab_size,
-        max_seq_length=hf.n_positions,
-        num_layers=hf.n_layer,
-        num_heads=hf.n_head,
-        d_model=hf.n_embd,
-        d_ff=hf.n_inner or 4 * hf.n_embd,
-        dropout=hf.resid_pdrop,
-        attn_dropout=hf.attn_pdrop,
-        layer_norm_eps=hf.layer_norm_epsilon,
-    )
+    values = {ours: getattr(hf, theirs) for ours, theirs in _CONFIG_NAMES.items()}
+    values["d_ff"] = values["d_ff"] or 4 * hf.n_embd  # GPT-2's configs leave n_inner unset
+    return GPTConfig(**values)
 
 
 def _hf_key(ours: str) -> str:
