@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite for a lent H100/H200, in parts, for one 10-minute device call (a 15-minute lease holds
 # one such call and the machine's start): ~6 min on an H200 on 2026-11-26, with fewer benchmarks.
-# Each part caps its own time (the caps add up to 13 min: a slow run loses its last parts), leaves its
+# Each part caps its own time (the caps add up to 15.5 min: a slow run loses its last parts), leaves its
 # results even when it fails, and (under the device tool) refreshes $OUT/results.tgz as soon as it
 # ends, so a call cut short still brings back every part that finished.
 #
@@ -15,9 +15,13 @@
 #   sample   decoding at batch 1 and 64 (eager, CUDA graphs) vs transformers, split-K kernel  (<= 75 s)
 #   train    python train.py, seed preset, 200 steps: impl torch, triton, triton --cuda-graph  (<= 3 x 60 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
+#   profile  Nsight Compute (ncu --clock-control none) on the kernels that lost to their peer and
+#            the peers, at the issue's shapes (bench/ncu_targets.py): ncu.txt, one details page
+#            each (ncu's detailed set: speed of light, occupancy, memory, warp stalls); tuning  (<= 150 s)
 #
 # Here (with ../shared beside the repo):  bash bench/gpu.sh --prepare      # copies data into device_data/
-# There (device tool, carry device_data):  bash bench/gpu.sh               (timeout_s 590: all parts)
+# There (device tool, carry device_data):  bash bench/gpu.sh               (timeout_s 590: the parts in order)
+# and, with lease time left, the parts the first call did not reach, e.g.  bash bench/gpu.sh train match profile
 # Environment: TESTS (test paths, default tests), TESTS_CAP (s), KERNELS_K (a -k filter for the kernel
 # benchmarks), RUN_TAG (results in <date>-<device>-<tag>/, beside an earlier run's).
 # Results: bench/results/<date>-<device>/ (benchmarks in bench_<part>.json, logs, report_<part>.md).
@@ -36,9 +40,9 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests attention kernels step sample train match)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests attention kernels step sample train match profile)
 for part in "${PARTS[@]}"; do
-  case "$part" in tests|attention|kernels|step|sample|train|match) ;; *) echo "gpu.sh: unknown part '$part' (tests, attention, kernels, step, sample, train, match)" >&2; exit 2;; esac
+  case "$part" in tests|attention|kernels|step|sample|train|match|profile) ;; *) echo "gpu.sh: unknown part '$part' (tests, attention, kernels, step, sample, train, match, profile)" >&2; exit 2;; esac
 done
 
 PY=${PYTHON:-python3}
@@ -88,6 +92,16 @@ for part in "${PARTS[@]}"; do
       bench sample 75 bench/test_bench_sample.py -k "not cpu" ;;
     match)
       bench match 50 bench/test_bench_match.py bench/test_bench_loop.py bench/test_bench_memory.py ;;
+    profile)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      if [ -z "$NCU" ]; then
+        echo "gpu.sh: no ncu on this machine" | tee "$RES/ncu.txt"; status=1
+      else  # clocks left alone (--clock-control none); only the range the script opens after its warm-up
+        timeout 150 "$NCU" --clock-control none --profile-from-start off --nvtx --set detailed \
+          --launch-count 80 --page details $PY bench/ncu_targets.py > "$RES/ncu.txt" 2> "$RES/ncu.log" || status=1
+        tail -n 3 "$RES/ncu.log"
+        echo "ncu: $(grep -c 'Duration' "$RES/ncu.txt") kernels profiled into $RES/ncu.txt"
+      fi ;;
     train)
       for run in torch triton graph; do  # graph: impl triton, the step captured (--cuda-graph)
         impl=${run/graph/triton}
