@@ -174,6 +174,23 @@ def test_checkpoint_interval(base_args, tmp_path, capsys, monkeypatch):
     assert ck["history"]["train_log"]["steps"] == [3, 5, 6, 7]  # a checkpoint step is also a log step
 
 
+@pytest.mark.parametrize("amx,dtype", [(True, "bf16"), (False, "fp32")], ids=["amx", "no-amx"])
+def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, capsys, history, monkeypatch, amx, dtype):
+    """Without --dtype a CPU run autocasts to bf16 where the CPU has AMX (1.45x the fp32 tokens/s of
+    the tiny preset on this project's Xeon, same perplexity: gpt/hardware.py), else stays fp32."""
+    import gpt.hardware
+
+    monkeypatch.setattr(gpt.hardware, "cpu_has_amx", lambda: amx)
+    i = base_args.index("--dtype")
+    args = base_args[:i] + base_args[i + 2:]  # no --dtype
+    out = tmp_path / "run"
+    rc, stdout, err = run_main(args + ["--max-steps", "2", "--eval-interval", "0", "--device", "cpu", "--out-dir", str(out)],
+                               capsys)
+    assert rc == 0, err
+    assert f"| cpu {dtype}, impl " in stdout.splitlines()[0]
+    assert history(out)["run_options"]["dtype"] == dtype
+
+
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_path, capsys, monkeypatch):
     """The disk fills after the first last.pt: the next write fails, the run exits 1 with one line
     naming the file and the cause, and the last.pt before it is intact and resumable."""
