@@ -1,0 +1,71 @@
+"""evaluate.py: a model's perplexity and accuracy on a TinyStories split, as train.py's test pass
+computes them -- from one of our checkpoints (its run's data and split by default) or a
+transformers directory (data given) -- and one-line errors."""
+
+import json
+
+import pytest
+
+from gpt.evaluation import main
+from gpt.checkpoint import load_model
+from gpt.hf import export_hf
+from gpt.train import main as train_main
+from gpt.trainer import BEST_NAME
+
+
+@pytest.fixture(scope="module")
+def trained(base_args, tmp_path_factory):
+    """A 3-step tiny run: (its directory, its history)."""
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    assert train_main([*base_args, "--max-steps", "3", "--eval-interval", "0", "--out-dir", str(out)]) == 0
+    return out, json.loads((out / "training_history.json").read_text())
+
+
+def scores(capsys, *args) -> tuple[dict, str]:
+    """evaluate.py's JSON and its stdout for ``args``."""
+    path = args[args.index("--json") + 1]
+    assert main(list(args)) == 0, capsys.readouterr().err
+    return json.loads(open(path).read()), capsys.readouterr().out
+
+
+def test_a_runs_checkpoint_scores_as_its_final_test_pass(trained, tmp_path, capsys):
+    out, history = trained
+    got, stdout = scores(capsys, "--model", str(out / BEST_NAME), "--dtype", "fp32", "--json", str(tmp_path / "s.json"))
+    assert got["tokens"] == history["test_tokens"]  # the run's split, found from the checkpoint alone
+    assert got["perplexity"] == pytest.approx(history["final_perplexity"], rel=1e-5)
+    assert got["accuracy"] == pytest.approx(history["test_accuracy"], abs=1e-9)
+    assert stdout.startswith(f"test perplexity {got['perplexity']:.2f} | ")
+
+
+def test_a_transformers_directory_with_the_data_given_scores_the_same(trained, base_args, tmp_path, capsys):
+    out, history = trained
+    export_hf(load_model(out / BEST_NAME), tmp_path / "hf")
+    data = {flag: base_args[base_args.index(flag) + 1] for flag in ("--data", "--tokenizer", "--cache-dir", "--num-stories")}
+    got, _ = scores(capsys, "--model", str(tmp_path / "hf"), *[x for kv in data.items() for x in kv], "--dtype", "fp32",
+                    "--json", str(tmp_path / "s.json"))
+    assert got["perplexity"] == pytest.approx(history["final_perplexity"], rel=1e-5)
+    assert got["tokens"] == history["test_tokens"]
+
+
+def test_the_validation_split_capped(trained, tmp_path, capsys):
+    out, _ = trained
+    got, stdout = scores(capsys, "--model", str(out / BEST_NAME), "--split", "val", "--max-tokens", "100",
+                         "--dtype", "fp32", "--json", str(tmp_path / "s.json"))
+    assert got["split"] == "val" and got["tokens"] == 100
+    assert stdout.startswith("val perplexity ")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--data", "{tmp}/nope.jsonl"], "data source {tmp}/nope.jsonl does not exist"),
+])
+def test_bad_input_is_one_line(trained, tmp_path, capsys, extra, message):
+    out, _ = trained
+    extra = [x.format(tmp=tmp_path) for x in extra]
+    assert main(["--model", str(out / BEST_NAME), *extra]) == 1
+    assert capsys.readouterr().err.strip() == "evaluate.py: error: " + message.format(tmp=tmp_path)
+
+
+def test_a_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "none.pt")]) == 1
+    assert capsys.readouterr().err.strip() == f"evaluate.py: error: {tmp_path / 'none.pt'}: no such checkpoint file or model directory"
