@@ -24,7 +24,8 @@
 # and, with lease time left, the parts the first call did not reach, e.g.  bash bench/gpu.sh train match profile
 # Environment: TESTS (test paths, default tests), TESTS_CAP (s), KERNELS_K (a -k filter for the kernel
 # benchmarks), RUN_TAG (results in <date>-<device>-<tag>/, beside an earlier run's).
-# Results: bench/results/<date>-<device>/ (benchmarks in bench_<part>.json, logs, report_<part>.md).
+# Results: bench/results/<date>-<device>/ (benchmarks in bench_<part>.json, logs, report_<part>.md); then,
+# here, `python -m bench.goals <folder>...` judges issue 12's goals from them (a markdown table for the README).
 # Installs nothing: it runs on the machine's own torch/triton.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,0 +1,41 @@
+"""bench/goals.py: issue 12's goals judged from GPU result folders -- the committed H200 runs give the
+README's figures, and made-up results show each verdict can be yes, no or unmeasured."""
+
+import json
+
+from bench.goals import RESULTS_H200, table
+
+
+def test_the_committed_h200_runs_give_the_readmes_figures():
+    rows = table(RESULTS_H200).splitlines()
+    assert len(rows) == 8
+    attention, layer_norm, step, mfu, match, sampling = rows[2:]
+    assert attention.endswith("| not measured at the goal's shapes | unmeasured |")  # the sweep's shapes only then
+    assert "LayerNorm fwd+bwd above L2 at least 12.7% of copy bandwidth (65536x512" in layer_norm
+    assert layer_norm.endswith("| no |")
+    assert "triton 408,949 tokens/s; 1.19x the best eager PyTorch (344,742)" in step and step.endswith("| no |")
+    assert "batch 512: 17.1% (169.3 TFLOP/s" in mfu and mfu.endswith("| no |")
+    assert "test perplexity 74.3348 (torch) vs 74.3350 (triton)" in match and match.endswith("| yes |")
+    assert "eager 381 tokens/s = 1.24x transformers (306); compiled 2,789 tokens/s = 8.56x" in sampling
+
+
+def _bench(name, **info):
+    return {"name": name, "extra_info": info}
+
+
+def test_goals_met_and_missed_on_made_up_results(tmp_path):
+    attention = [_bench(f"test_attention[B{B}-H{H}-T{T}-{w}]", ratio_vs_sdpa=1.1, tflops=300.0, kernel_ratio_vs_sdpa=1.2)
+                 for B, H, T in ((16, 8, 256), (4, 12, 1024)) for w in ("fwd", "bwd", "fwd+bwd")]
+    ln = [_bench(f"test_{k}[{shape}-fwd+bwd]", pct_copy_gbs=pct, ratio_vs_eager=1.6, bytes=1)
+          for k in ("layer_norm", "add_layer_norm") for shape, pct in (("16384x512", 40.0), ("65536x768", 88.0))]
+    step = [_bench(f"test_train_step_ours[{k}]", tokens_per_s=v) for k, v in
+            (("ours_torch", 100.0), ("ours_torch_unfused", 110.0), ("ours_torch_compile", 140.0), ("ours_triton", 130.0))]
+    step += [_bench("test_train_step_cuda_graph[triton]", tokens_per_s=150.0)]
+    step += [_bench("test_train_step_mfu[512]", mfu=0.3, tflops=300.0, peak_mem_gib=9.0)]
+    (tmp_path / "bench_all.json").write_text(json.dumps({"benchmarks": attention + ln + step}))
+    rows = table([tmp_path]).splitlines()[2:]
+    assert rows[0].endswith("| yes |") and rows[1].endswith("| yes |")
+    assert "with --cuda-graph 150" in rows[2] and "1.36x the best eager PyTorch (110)" in rows[2]
+    assert "1.07x its torch.compile (140)" in rows[2] and rows[2].endswith("| yes |")
+    assert rows[3].endswith("| no |")  # 30% < 40%
+    assert rows[4].endswith("| not measured | unmeasured |") and rows[5].endswith("| not measured | unmeasured |")
