@@ -226,7 +226,9 @@ def test_model_logits_loss_and_grads_match_torch():
         results[impl if impl == "torch" else "triton"] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (lt, st, gt), (lk, sk, gk) = results["torch"], results["triton"]
     torch.testing.assert_close(lk, lt, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sk, st, atol=1e-6, rtol=1e-6)
+    # The loss as the logits: fp32 rounding of two attention implementations (CPU SDPA's summation
+    # order varies from run to run: the loss moved by 3e-6 relative in one CI run of many).
+    torch.testing.assert_close(sk, st, atol=1e-5, rtol=1e-5)
     for name in gt:
         torch.testing.assert_close(gk[name], gt[name], atol=1e-5, rtol=1e-4, msg=name)
 
