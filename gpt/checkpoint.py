@@ -110,12 +110,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def load_model(path: str | os.PathLike, map_location="cpu", impl: str = "auto"):
     """A ``GPT2Model`` with the weights of checkpoint ``path``."""
+    return model_of(load_checkpoint(path, map_location), path, impl).to(map_location)
+
+
+def model_of(ckpt: dict, path: str | os.PathLike, impl: str = "auto"):
+    """The ``GPT2Model`` of a checkpoint ``load_checkpoint`` read from ``path`` (named in errors)."""
     from .model import GPT2Model
 
-    ckpt = load_checkpoint(path, map_location)
     model = GPT2Model(GPTConfig.from_dict(ckpt["config"]), impl=impl)
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the stored config: {one_line(e)}") from None
-    return model.to(map_location)
+    return model

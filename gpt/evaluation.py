@@ -50,16 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _data_options(args, ckpt_path: Path) -> dict:
+def _data_options(args, ckpt: dict | None) -> dict:
     """--data, --tokenizer, --cache-dir and --num-stories: given, else the checkpoint's run's, else defaults."""
-    from gpt.checkpoint import load_checkpoint
     from gpt.config import SEED_NUM_STORIES
     from gpt.data import DEFAULT_CACHE_DIR
 
-    run, train = {}, {}
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        run, train = ck.get("run_options") or {}, ck.get("train_config") or {}
+    run, train = ((ckpt.get("run_options") or {}), (ckpt.get("train_config") or {})) if ckpt else ({}, {})
     pick = {"data": args.data, "tokenizer": args.tokenizer, "cache_dir": args.cache_dir,
             "num_stories": args.num_stories}
     defaults = {"data": None, "tokenizer": None, "cache_dir": DEFAULT_CACHE_DIR, "num_stories": SEED_NUM_STORIES}
@@ -72,6 +68,7 @@ def _data_options(args, ckpt_path: Path) -> dict:
 def run(args) -> dict:
     import torch
 
+    from gpt.checkpoint import load_checkpoint, model_of
     from gpt.data import SEED_ROW_TOKENS, prepare_data
     from gpt.errors import UserError
     from gpt.hardware import default_dtype
@@ -87,8 +84,10 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     dtype = args.dtype or default_dtype(device)
-    opts = _data_options(args, Path(args.model).expanduser())
-    model = load_pretrained(args.model)
+    path = Path(args.model).expanduser()
+    ckpt = load_checkpoint(path) if path.is_file() else None  # ours: it also names its run's data
+    model = model_of(ckpt, path) if ckpt is not None else load_pretrained(args.model)
+    opts = _data_options(args, ckpt)
     tokenizer = get_tokenizer(opts["tokenizer"])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
