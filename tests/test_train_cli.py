@@ -154,6 +154,35 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(base_args, tmp_p
     assert (out / HISTORY_NAME).exists()
 
 
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_last_pt(base_args, tmp_path, history):
+    """A scheduler's SIGTERM goes to torchrun's agent, which passes it to its workers: the ranks agree
+    at the next log step, write one last.pt there, and --resume continues from it."""
+    out = tmp_path / "term"
+    args = base_args + ["--max-steps", "100000", "--eval-interval", "0", "--log-interval", "2", "--grad-accum", "2",
+                        "--out-dir", str(out), "--device", "cpu"]
+    proc = subprocess.Popen([*TORCHRUN, "train.py", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # rank 0's ETA line: three steps done
+            if line.startswith("speed after 3 steps"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    notices = [line for line in output.splitlines() if line.startswith("SIGTERM: stopping after the current step")]
+    assert len(notices) == 1, output[-3000:]  # rank 0 says it, once
+    stopped = [line for line in output.splitlines() if line.startswith("interrupted at step")]
+    assert len(stopped) == 1 and "saved" in stopped[0], output[-3000:]
+    step = int(stopped[0].split()[3])
+    ck = load_checkpoint(out / LAST_NAME)
+    assert ck["step"] == step >= 3 and step % 2 == 0  # the log step where the ranks agreed
+    assert ck["world_size"] == 2 and [b["drawn"] for b in ck["batches"]] == [step, step]  # both ranks' positions
+    resumed = _cli([*TORCHRUN, "train.py", "--resume", "--out-dir", str(out), "--max-steps", str(step + 2)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert history(out)["steps"] == step + 2
+
+
 def test_grad_accum_must_divide_by_world_size(base_args, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(base_args + ["--grad-accum", "3", "--out-dir", str(tmp_path / "o")]) == 1
