@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_number(int, lambda n: n >= 1, ">= 1"), default=1, help="samples per prompt")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU)")
+                   help="weights and activations (auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs "
+                        "and for --impl triton on a CPU)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: weight-only int8 linear layers and LM head, per-channel scales "
                         "(CPU: about a quarter of fp32's bytes per token)")
@@ -98,6 +99,7 @@ def load(args):
 
     from gpt.checkpoint import load_model
     from gpt.generate import Decoder
+    from gpt.hardware import default_dtype
     from gpt.tokenizer import get_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -113,7 +115,7 @@ def load(args):
         model.impl = args.impl
     else:
         model = load_model(args.checkpoint, map_location="cpu", impl=args.impl)
-    dtype = ("bf16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
+    dtype = default_dtype(device, args.impl) if args.dtype == "auto" else args.dtype
     decoder = Decoder(model, device=device, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize,
                       compile=args.compile, cuda_graph=args.cuda_graph)
     return decoder, tokenizer, device

@@ -83,7 +83,7 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    dtype = args.dtype or default_dtype(device)
+    dtype = args.dtype or default_dtype(device, args.impl)
     path = Path(args.model).expanduser()
     ckpt = load_checkpoint(path) if path.is_file() else None  # ours: it also names its run's data
     model = model_of(ckpt, path) if ckpt is not None else load_pretrained(args.model)

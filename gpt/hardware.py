@@ -39,11 +39,14 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def default_dtype(device: torch.device | str) -> str:
+def default_dtype(device: torch.device | str, impl: str = "auto") -> str:
     """The autocast dtype a run uses unless told otherwise: bf16 on CUDA and on a CPU with AMX
-    (``cpu_has_amx``), else fp32 (``CPU_DEFAULT_DTYPE``)."""
+    (``cpu_has_amx``), else fp32 (``CPU_DEFAULT_DTYPE``). ``impl="triton"`` on a CPU (Triton's
+    interpreter, for checking) is fp32: the interpreter's bf16 dots are wrong."""
     if torch.device(device).type == "cuda":
         return "bf16"
+    if impl == "triton":
+        return "fp32"
     return AMX_CPU_DTYPE if cpu_has_amx() else CPU_DEFAULT_DTYPE
 
 

@@ -105,7 +105,7 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                                                    f"attention dropout), torch elsewhere (default: {DEFAULTS.impl})")
     run.add_argument("--dtype", choices=sorted(DTYPES),
                      help=f"autocast dtype (default: bf16 on CUDA and on a CPU with AMX, {CPU_DEFAULT_DTYPE} on "
-                          "other CPUs)")
+                          "other CPUs and for --impl triton on a CPU, whose interpreter has no bf16 dots)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     run.add_argument("--cuda-graph", action="store_true", default=None,
                      help="capture the training step in a CUDA graph after 3 eager steps and replay it: no "

@@ -56,7 +56,7 @@ class RunOptions:
     cache_dir: str = DEFAULT_CACHE_DIR
     device: str | None = None  # None: cuda if available, else cpu
     impl: str = "auto"
-    dtype: str | None = None  # None: hardware.default_dtype(device)
+    dtype: str | None = None  # None: hardware.default_dtype(device, impl)
     compile: bool = False
     cuda_graph: bool = False  # capture the step in a CUDA graph after 3 eager ones (gpt.graphstep)
     seed: int = 1337
@@ -147,7 +147,7 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.master = self.rank == 0
         self.device = self._pick_device()
-        self.dtype = opts.dtype or default_dtype(self.device)
+        self.dtype = opts.dtype or default_dtype(self.device, opts.impl)
         self.accum = tc.grad_accum // self.world  # micro-batches per rank per optimizer step
         self.tokens_per_step = tc.batch_size * tc.grad_accum * model_cfg.max_seq_length
         self._stop_requested = False  # first Ctrl-C: stop at the next step boundary

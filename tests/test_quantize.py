@@ -126,3 +126,27 @@ def test_int8_and_bf16_decoding_runs_and_follows_fp32(trained, one_thread):
         got = generate(Decoder(model, **kwargs), prompts, 40, temperature=0, eos_id=None)
         agree = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) / (3 * 40)
         assert agree > 0.5, (kwargs, agree)
+
+
+def test_bf16_decode_copy_multiplies_one_row_by_mv_as_f_linear_would():
+    """A CPU bf16 decode copy's linear layers and head are RowLinear: one row through torch.mv, the
+    same values as F.linear's bf16 GEMM to rounding; more rows (prefill, perplexity) through F.linear."""
+    from gpt.generate import RowLinear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    layer = RowLinear(w, b)
+    for x in (torch.randn(1, 1, 64).bfloat16(), torch.randn(64).bfloat16()):  # one row, any leading shape
+        want = F.linear(x, w, b)
+        got = layer(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)  # a bf16 rounding or two
+    rows = torch.randn(3, 5, 64).bfloat16()
+    assert torch.equal(layer(rows), F.linear(rows, w, b))
+    model = GPT2Model(CFG, impl="torch").eval()
+    dec = Decoder(model, dtype="bf16")
+    assert isinstance(dec.lm_head, RowLinear) and dec.lm_head.weight is dec.model.wte.weight
+    assert isinstance(dec.model.h[0].mlp.c_fc, RowLinear) and not any(
+        isinstance(m, torch.nn.Linear) for m in dec.model.h.modules())
+    assert all(isinstance(m, torch.nn.Linear) for m in (model.h[0].mlp.c_fc, model.h[0].attn.c_attn))  # the caller's
+    assert Decoder(model).lm_head is None  # fp32 decodes the model itself

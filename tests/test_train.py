@@ -189,6 +189,8 @@ def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, caps
     assert rc == 0, err
     assert f"| cpu {dtype}, impl " in stdout.splitlines()[0]
     assert history(out)["run_options"]["dtype"] == dtype
+    assert gpt.hardware.default_dtype("cpu", "triton") == "fp32"  # the interpreter's bf16 dots are wrong
+    assert gpt.hardware.default_dtype("cuda", "triton") == "bf16"
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_path, capsys, monkeypatch):
