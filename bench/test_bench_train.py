@@ -2,8 +2,8 @@
 
 Peers, measured in the same run: transformers' GPT2LMHeadModel (fp32, eager attention, AdamW) holding
 the same weights as ours, and the seed's own model and recipe (bench/seed_recipe.py). Ours runs as
-train.py does: impl torch at the device's default dtype (fp32 on CPU, bf16 autocast on CUDA), fused
-AdamW, clipping at 1.0, the fused LM head + cross-entropy; on CUDA also impl triton, impl
+train.py does: impl torch in fp32 on a CPU (and in bf16 autocast: the ``_bf16`` variants, train.py's
+default on a CPU with AMX) and in bf16 autocast on CUDA, fused AdamW, clipping at 1.0, the fused LM head + cross-entropy; on CUDA also impl triton, impl
 triton + torch.compile, impl torch + torch.compile (the compiled plain-PyTorch peer), and both
 impls' step captured in a CUDA graph (train.py --cuda-graph). The ``_unfused`` variants swap in the unfused head
 (``gpt.ops.linear_cross_entropy_unfused``: all logits, ``F.cross_entropy``) to show what the fused
