@@ -20,7 +20,7 @@
 #            each (ncu's detailed set: speed of light, occupancy, memory, warp stalls); tuning  (<= 150 s)
 #
 # Here (with ../shared beside the repo):  bash bench/gpu.sh --prepare      # copies data into device_data/
-# There (device tool, carry device_data):  bash bench/gpu.sh               (timeout_s 590: the parts in order)
+# There (device tool, carry device_data):  RUN_COMMIT=<git rev-parse HEAD here> bash bench/gpu.sh   (timeout_s 590: the parts in order)
 # and, with lease time left, the parts the first call did not reach, e.g.  bash bench/gpu.sh train match profile
 # Environment: TESTS (test paths, default tests), TESTS_CAP (s), KERNELS_K (a -k filter for the kernel
 # benchmarks), RUN_TAG (results in <date>-<device>-<tag>/, beside an earlier run's).
@@ -53,11 +53,14 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || { echo "gpu.sh: no CUDA device" >&2; exit 1; }
 RES="bench/results/$(date -u +%F)-${GPU}${RUN_TAG:+-$RUN_TAG}"  # RUN_TAG: a second run the same day
 mkdir -p "$RES"
-$PY - <<'PY' | tee "$RES/env.txt"
+COMMIT=${RUN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device's copy has no .git: pass RUN_COMMIT
+{ echo "commit $COMMIT  date $(date -u +%FT%TZ)  command: bash bench/gpu.sh ${PARTS[*]}"
+  $PY - <<'PY'
 import platform, torch, triton
 print(f"python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}")
 print(f"device {torch.cuda.get_device_name()}  capability {torch.cuda.get_device_capability()}")
 PY
+} | tee -a "$RES/env.txt"  # appended: a second call into the same folder keeps the first's line
 
 status=0
 bench() {  # bench PART TIMEOUT PYTEST-ARGS...: one benchmark part, its JSON and log in $RES
