@@ -10,7 +10,7 @@
 On a CPU, --impl triton runs the kernels in Triton's interpreter (slow; for checking only).
 
 Bad input ends with one line on stderr and exit code 1. Ctrl-C while sampling prints the text
-generated so far, then one line on stderr, and exits with code 130. A prompt longer than the
+generated so far, then one line on stderr, and exits with code 130 (SIGTERM: the same, code 143). A prompt longer than the
 context is cut to its last tokens, with a one-line notice. See gpt/generate.py for how padding,
 long prompts and running past the context are handled.
 """
@@ -182,8 +182,8 @@ def run(args) -> None:
             finally:
                 for prompt, out in zip(prompts, outs):
                     sys.stdout.write(prompt + tokenizer.decode(out) + SEPARATOR)
-    except KeyboardInterrupt:
-        raise Interrupted(sum(len(o) for o in outs)) from None
+    except KeyboardInterrupt as e:
+        raise Interrupted(sum(len(o) for o in outs), _signal_of(e)) from None
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -193,10 +193,30 @@ def run(args) -> None:
 
 
 class Interrupted(Exception):
-    """Ctrl-C while sampling, after the text so far was printed."""
+    """Ctrl-C (or SIGTERM: ``signum``) while sampling, after the text so far was printed."""
 
-    def __init__(self, tokens: int):
+    def __init__(self, tokens: int, signum: int):
         super().__init__(f"interrupted after {tokens} new tokens")
+        self.signum = signum
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (``kill``, a scheduler) stops sampling as Ctrl-C does: the text so far is kept."""
+    raise Terminated
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while sampling: handled as Ctrl-C, with SIGTERM's exit code."""
+
+
+def _signal_of(e: BaseException | None) -> int:
+    """SIGTERM if a ``Terminated`` is ``e`` or behind it (``generate`` re-raises it as its own
+    ``GenerationInterrupted``), else SIGINT."""
+    while e is not None:
+        if isinstance(e, Terminated):
+            return signal.SIGTERM
+        e = e.__context__
+    return signal.SIGINT
 
 
 def main(argv=None) -> int:
@@ -204,6 +224,7 @@ def main(argv=None) -> int:
     # Imported only once the flags are valid: bad flags are answered without loading torch.
     from gpt.errors import UserError, one_line
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run(args)
     except BrokenPipeError:  # the reader went away (`sample.py | head`): stop quietly, as a shell tool does
@@ -212,10 +233,10 @@ def main(argv=None) -> int:
     except (UserError, ValueError, OSError, RuntimeError) as e:  # ours, and torch's / the OS's on bad input
         print(f"sample.py: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C: the text so far is on stdout already
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C or SIGTERM: the text so far is on stdout already
         sys.stdout.flush()
         print(f"sample.py: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + (e.signum if isinstance(e, Interrupted) else _signal_of(e))  # 130 (Ctrl-C) or 143 (SIGTERM)
     return 0
 
 

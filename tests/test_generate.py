@@ -487,8 +487,9 @@ def _wait_for(stream, marker: str, timeout: float = 120) -> str:
     return seen
 
 
+@pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)], ids=["ctrl-c", "sigterm"])  # SIGINT, SIGTERM
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tiny_checkpoint, tokenizer_dir, stream):
+def test_a_stop_signal_keeps_the_text_so_far(tiny_checkpoint, tokenizer_dir, stream, sig, code):
     import signal
     import time
 
@@ -500,13 +501,13 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tiny_checkpoint, tokenizer_d
         err = _wait_for(proc.stderr, "sampling")  # the model is loaded and generation starts
         out = _wait_for(proc.stdout, "Once upon a time") if stream else ""
         time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest_out, rest_err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     out += rest_out.decode()
     err += rest_err.decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[0].startswith("sample.py: sampling") and len(lines) == 2, err
