@@ -69,11 +69,11 @@ def run(args) -> dict:
     import torch
 
     from gpt.checkpoint import load_checkpoint, model_of
-    from gpt.data import SEED_ROW_TOKENS, prepare_data
+    from gpt.data import prepare_data
     from gpt.errors import UserError
     from gpt.hardware import default_dtype
     from gpt.hf import load_pretrained
-    from gpt.step import SEED_PROTOCOL, TEST_PROTOCOL, evaluate, evaluate_seed_protocol
+    from gpt.step import TEST_PROTOCOL, evaluate, evaluate_seed_protocol
     from gpt.tokenizer import get_tokenizer
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-tokens", args.max_tokens, 0),
@@ -102,12 +102,7 @@ def run(args) -> dict:
               "data": splits.meta.get("source"), "num_stories": opts["num_stories"], "context": context,
               "device": str(device), "dtype": dtype}
     if args.seed_protocol:
-        if context < SEED_ROW_TOKENS - 1:
-            result["seed_protocol"] = {"perplexity": None, "reason": f"needs a context of at least "
-                                                                     f"{SEED_ROW_TOKENS - 1} tokens, this model's is {context}"}
-        else:
-            result["seed_protocol"] = {**evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype),
-                                       "protocol": SEED_PROTOCOL}
+        result["seed_protocol"] = evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype)
     return result
 
 

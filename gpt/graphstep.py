@@ -117,7 +117,7 @@ def use_float_lr(optimizer: torch.optim.Optimizer) -> None:
 class GraphedTrainStep:
     """``train_step(model, optimizer, micro_batches, lr=...)``, captured after ``warmup`` eager steps.
 
-    ``step(micro_batches, lr)`` returns the step's ``[sum of loss * count, correct, count]`` (float64,
+    ``stepper(micro_batches, lr)`` returns the step's ``[sum of loss * count, correct, count]`` (float64,
     on the device), as ``train_step`` does; after the capture it is a static tensor that the next
     step overwrites, so read it (or add it up) before then. ``captured`` says whether steps now replay.
     On a CPU (tests) nothing is captured: a "replay" runs the eager step on the static buffers, so

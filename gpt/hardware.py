@@ -21,11 +21,12 @@ PEAKS = {
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A CPU's default: bf16 autocast where the CPU multiplies bf16 matrices in hardware (AMX), else fp32.
-# tiny preset, 200 steps of `python train.py` on the shared sample, same busy 2-core machine:
-# - Intel Xeon with AMX-BF16: bf16 4,279 tokens/s vs fp32 2,954 (1.45x), test perplexity 89.6 vs 91.6;
-#   the seed-sized step ran 2.15x faster in bf16 (README, "Measured");
-# - AMD EPYC with AVX512-BF16 but no AMX: bf16 7% faster when quiet, no faster under load (1638 vs
-#   1526, 270 vs 278 tokens/s): not worth bf16's precision there.
+# The tiny preset on two 2-core machines, bf16 against fp32 measured back to back on each:
+# - Intel Xeon with AMX-BF16, 200 steps of `python train.py` on the shared sample (busy): bf16 4,279
+#   tokens/s vs fp32 2,954 (1.45x), test perplexity 89.6 vs 91.6; the seed-sized step ran 2.15x
+#   faster in bf16 (README, "Measured");
+# - AMD EPYC with AVX512-BF16 but no AMX, 16 x 128 tokens a step: bf16 7% faster when quiet, no
+#   faster under load (1638 vs 1526, 270 vs 278 tokens/s): not worth bf16's precision there.
 CPU_DEFAULT_DTYPE = "fp32"  # without AMX
 AMX_CPU_DTYPE = "bf16"
 

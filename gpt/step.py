@@ -164,9 +164,15 @@ def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device,
     """The seed's test figures for ``model`` on the packed split ``tokens`` (``SEED_PROTOCOL``): every
     story on its own row of ``SEED_ROW_TOKENS`` (``gpt.data.story_rows``), x = row[:-1], y = row[1:],
     the EOS padding counted as targets and target id ``SEED_IGNORE_INDEX`` ignored, as the seed did.
-    Adds ``rows`` (stories scored) to ``score``'s dict."""
+    Adds ``rows`` (stories scored) and ``protocol`` to ``score``'s dict; a model whose context is
+    shorter than a row gets ``{"perplexity": None, "reason": ..., "protocol": ...}`` instead."""
+    context = model.config.max_seq_length
+    if context < SEED_ROW_TOKENS - 1:
+        return {"perplexity": None, "reason": f"needs a context of at least {SEED_ROW_TOKENS - 1} tokens; this "
+                                              f"model's is {context}", "protocol": SEED_PROTOCOL}
     rows = torch.from_numpy(story_rows(tokens, EOS_ID, SEED_ROW_TOKENS))
     targets = rows[:, 1:].masked_fill(rows[:, 1:] == SEED_IGNORE_INDEX, -1)
     batches = ((rows[i:i + batch_size, :-1], targets[i:i + batch_size]) for i in range(0, len(rows), batch_size))
     total = -(-len(rows) // batch_size)
-    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows)}
+    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows),
+            "protocol": SEED_PROTOCOL}

@@ -24,14 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import GPTConfig, TrainConfig
-from .data import DEFAULT_CACHE_DIR, SEED_ROW_TOKENS, TrainBatches
+from .data import DEFAULT_CACHE_DIR, TrainBatches
 from .errors import UserError, one_line
 from .graphstep import GraphedTrainStep, check_graphable
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
 from .state import TrainState, data_identity, same_data
-from .step import (SEED_PROTOCOL, TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol,
+from .step import (TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol,
                    lr_at, train_step)
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
@@ -500,13 +500,8 @@ class Trainer:
             print(f"final test pass with the best checkpoint ({len(self.splits.test) - 1:,} test tokens)", flush=True)
         test = evaluate(self.raw, self.splits.test, cfg.max_seq_length, self.tc.batch_size, self.device, self.dtype,
                         0, self.rank, self.world, desc="test" if show else None)
-        if cfg.max_seq_length >= SEED_ROW_TOKENS - 1:
-            seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.tc.batch_size, self.device, self.dtype,
-                                          self.rank, self.world, desc="test, the seed's protocol" if show else None)
-        else:
-            seed_test = {"perplexity": None, "reason": f"needs a context of at least {SEED_ROW_TOKENS - 1} tokens; "
-                                                       f"this model's is {cfg.max_seq_length}"}
-        seed_test["protocol"] = SEED_PROTOCOL
+        seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.tc.batch_size, self.device, self.dtype,
+                                           self.rank, self.world, desc="test, the seed's protocol" if show else None)
         if not self.master:
             # Wait for rank 0's samples and files, so that every rank tears its process group down
             # together: a gloo rank that destroys its group while a peer's is live can abort at exit
