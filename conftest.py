@@ -1,8 +1,8 @@
 """Test and benchmark set-up shared by tests/ and bench/.
 
-Triton's interpreter on CPU-only machines, and fixtures for the offline GPT-2 tokenizer files and
+Triton's interpreter on CPU-only machines, fixtures for the offline GPT-2 tokenizer files and
 TinyStories sample (default ``../shared/data/...``; override with GPT2_TOKENIZER_DIR and
-TINYSTORIES_DIR).
+TINYSTORIES_DIR), and failures written as they happen where FAILURES_LOG names a file.
 """
 
 import os
@@ -49,6 +49,15 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow_on_cpu: takes minutes on a CPU (Triton's interpreter); "
                                        "skipped there unless --slow")
+
+
+def pytest_runtest_logreport(report):
+    """With FAILURES_LOG set (bench/gpu.sh), each failure's report is appended to that file as it
+    happens: a pass stopped by its time cap never prints its summary, and this keeps the reasons."""
+    path = os.environ.get("FAILURES_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 
 
 def pytest_collection_modifyitems(config, items):

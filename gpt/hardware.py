@@ -51,6 +51,23 @@ def default_dtype(device: torch.device | str, impl: str = "auto") -> str:
     return AMX_CPU_DTYPE if cpu_has_amx() else CPU_DEFAULT_DTYPE
 
 
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device | str):
+    """fp32 matrix products and convolutions in TF32 on CUDA for the block (tensor cores; what bf16
+    autocast leaves in fp32 runs there too), the previous setting after it. The switches are
+    process-wide: a run inside a longer process (the tests, a notebook) must not leave them on, as
+    fp32 checks after it would then see TF32's 1e-3 errors. Elsewhere, nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def autocast(device: torch.device | str, dtype: str):
     """Mixed precision for ``dtype`` ("fp32": none) on ``device``. Without autocast's cast cache: the
     model casts each weight once a forward anyway, and a CUDA graph capturing the step

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .checkpoint import load_checkpoint
 from .config import PRESETS, WEIGHT_DECAY_ON, GPTConfig, TrainConfig, get_preset
 from .errors import UserError
-from .hardware import CPU_DEFAULT_DTYPE, DTYPES
+from .hardware import CPU_DEFAULT_DTYPE, DTYPES, tf32_matmuls
 from .ops import IMPLS, resolve_impl
 from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOptions, TrainError, Trainer,
                       remove_run, run_files, tensorboard_writer_class)
@@ -370,6 +370,12 @@ def run(ns: argparse.Namespace) -> int:
         tensorboard_writer_class()
         _check_writable(Path(opts.tensorboard), "--tensorboard")
     trainer = Trainer(opts, model_cfg, tc, start_weights)
+    with tf32_matmuls(trainer.device):
+        return _train(trainer, ck, ns, out)
+
+
+def _train(trainer: Trainer, ck: dict | None, ns: argparse.Namespace, out: Path) -> int:
+    """Set up, train, test and report; the exit code (Ctrl-C and SIGTERM: 128 + the signal)."""
     trainer.setup(ck)
     # Ctrl-C or SIGTERM: stop at a step boundary and save; twice: now
     previous = {sig: signal.signal(sig, trainer.on_stop_signal) for sig in STOP_SIGNALS}

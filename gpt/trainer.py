@@ -226,9 +226,6 @@ class Trainer:
                              f"({resume_ckpt['data']['source']}): tokens, tokenizer or files changed")
         self.max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(self.splits.train) / self.tokens_per_step))
 
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(opts.seed)  # same initial weights on every rank
         self.raw = GPT2Model(cfg, impl=opts.impl).to(self.device)
         if resume_ckpt is None and self.start_weights is not None:

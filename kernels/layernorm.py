@@ -147,7 +147,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+           residual: Optional[torch.Tensor] = None) -> None:
+    """Shapes, dtypes and devices of a call's tensors, then whether their device can run a kernel."""
     if x.dim() == 0:
         raise ValueError(f"{name}: input must have at least 1 dim, got a scalar")
     N = x.shape[-1]
@@ -163,6 +165,13 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
             raise TypeError(f"{name}: {pname} dtype {p.dtype} not supported (float32, float16, bfloat16)")
         if p.device != x.device:
             raise ValueError(f"{name}: {pname} is on {p.device} but the input is on {x.device}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+        if residual.dtype not in _DTYPES:
+            raise TypeError(f"{name}: residual dtype {residual.dtype} not supported (float32, float16, bfloat16)")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: residual is on {residual.device} but the input is on {x.device}")
     if not attention._launchable(x.device):  # the one rule (the compile check stands in for it)
         raise ValueError(f"{name}: tensors on {x.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
 
@@ -338,13 +347,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual) in one pass; both in x + residual's promoted dtype."""
-    _check("add_layer_norm", x, weight, bias)
-    if residual.shape != x.shape:
-        raise ValueError(f"add_layer_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
-    if residual.dtype not in _DTYPES:
-        raise TypeError(f"add_layer_norm: residual dtype {residual.dtype} not supported (float32, float16, bfloat16)")
-    if residual.device != x.device:
-        raise ValueError(f"add_layer_norm: residual is on {residual.device} but the input is on {x.device}")
+    _check("add_layer_norm", x, weight, bias, residual)
     if _needs_graph(x, residual, weight, bias):
         return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
     y, s, _, _ = _forward(x, residual, weight, bias, float(eps))

@@ -59,6 +59,18 @@ def perturbed_model(config: GPTConfig, *, device, seed: int = 0) -> GPT2Model:
     return model.to(device).eval()
 
 
+@pytest.fixture(autouse=True)
+def tf32_left_as_found():
+    """Every test leaves the process-wide TF32 switches as it found them. A training run used to leave
+    them on, and later fp32 checks on the same GPU worker then ran in TF32 (the likely cause of two
+    failures on an H200, 2026-11-26); ``gpt.hardware.tf32_matmuls`` now scopes them to the run."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert after == before, f"the test changed the TF32 switches (matmul, cudnn) from {before} to {after}"
+
+
 @pytest.fixture(scope="session")
 def train_cache(tmp_path_factory):
     """One token cache for every training test (tokenized once)."""

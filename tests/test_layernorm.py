@@ -194,6 +194,8 @@ def test_widest_supported_row():
 
 
 def test_bad_input_errors():
+    """Argument errors come before the device rule: CPU tensors get them on a GPU machine too (the
+    residual's shape was checked after it, so an H200 answered "need CUDA" instead)."""
     w, b = torch.ones(MAX_N + 1), torch.zeros(MAX_N + 1)
     with pytest.raises(ValueError, match=f"normalized size {MAX_N + 1} outside the supported range"):
         kernels.layer_norm(torch.randn(2, MAX_N + 1), w, b)
@@ -205,6 +207,9 @@ def test_bad_input_errors():
         kernels.add_layer_norm(torch.randn(2, 96), torch.randn(3, 96), torch.ones(96), torch.zeros(96))
     with pytest.raises(TypeError, match="float64 not supported"):
         kernels.layer_norm(torch.randn(2, 96, dtype=torch.float64), torch.ones(96), torch.zeros(96))
+    if DEVICE.type == "cuda":  # well-formed CPU tensors: only the device rule is left to refuse them
+        with pytest.raises(ValueError, match="need CUDA"):
+            kernels.add_layer_norm(torch.randn(2, 96), torch.randn(2, 96), torch.ones(96), torch.zeros(96))
 
 
 def test_custom_ops_pass_opcheck():

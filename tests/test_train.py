@@ -193,6 +193,25 @@ def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, caps
     assert gpt.hardware.default_dtype("cuda", "triton") == "bf16"
 
 
+def test_tf32_is_switched_on_for_a_cuda_run_only_and_back_after_it():
+    """train.py's runs multiply fp32 matrices in TF32 on CUDA; the process-wide switches are restored
+    after the run, after a failed one too (tests/conftest.py checks that every test leaves them so)."""
+    from gpt.hardware import tf32_matmuls
+
+    def switches():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    before = switches()
+    with tf32_matmuls("cpu"):
+        assert switches() == before
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with tf32_matmuls(torch.device("cuda")):  # a device object: no GPU needed to flip the switches
+            assert switches() == (True, True)
+            raise RuntimeError("the run failed")
+    assert switches() == before
+
+
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_path, capsys, monkeypatch):
     """The disk fills after the first last.pt: the next write fails, the run exits 1 with one line
     naming the file and the cause, and the last.pt before it is intact and resumable."""
