@@ -21,6 +21,7 @@ ATTENTION_SHAPES = ((16, 8, 256), (4, 12, 1024))  # (B, H, T), D = 64: the seed'
 LAYER_NORM_PEER_SHAPE = "16384x512"
 RESULTS_H200 = [Path(__file__).resolve().parent / "results" / name  # the first lent GPU's two calls
                 for name in ("2026-11-26-NVIDIA-H200", "2026-11-26-NVIDIA-H200-run2")]
+RESULTS_H200_RUN3 = RESULTS_H200[0].parent / "2026-11-26-NVIDIA-H200-run3"  # the second lent GPU
 
 
 def load(folders: list[Path]) -> tuple[dict, dict]:
@@ -101,6 +102,8 @@ def train_step(benches: dict) -> tuple[str, str]:
         met &= best / max(compiled) >= 1.0
     else:
         parts.append("torch.compile peer not measured")
+    if "triton" in ours and "torch" in tps:  # context, not a goal: the plain model's step graphed as well
+        parts.append(f"{ours['triton'] / tps['torch']:.2f}x plain PyTorch CUDA-graphed too ({tps['torch']:,.0f})")
     return "; ".join(parts), ("yes" if met else "no") if compiled else ("no" if not met else "unmeasured")
 
 
@@ -115,6 +118,11 @@ def mfu(benches: dict) -> tuple[str, str]:
             "yes" if info["mfu"] >= 0.40 else "no")
 
 
+# gpu.sh's train runs beside torch and triton: run 1-3's "graph" (--cuda-graph, before it was the
+# default), later runs' "eager" (--no-cuda-graph, since).
+OTHER_RUNS = {"graph": "--cuda-graph", "eager": "--no-cuda-graph"}
+
+
 def train_match(runs: dict) -> tuple[str, str]:
     if "torch" not in runs or "triton" not in runs:
         return "not measured", "unmeasured"
@@ -124,10 +132,11 @@ def train_match(runs: dict) -> tuple[str, str]:
     curve = max(abs(y / x - 1) for x, y in pairs)
     text = (f"test perplexity {a['final_perplexity']:.4f} (torch) vs {b['final_perplexity']:.4f} (triton), "
             f"{100 * ppl:.4f}% apart; losses at most {100 * curve:.4f}% apart")
-    if "graph" in runs:
-        g = runs["graph"]
-        text += (f"; triton --cuda-graph {g['final_perplexity']:.4f}, {g.get('tokens_per_sec', 0):,.0f} vs "
-                 f"{b.get('tokens_per_sec', 0):,.0f} tokens/s eager")
+    text += f"; tokens/s: torch {a.get('tokens_per_sec', 0):,.0f}, triton {b.get('tokens_per_sec', 0):,.0f}"
+    for name, label in OTHER_RUNS.items():
+        if name in runs:
+            text += (f", triton {label} {runs[name].get('tokens_per_sec', 0):,.0f} (test perplexity "
+                     f"{runs[name]['final_perplexity']:.4f})")
     return text, "yes" if ppl <= 0.01 and curve <= 0.01 else "no"
 
 

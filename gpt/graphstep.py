@@ -20,7 +20,8 @@ A replay computes what an eager step computes, the same kernels on the same valu
 agree with eager steps to rounding (tests/test_graphstep.py). Dropout draws fresh numbers on every
 replay (the CUDA generator moves its Philox offset per replay), not eager's exact stream.
 
-Needs (``check_graphable``, one-line errors): CUDA, one process (no DDP: its hooks all-reduce
+Needs (``graph_refusal`` says what is missing; train.py captures by default where nothing is, and
+refuses ``--cuda-graph`` in one line where something is): CUDA, one process (no DDP: its hooks all-reduce
 outside the graph), no fp16 loss scaler (its skipped steps are host decisions), no ``--compile``
 (``torch.compile(mode="reduce-overhead")`` graphs a compiled model itself). A step whose
 micro-batches differ in shape from the captured ones runs eagerly. The optimizer's state must not be
@@ -81,18 +82,17 @@ class GraphError(UserError):
     """A run that CUDA-graph capture cannot serve: one line."""
 
 
-def check_graphable(device: torch.device, world_size: int, dtype: str, compiled: bool) -> None:
-    """Raise GraphError unless a training step on ``device`` can be captured (see the module doc)."""
+def graph_refusal(device: torch.device, world_size: int, dtype: str, compiled: bool) -> str | None:
+    """Why a training step on ``device`` cannot be captured (see the module doc), or None if it can."""
     if device.type != "cuda":
-        raise GraphError(f"--cuda-graph needs a CUDA device, got {device}")
+        return f"--cuda-graph needs a CUDA device, got {device}"
     if world_size > 1:
-        raise GraphError(f"--cuda-graph runs in one process; torchrun started {world_size}")
+        return f"--cuda-graph runs in one process; torchrun started {world_size}"
     if dtype == "fp16":
-        raise GraphError("--cuda-graph cannot capture fp16's loss scaler (its skipped steps are decided on the "
-                         "host); use --dtype bf16")
+        return "--cuda-graph cannot capture fp16's loss scaler (its skipped steps are decided on the host); use --dtype bf16"
     if compiled:
-        raise GraphError("--cuda-graph and --compile do not combine (torch.compile's mode='reduce-overhead' "
-                         "graphs a compiled model)")
+        return "--cuda-graph and --compile do not combine (torch.compile's mode='reduce-overhead' graphs a compiled model)"
+    return None
 
 
 def use_tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

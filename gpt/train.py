@@ -107,9 +107,10 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                      help=f"autocast dtype (default: bf16 on CUDA and on a CPU with AMX, {CPU_DEFAULT_DTYPE} on "
                           "other CPUs and for --impl triton on a CPU, whose interpreter has no bf16 dots)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    run.add_argument("--cuda-graph", action="store_true", default=None,
+    run.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                      help="capture the training step in a CUDA graph after 3 eager steps and replay it: no "
-                          "per-kernel launch cost (CUDA, one process, bf16 or fp32, not with --compile)")
+                          "per-kernel launch cost (CUDA, one process, bf16 or fp32, not with --compile; "
+                          "default: on where it can run, else off)")
     run.add_argument("--seed", type=int, help=f"seed of the initial weights, data order and dropout (default: {DEFAULTS.seed})")
     run.add_argument("--log-interval", type=int, help="steps between reads of the training metrics (host "
                                                       f"syncs): the train loss is their mean (default: {DEFAULTS.log_interval})")
@@ -331,7 +332,7 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
             f"{trainer.raw.num_params() / 1e6:.2f}M parameters | {trainer.tokens_per_step:,} tokens/step "
             f"({tc.batch_size} seqs x {cfg.max_seq_length} tokens x {tc.grad_accum} accumulation) | {steps} | "
             f"{trainer.device} {trainer.dtype}, impl {resolve_impl(opts.impl, trainer.device, cfg)}"
-            f"{', CUDA graph' if opts.cuda_graph else ''}, {trainer.world} process(es) | validation {evals}, {saves}at each validation | {where}")
+            f"{', CUDA graph' if trainer.cuda_graph else ''}, {trainer.world} process(es) | validation {evals}, {saves}at each validation | {where}")
 
 
 def _report(trainer: Trainer, result: dict) -> None:

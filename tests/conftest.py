@@ -80,12 +80,13 @@ def train_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def base_args(train_cache, stories_dir, tokenizer_dir):
     """A 1-layer d_model-32 model, context 32, on 150 stories: a step takes milliseconds. In fp32
-    whatever the CPU's default (bf16 with AMX: ``gpt.hardware.default_dtype``, tested apart)."""
+    whatever the CPU's default (bf16 with AMX: ``gpt.hardware.default_dtype``, tested apart), with
+    eager steps on a GPU too (the CUDA default captures them: test_graphstep.py tests that apart)."""
     return ["--preset", "tiny", "--data", str(stories_dir / "tinystories-sample.jsonl"),
             "--tokenizer", str(tokenizer_dir), "--cache-dir", str(train_cache), "--num-stories", "150",
             "--num-layers", "1", "--d-model", "32", "--num-heads", "2", "--d-ff", "64",
             "--max-seq-length", "32", "--batch-size", "4", "--eval-tokens", "512", "--sample-length", "8",
-            "--no-progress", "--log-interval", "5", "--dtype", "fp32"]  # fp32: the same numbers on any CPU
+            "--no-progress", "--log-interval", "5", "--dtype", "fp32", "--no-cuda-graph"]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig, TrainConfig
-from gpt.graphstep import GraphedTrainStep, GraphError, check_graphable, use_float_lr
+from gpt.graphstep import GraphedTrainStep, graph_refusal, use_float_lr
 from gpt.train import main
 from gpt.step import build_optimizer, train_step
 
@@ -122,9 +122,8 @@ def test_a_graphed_runs_checkpoint_resumes_eagerly_and_graphed(tmp_path):
     ((torch.device("cuda"), 1, "bf16", True), "--cuda-graph and --compile do not combine"),
 ])
 def test_what_cannot_be_captured_is_refused(args, message):
-    with pytest.raises(GraphError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
-        check_graphable(*args)
-    check_graphable(torch.device("cuda"), 1, "bf16", False)  # what can
+    assert graph_refusal(*args).startswith(message)
+    assert graph_refusal(torch.device("cuda"), 1, "bf16", False) is None  # what can
 
 
 def test_a_capture_needs_a_warm_up():
@@ -132,6 +131,11 @@ def test_a_capture_needs_a_warm_up():
     with pytest.raises(ValueError, match="needs warmup >= 1 eager steps, got 0"):
         GraphedTrainStep(model, build_optimizer(model, TrainConfig(), torch.device("cpu")), device="cpu",
                          dtype="fp32", warmup=0)
+
+
+def run_args(base_args):
+    """The tests' training arguments without their --no-cuda-graph."""
+    return [a for a in base_args if a != "--no-cuda-graph"]
 
 
 def test_cli_refuses_cuda_graph_on_a_cpu_in_one_line(base_args, tmp_path, capsys):
@@ -151,14 +155,14 @@ def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, his
     import gpt.trainer
 
     if DEVICE.type != "cuda":
-        monkeypatch.setattr(gpt.trainer, "check_graphable", lambda *args: None)
+        monkeypatch.setattr(gpt.trainer, "graph_refusal", lambda *args: None)
     replays = []
     replay = gpt.graphstep.Captured.replay
     monkeypatch.setattr(gpt.graphstep.Captured, "replay", lambda self: replays.append(1) or replay(self))
     runs = {}
-    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+    for name, extra in (("eager", ["--no-cuda-graph"]), ("graph", ["--cuda-graph"])):
         out = tmp_path / name
-        args = [*base_args, "--max-steps", "20", "--eval-interval", "10", "--log-interval", "4", "--dropout", "0",
+        args = [*run_args(base_args), "--max-steps", "20", "--eval-interval", "10", "--log-interval", "4", "--dropout", "0",
                 "--dtype", "fp32", "--device", DEVICE.type, "--out-dir", str(out), *extra]
         assert main(args) == 0, capsys.readouterr().err[-2000:]
         runs[name] = history(out)
@@ -170,3 +174,23 @@ def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, his
     for key in ("losses", "accuracies"):
         assert graph["train_log"][key] == pytest.approx(eager["train_log"][key], rel=1e-4), key
     assert graph["final_perplexity"] == pytest.approx(eager["final_perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize("refusal", [None, "--cuda-graph needs a CUDA device, got cpu"], ids=["capturable", "not"])
+def test_the_step_is_captured_by_default_where_it_can_be(base_args, tmp_path, capsys, monkeypatch, refusal):
+    """Without --cuda-graph / --no-cuda-graph a run captures its step wherever ``graph_refusal`` has
+    nothing against it (on a CPU, the stand-in with the refusal lifted), and runs eagerly, without a
+    word, where it has; the start line says which."""
+    import gpt.graphstep
+    import gpt.trainer
+
+    monkeypatch.setattr(gpt.trainer, "graph_refusal", lambda *args: refusal)
+    replays = []
+    replay = gpt.graphstep.Captured.replay
+    monkeypatch.setattr(gpt.graphstep.Captured, "replay", lambda self: replays.append(1) or replay(self))
+    args = [*run_args(base_args), "--max-steps", "6", "--eval-interval", "0", "--device", DEVICE.type,
+            "--out-dir", str(tmp_path / "run")]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    start = capsys.readouterr().out.splitlines()[0]
+    assert len(replays) == (6 - 3 if refusal is None else 0)
+    assert ("CUDA graph" in start) == (refusal is None), start
