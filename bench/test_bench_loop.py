@@ -98,7 +98,8 @@ def test_loop_transformers(benchmark, sample):
 
 def test_loop_trainer(benchmark, sample, tmp_path, monkeypatch):
     opts = RunOptions(preset="seed", data=sample["data"], tokenizer=sample["tokenizer"], cache_dir=sample["cache"],
-                      out_dir=str(tmp_path / "out"), device=str(DEVICE), impl="auto", dtype=DTYPE, progress=False)
+                      out_dir=str(tmp_path / "out"), device=str(DEVICE), impl="auto", dtype=DTYPE, progress=False,
+                      cuda_graph=False)  # eager steps, as the isolated step; the graphed loop: gpu.sh's train part
     tc = replace(PRESET.train, batch_size=B, grad_accum=1, max_steps=1 + STEPS, eval_interval=0, eval_tokens=TOKENS)
     trainer = Trainer(opts, CFG, tc)
     trainer.setup(None)
