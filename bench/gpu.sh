@@ -17,15 +17,16 @@
 #   sample   decoding at batch 1 and 64 (eager, compiled, CUDA graph) vs transformers, split-K
 #            kernel; batch 1's three modes alone took 75 s in run 3                           (<= 170 s)
 #   train    python train.py, seed preset, 200 steps: impl torch and triton (the CUDA default: the
-#            step CUDA-graphed, ~35 s each in run 3), triton --no-cuda-graph (> 60 s)     (<= 60+60+100 s)
+#            step CUDA-graphed; triton's took 34 s in run 3), triton --no-cuda-graph (> 60 s)  (<= 60+60+100 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
 #   profile  Nsight Compute (ncu --clock-control none) on the kernels that lost to their peer and
 #            the peers, at the issue's shapes (bench/ncu_targets.py): ncu.txt, one details page
 #            each (ncu's detailed set: speed of light, occupancy, memory, warp stalls); tuning  (<= 150 s)
 #
+# The parts run in the order given; without any, tests sample train step attention kernels match profile.
 # Here (with ../shared beside the repo):  bash bench/gpu.sh --prepare      # copies data into device_data/
 # There (device tool, carry device_data):  RUN_COMMIT=<git rev-parse HEAD here> bash bench/gpu.sh   (timeout_s 590: the parts in order)
-# and, with lease time left, the parts the first call did not reach, e.g.  bash bench/gpu.sh train match profile
+# and, with lease time left, the parts the first call did not reach, e.g.  bash bench/gpu.sh kernels match profile
 # Environment: TESTS (test paths, default tests), TESTS_CAP (s), KERNELS_K (a -k filter for the kernel
 # benchmarks), RUN_TAG (results in <date>-<device>-<tag>/, beside an earlier run's).
 # Results: bench/results/<date>-<device>/ (benchmarks in bench_<part>.json, logs, report_<part>.md); then,
@@ -45,7 +46,9 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests attention kernels step sample train match profile)
+# Default order: what no GPU has measured yet first (the decode graph's speed, train.py's default
+# graphed runs), then the parts run 3 measured.
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests sample train step attention kernels match profile)
 for part in "${PARTS[@]}"; do
   case "$part" in tests|attention|kernels|step|sample|train|match|profile) ;; *) echo "gpu.sh: unknown part '$part' (tests, attention, kernels, step, sample, train, match, profile)" >&2; exit 2;; esac
 done
