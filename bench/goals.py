@@ -119,7 +119,7 @@ def mfu(benches: dict) -> tuple[str, str]:
 
 
 # gpu.sh's train runs beside torch and triton: run 1-3's "graph" (--cuda-graph, before it was the
-# default), later runs' "eager" (--no-cuda-graph, since).
+# default), later runs' "eager" (--no-cuda-graph, since; fewer steps: its speed only).
 OTHER_RUNS = {"graph": "--cuda-graph", "eager": "--no-cuda-graph"}
 
 
@@ -135,8 +135,10 @@ def train_match(runs: dict) -> tuple[str, str]:
     text += f"; tokens/s: torch {a.get('tokens_per_sec', 0):,.0f}, triton {b.get('tokens_per_sec', 0):,.0f}"
     for name, label in OTHER_RUNS.items():
         if name in runs:
-            text += (f", triton {label} {runs[name].get('tokens_per_sec', 0):,.0f} (test perplexity "
-                     f"{runs[name]['final_perplexity']:.4f})")
+            other = runs[name]
+            text += f", triton {label} {other.get('tokens_per_sec', 0):,.0f}"
+            text += (f" (test perplexity {other['final_perplexity']:.4f})" if other.get("steps") == a.get("steps")
+                     else f" (over its {other.get('steps')} steps)")
     return text, "yes" if ppl <= 0.01 and curve <= 0.01 else "no"
 
 

@@ -52,3 +52,22 @@ def test_goals_met_and_missed_on_made_up_results(tmp_path):
     assert "1.07x its torch.compile (140)" in rows[2] and rows[2].endswith("| yes |")
     assert rows[3].endswith("| no |")  # 30% < 40%
     assert rows[4].endswith("| not measured | unmeasured |") and rows[5].endswith("| not measured | unmeasured |")
+
+
+def test_train_runs_agree_and_the_eager_runs_speed_is_reported_apart(tmp_path):
+    """torch and triton (graphed, the default) judged on curves and perplexity; the shorter
+    --no-cuda-graph run only lends its speed."""
+    def history(losses, ppl, tps, steps=200):
+        return {"train_log": {"losses": losses}, "val_losses": losses[-1:], "final_perplexity": ppl,
+                "tokens_per_sec": tps, "steps": steps}
+
+    runs = {"torch": history([5.0, 4.0], 74.0, 300_000.0), "triton": history([5.01, 4.0], 74.1, 315_000.0),
+            "eager": history([5.0], 90.0, 34_000.0, steps=60)}
+    for name, h in runs.items():
+        (tmp_path / f"train_{name}_history.json").write_text(json.dumps(h))
+    match = table([tmp_path]).splitlines()[6]
+    assert "tokens/s: torch 300,000, triton 315,000, triton --no-cuda-graph 34,000 (over its 60 steps)" in match
+    assert match.endswith("| yes |")  # 0.2% apart at most
+    runs["triton"]["final_perplexity"] = 75.0  # 1.4% apart
+    (tmp_path / "train_triton_history.json").write_text(json.dumps(runs["triton"]))
+    assert table([tmp_path]).splitlines()[6].endswith("| no |")
