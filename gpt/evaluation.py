@@ -71,7 +71,7 @@ def run(args) -> dict:
     from gpt.checkpoint import load_checkpoint, model_of
     from gpt.data import prepare_data
     from gpt.errors import UserError
-    from gpt.hardware import default_dtype
+    from gpt.hardware import default_dtype, tf32_matmuls
     from gpt.hf import load_pretrained
     from gpt.step import TEST_PROTOCOL, evaluate, evaluate_seed_protocol
     from gpt.tokenizer import get_tokenizer
@@ -97,12 +97,14 @@ def run(args) -> dict:
     model.impl = args.impl
     model = model.to(device)
     context = model.config.max_seq_length
-    scores = evaluate(model, tokens, context, args.batch_size, device, dtype, args.max_tokens)  # under autocast
+    with tf32_matmuls(device):  # as train.py scores its runs: the same figures for the same model
+        scores = evaluate(model, tokens, context, args.batch_size, device, dtype, args.max_tokens)  # under autocast
+        seed = evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype) if args.seed_protocol else None
     result = {"model": args.model, "split": args.split, **scores, "protocol": TEST_PROTOCOL,
               "data": splits.meta.get("source"), "num_stories": opts["num_stories"], "context": context,
               "device": str(device), "dtype": dtype}
-    if args.seed_protocol:
-        result["seed_protocol"] = evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype)
+    if seed is not None:
+        result["seed_protocol"] = seed
     return result
 
 
