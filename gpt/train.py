@@ -44,7 +44,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the run at a step b
 # Flags a resumed run may change: where and how it runs, how long, how often it reports and saves.
 RESUME_MAY_CHANGE = frozenset({
     "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "cuda_graph", "log_interval", "checkpoint_interval",
-    "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval", "patience",
+    "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval", "eval_batch_size", "patience",
 })
 METAVARS = {int: "N", float: "X", str: "S"}
 CONTENT_CHECKED = frozenset({"data", "tokenizer"})  # may move; the trainer checks the content is the same
@@ -160,6 +160,7 @@ def validate_train_config(tc: TrainConfig, world_size: int = 1) -> None:
         (tc.max_steps > 0 or tc.epochs > 0, "need --max-steps > 0 or --epochs > 0"),
         (tc.eval_interval >= 0, f"--eval-interval must be >= 0, got {tc.eval_interval}"),
         (tc.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {tc.eval_tokens}"),
+        (tc.eval_batch_size >= 0, f"--eval-batch-size must be >= 0 (0 = a step's sequences), got {tc.eval_batch_size}"),
         (tc.patience >= 0, f"--patience must be >= 0 (0 = never stop early), got {tc.patience}"),
         (tc.num_stories >= 0, f"--num-stories must be >= 0, got {tc.num_stories}"),
         (tc.grad_accum % world_size == 0,

@@ -153,6 +153,9 @@ class Trainer:
         self.dtype = opts.dtype or default_dtype(self.device, opts.impl)
         self.accum = tc.grad_accum // self.world  # micro-batches per rank per optimizer step
         self.tokens_per_step = tc.batch_size * tc.grad_accum * model_cfg.max_seq_length
+        # Evaluation is forward-only: a step's sequences in one pass by default (the seed preset's 4-row
+        # micro-batches would make a whole-split validation 8x as many host-bound launches on a GPU).
+        self.eval_batch = tc.eval_batch_size or tc.batch_size * self.accum
         refusal = graph_refusal(self.device, self.world, self.dtype, opts.compile)
         if opts.cuda_graph and refusal is not None:
             raise GraphError(refusal)
@@ -348,10 +351,12 @@ class Trainer:
         """Validation pass, best/last checkpoints, early-stopping bookkeeping. True = stop early."""
         tc, st = self.tc, self.state
         self._interruptible = True  # a second Ctrl-C drops this evaluation; the state is at a boundary
-        m = evaluate(self.fwd, self.splits.val, self.model_cfg.max_seq_length, tc.batch_size, self.device,
+        t0 = time.perf_counter()
+        m = evaluate(self.fwd, self.splits.val, self.model_cfg.max_seq_length, self.eval_batch, self.device,
                      self.dtype, tc.eval_tokens, self.rank, self.world,
                      self._should_stop if self.world == 1 else None,
                      desc="validation" if self.master and self.opts.progress else None)
+        self.validation_time += time.perf_counter() - t0  # (evaluate's result is read on the host: synced)
         self._interruptible = False
         if not math.isfinite(m["loss"]):
             raise TrainError(f"validation loss became {m['loss']} at step {st.step}; "
@@ -414,6 +419,7 @@ class Trainer:
         pbar = tqdm(total=self.max_steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                     disable=not (self.master and opts.progress)) if self.master else None
         self.session_steps, self.train_time, self.eval_time, self.first_step_seconds = 0, 0.0, 0.0, 0.0
+        self.validation_time = 0.0  # the validation passes alone (eval_time adds their checkpoints)
         reason = "done"
         self.lr = lr_at(st.step, tc, self.max_steps)
         boundary = self._boundary()
@@ -500,9 +506,9 @@ class Trainer:
         show = self.master and self.opts.progress
         if self.master:
             print(f"final test pass with the best checkpoint ({len(self.splits.test) - 1:,} test tokens)", flush=True)
-        test = evaluate(self.raw, self.splits.test, cfg.max_seq_length, self.tc.batch_size, self.device, self.dtype,
+        test = evaluate(self.raw, self.splits.test, cfg.max_seq_length, self.eval_batch, self.device, self.dtype,
                         0, self.rank, self.world, desc="test" if show else None)
-        seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.tc.batch_size, self.device, self.dtype,
+        seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.eval_batch, self.device, self.dtype,
                                            self.rank, self.world, desc="test, the seed's protocol" if show else None)
         if not self.master:
             # Wait for rank 0's samples and files, so that every rank tears its process group down
@@ -533,6 +539,7 @@ class Trainer:
             "tokens_per_sec_with_startup": session_tokens / (self.setup_seconds + self.train_time),
             "setup_seconds": self.setup_seconds, "first_step_seconds": self.first_step_seconds,
             "train_seconds": self.train_time, "eval_seconds": self.eval_time,
+            "validation_seconds": self.validation_time,
             "flops_per_token": flops, "mfu": flops * tps / peak if peak else None,
             "best_val_loss": st.best_val, "num_params": self.raw.num_params(),
             "config": cfg.to_dict(), "train_config": asdict(self.tc),

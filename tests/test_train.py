@@ -193,6 +193,32 @@ def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, caps
     assert gpt.hardware.default_dtype("cuda", "triton") == "bf16"
 
 
+def test_evaluation_takes_a_steps_sequences_per_forward_and_scores_the_same_at_any_batch(
+        base_args, tmp_path, capsys, history, monkeypatch):
+    """Validation and test passes run batch_size x grad_accum windows a forward unless
+    --eval-batch-size says otherwise; the figures do not depend on it (fp32, same windows)."""
+    import gpt.trainer
+
+    seen = []
+    real = gpt.trainer.evaluate
+    monkeypatch.setattr(gpt.trainer, "evaluate", lambda model, tokens, context, batch_size, *a, **k:
+                        seen.append(batch_size) or real(model, tokens, context, batch_size, *a, **k))
+    runs = {}
+    for name, extra in (("default", []), ("one", ["--eval-batch-size", "1"])):
+        seen.clear()
+        out = tmp_path / name
+        rc, _, err = run_main([*base_args, "--max-steps", "4", "--eval-interval", "2", "--grad-accum", "3",
+                               "--dropout", "0", "--out-dir", str(out), *extra], capsys)
+        assert rc == 0, err
+        assert seen == [4 * 3 if name == "default" else 1] * 3  # two validations, the test pass
+        runs[name] = history(out)
+    default, one = runs["default"], runs["one"]
+    assert one["val_losses"] == pytest.approx(default["val_losses"], rel=1e-6)
+    assert one["final_perplexity"] == pytest.approx(default["final_perplexity"], rel=1e-6)
+    assert one["test_accuracy"] == default["test_accuracy"]
+    assert 0 < one["validation_seconds"] <= one["eval_seconds"]
+
+
 def test_tf32_is_switched_on_for_a_cuda_run_only_and_back_after_it():
     """train.py's runs multiply fp32 matrices in TF32 on CUDA; the process-wide switches are restored
     after the run, after a failed one too (tests/conftest.py checks that every test leaves them so)."""
@@ -295,7 +321,8 @@ def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path
     assert history(out_dir)["final_perplexity"] == history(tmp_path / "straight")["final_perplexity"]
 
 
-@pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "resume_without_ckpt",
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "eval_batch_negative",
+                                  "resume_without_ckpt",
                                   "corrupt_ckpt", "text_as_ckpt", "triton_missing", "triton_head_dim", "bad_device",
                                   "no_tensorboard",
                                   "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file",
@@ -311,6 +338,7 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
     expect = {
         "missing_data": "nope.jsonl does not exist", "empty_data": "empty.txt is empty",
         "batch_size_0": "--batch-size must be >= 1", "accum_0": "--grad-accum must be >= 1",
+        "eval_batch_negative": "--eval-batch-size must be >= 0 (0 = a step's sequences), got -2",
         "resume_without_ckpt": f"no run to continue in {out_dir} (it holds", "corrupt_ckpt": "corrupt or truncated",
         "text_as_ckpt": "not a loadable checkpoint of this project", "triton_missing": "Triton kernels are unavailable",
         "triton_head_dim": "the kernels need a head dim in (16, 32, 64, 128) and no attention dropout (this model: head dim 8",
@@ -332,6 +360,8 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         args += ["--batch-size", "0"]
     elif case == "accum_0":
         args += ["--grad-accum", "0"]
+    elif case == "eval_batch_negative":
+        args += ["--eval-batch-size", "-2"]
     elif case in ("resume_without_ckpt", "corrupt_ckpt", "text_as_ckpt"):
         args = ["--resume", "--out-dir", str(out_dir)]
         if case != "resume_without_ckpt":
