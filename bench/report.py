@@ -24,9 +24,10 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # (extra_info key, column title), in order of preference for the headline figure.
 UNITS = [("mb_per_s", "MB/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("peak_mib", "MiB peak"),
          ("host_us", "us of host time a call")]
-# Every recorded ratio against a peer ("ratio_vs_X" / "speedup_vs_X") and every "% of a peak" figure.
-RATIO_PREFIXES = ("ratio_vs_", "speedup_vs_")
-PCT_PREFIX = "pct_"
+# Every recorded ratio against a peer ("ratio_vs_X" / "speedup_vs_X": whole calls; "kernel_ratio_vs_X":
+# the profiler's device time alone, launch cost excluded) and every "% of a peak" figure (likewise).
+RATIO_PREFIXES = ("ratio_vs_", "speedup_vs_", "kernel_ratio_vs_")
+PCT_PREFIXES = ("pct_", "kernel_pct_")
 X_PARAMS = ("T", "seq_len", "rows", "cache_len", "N", "batch", "batch_size")
 
 
@@ -67,10 +68,10 @@ def table(data: dict, level: int = 3) -> str:
         for b in sorted(groups[group], key=lambda b: b["name"]):
             info = b.get("extra_info", {})
             head = headline(info)
-            ratio = ", ".join(f"{fmt(v)}x {k.split('_vs_', 1)[1]}" for k, v in info.items()
-                              if k.startswith(RATIO_PREFIXES) and isinstance(v, (int, float)))
-            pct = ", ".join(f"{fmt(v)}% {k.removeprefix(PCT_PREFIX)}" for k, v in info.items()
-                            if k.startswith(PCT_PREFIX) and isinstance(v, (int, float)))
+            ratio = ", ".join(f"{fmt(v)}x {k.split('_vs_', 1)[1]}{' (kernels)' * k.startswith('kernel_')}"
+                              for k, v in info.items() if k.startswith(RATIO_PREFIXES) and isinstance(v, (int, float)))
+            pct = ", ".join(f"{fmt(v)}% {k.split('pct_', 1)[1]}{' (kernels)' * k.startswith('kernel_')}"
+                            for k, v in info.items() if k.startswith(PCT_PREFIXES) and isinstance(v, (int, float)))
             figure = f"{fmt(head[1])} {head[0]}" if head else ""
             lines.append(f"| `{b['name']}` | {b['stats']['mean'] * 1e3:.3f} | {figure} | {ratio} | {pct} |")
         lines.append("")
