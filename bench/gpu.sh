@@ -77,8 +77,9 @@ capped() {  # capped SECONDS CMD...: CMD in a process group of its own, the whol
   shift
   setsid "$@" &
   local pid=$!
-  ( sleep "$limit"; kill -TERM -- "-$pid" 2>/dev/null && echo "gpu.sh: stopped at its $limit s cap: $*" >&2
-    sleep 5; kill -KILL -- "-$pid" 2>/dev/null ) &
+  # (the watchdog's sleeps hold no output pipe: killed early, they must not keep a caller reading)
+  ( sleep "$limit" </dev/null >/dev/null 2>&1; kill -TERM -- "-$pid" 2>/dev/null && echo "gpu.sh: stopped at its $limit s cap: $*" >&2
+    sleep 10 </dev/null >/dev/null 2>&1; kill -KILL -- "-$pid" 2>/dev/null ) &
   local dog=$!
   wait "$pid"
   local rc=$?
