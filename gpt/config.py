@@ -70,7 +70,8 @@ class TrainConfig:
     """Optimisation settings. Defaults are the seed's recipe, every one of them (the ``seed`` preset:
     batch 4 x accumulation 8, AdamW lr 2e-4, betas (0.9, 0.95), weight decay 0.01 on every parameter,
     500 warmup steps then cosine to 0, clipping at 1.0, patience 3, the first 270,000 stories); the
-    other presets change what we prefer (the README lists each difference)."""
+    other presets change what we prefer (the README lists each difference). ``eval_batch_size`` is
+    speed only: evaluation scores do not depend on it."""
 
     batch_size: int = 4  # sequences per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step (split across DDP processes)
