@@ -10,6 +10,8 @@ impls' step captured in a CUDA graph (train.py --cuda-graph). The ``_unfused`` v
 one buys in the same run.
 Before timing, each model's loss on the batch is checked against ours (same weights: equal; the seed
 model: a fresh model's loss is near ln(vocab)).
+
+Beside the step, the validation pass's forward (``test_eval_forward``): eager against CUDA-graphed.
 """
 
 import math
@@ -176,6 +178,41 @@ def test_train_step_cuda_graph(benchmark, batch, weights, impl):
     assert not graphed.captured
     _run(benchmark, f"ours_{impl}_{DTYPE}_cuda_graph", lambda: graphed([(x, y)], tc.lr))  # its warm-up captures
     assert graphed.captured and graphed.eager_steps == WARMUP_STEPS
+
+
+EVAL_BATCHES = 20 if CUDA else 2
+
+
+@pytest.mark.parametrize("graphed", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not CUDA, reason="a CUDA graph needs a GPU"))], ids=["eager", "cuda_graph"])
+def test_eval_forward(benchmark, weights, graphed):
+    """A validation pass as train.py runs it (``gpt.step.evaluate``: eval mode, no gradients, the
+    fused head's loss and accuracy) over EVAL_BATCHES batches of B x T, impl triton on CUDA: eager
+    forwards against ``gpt.graphstep.GraphedEval``'s replays (train.py's default on CUDA), timed
+    after the warm-up pass that captures. Both passes' scores are checked equal first."""
+    from gpt.graphstep import GraphedEval
+    from gpt.step import evaluate
+
+    model = GPT2Model(CFG, impl="triton" if CUDA else "torch").to(DEVICE)
+    model.load_state_dict(weights)
+    tokens = torch.randint(0, CFG.vocab_size, (EVAL_BATCHES * TOKENS + 1,),
+                           generator=torch.Generator().manual_seed(2)).numpy()
+    forward = GraphedEval(model, device=DEVICE, dtype=DTYPE, batch_size=B) if graphed else None
+    got = scores = evaluate(model, tokens, T, B, DEVICE, DTYPE)  # eager: the reference, and a warm-up
+    for _ in range(2 if graphed else 0):  # the first pass warms up and captures; the second replays every batch
+        got = evaluate(model, tokens, T, B, DEVICE, DTYPE, forward=forward)
+    assert got["tokens"] == scores["tokens"] == EVAL_BATCHES * TOKENS
+    assert got["loss"] == pytest.approx(scores["loss"], rel=1e-3)
+    benchmark.pedantic(lambda: evaluate(model, tokens, T, B, DEVICE, DTYPE, forward=forward),
+                       rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    tps = EVAL_BATCHES * TOKENS / benchmark.stats.stats.mean
+    name = "eval_cuda_graph" if graphed else "eval_eager"
+    RESULTS[name] = tps
+    info = {"tokens_per_s": round(tps, 1), "tokens_per_pass": EVAL_BATCHES * TOKENS, "batch": f"{B} x {T}",
+            "tflops": round(2 * (CFG.num_params() - T * CFG.d_model) * tps / 1e12, 3)}  # forward: 2N a token
+    if graphed and "eval_eager" in RESULTS:
+        info["speedup_vs_eager"] = round(tps / RESULTS["eval_eager"], 2)
+    record(benchmark, **info)
 
 
 @pytest.mark.skipif(not CUDA, reason="MFU is a GPU figure")

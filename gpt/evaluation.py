@@ -15,7 +15,9 @@ train.py's final test pass used (same figure, up to summation order). Other mode
 The protocol is train.py's: the split's stories packed with one EOS between them, in windows of the
 model's context, every real token scored once, no padding (``gpt.step.TEST_PROTOCOL``).
 ``--seed-protocol`` adds the seed's (stories padded to 256 with EOS, padding counted), for
-comparison with the seed's reported figures. Bad input is one line on stderr and exit code 1.
+comparison with the seed's reported figures. On CUDA the forward is replayed from a CUDA graph
+(``--no-cuda-graph``: eager), as train.py's validation and test passes are. Bad input is one line on
+stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -46,8 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (default: train.py's: bf16 on CUDA and on a CPU with AMX, else fp32)")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="hot-op implementation (default: auto)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the forward from a CUDA graph, one per window length, captured at its second "
+                        "batch (gpt.graphstep.GraphedEval; default: on CUDA)")
     p.add_argument("--json", metavar="PATH", help="also write the scores to this JSON file")
     return p
+
+
+def graph_refusal(device) -> str | None:
+    """Why the forward on ``device`` cannot be replayed from a CUDA graph, or None if it can."""
+    return None if device.type == "cuda" else f"--cuda-graph needs a CUDA device, got {device}"
 
 
 def _data_options(args, ckpt: dict | None) -> dict:
@@ -71,6 +81,7 @@ def run(args) -> dict:
     from gpt.checkpoint import load_checkpoint, model_of
     from gpt.data import prepare_data
     from gpt.errors import UserError
+    from gpt.graphstep import GraphedEval
     from gpt.hardware import default_dtype, tf32_matmuls
     from gpt.hf import load_pretrained
     from gpt.step import TEST_PROTOCOL, evaluate, evaluate_seed_protocol
@@ -84,6 +95,10 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     dtype = args.dtype or default_dtype(device, args.impl)
+    refusal = graph_refusal(device)
+    if args.cuda_graph and refusal is not None:
+        raise UserError(refusal)
+    graphed = refusal is None if args.cuda_graph is None else args.cuda_graph
     path = Path(args.model).expanduser()
     ckpt = load_checkpoint(path) if path.is_file() else None  # ours: it also names its run's data
     model = model_of(ckpt, path) if ckpt is not None else load_pretrained(args.model)
@@ -97,9 +112,12 @@ def run(args) -> dict:
     model.impl = args.impl
     model = model.to(device)
     context = model.config.max_seq_length
+    forward = GraphedEval(model, device=device, dtype=dtype, batch_size=args.batch_size) if graphed else None
     with tf32_matmuls(device):  # as train.py scores its runs: the same figures for the same model
-        scores = evaluate(model, tokens, context, args.batch_size, device, dtype, args.max_tokens)  # under autocast
-        seed = evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype) if args.seed_protocol else None
+        scores = evaluate(model, tokens, context, args.batch_size, device, dtype, args.max_tokens,
+                          forward=forward)  # under autocast
+        seed = (evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype, forward=forward)
+                if args.seed_protocol else None)
     result = {"model": args.model, "split": args.split, **scores, "protocol": TEST_PROTOCOL,
               "data": splits.meta.get("source"), "num_stories": opts["num_stories"], "context": context,
               "device": str(device), "dtype": dtype}

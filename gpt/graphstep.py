@@ -1,5 +1,6 @@
-"""The training step captured in a CUDA graph and replayed: one launch a step instead of hundreds.
-(``run_on`` and ``Captured`` serve the decode step's graph too: ``gpt.generate.Decoder(cuda_graph=True)``.)
+"""The training step captured in a CUDA graph and replayed: one launch a step instead of hundreds;
+the evaluation forward likewise (``GraphedEval``, at the end). (``run_on`` and ``Captured`` serve
+the decode step's graph too: ``gpt.generate.Decoder(cuda_graph=True)``.)
 
 An eager step of the seed model launches a few hundred kernels (ours, cuBLAS's, autograd's, the
 optimizer's), each costing 10-100 us of Python, autograd and driver work on the host. At batch
@@ -35,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 
 from .errors import UserError
-from .step import train_step
+from .step import forward_sums, train_step
 
 WARMUP_STEPS = 3  # eager steps before the capture: compilation, autotuning, lazy initialisation
 
@@ -170,3 +171,62 @@ class GraphedTrainStep:
                 dst.copy_(src, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)
+
+
+class GraphedEval:
+    """``forward_sums(model, x, y)`` for ``gpt.step.score``, captured in a CUDA graph per sequence
+    length: the evaluation forward at one launch a batch.
+
+    A validation pass of the seed preset forwards its 54,000 stories, ~11 M tokens in ~1,340 batches
+    of 32 x 256: about the compute of the 500 training steps between two passes, and host-bound when
+    eager as the step was. Here a batch's tokens are copied into static buffers of ``batch_size``
+    rows; a batch with fewer rows (a split's last) is padded with x = 0 and y = -1, the padding
+    ``gpt.data.eval_batches`` already gives a partial window, which counts for nothing. So one graph
+    serves a whole split at each length (the context; the seed protocol's 255). A length's first
+    batch runs eagerly on the capture stream (compilation, autotuning, workspaces), its second is
+    captured, every later one replays. A batch with more rows or other dtypes than its length's
+    first, a model in training mode or gradients on run eagerly (``forward_sums``): a replay never
+    computes something other than what the call asks.
+
+    The returned sums are a static tensor the next replay overwrites: add them up (``score`` does)
+    before the next call. The parameters are read in place at every replay, so the graphs follow
+    training and ``load_state_dict``. On a CPU (tests) ``Captured`` runs the forward itself over the
+    static buffers, which checks everything but the graph: padding, buffers, warm-up, fallbacks.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: str, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"GraphedEval needs batch_size >= 1, got {batch_size}")
+        self.model, self.device, self.dtype, self.batch_size = model, torch.device(device), dtype, batch_size
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # length T -> static (x, y), (batch_size, T)
+        self.graphs: dict[int, Captured] = {}  # length T -> its captured forward
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows, T = x.shape
+        if rows > self.batch_size or x.shape != y.shape or self.model.training or torch.is_grad_enabled():
+            return forward_sums(self.model, x, y, self.device, self.dtype)
+        warm = T in self.buffers
+        if not warm:
+            self.buffers[T] = (torch.empty((self.batch_size, T), dtype=x.dtype, device=self.device),
+                               torch.empty((self.batch_size, T), dtype=y.dtype, device=self.device))
+        elif (x.dtype, y.dtype) != tuple(b.dtype for b in self.buffers[T]):
+            return forward_sums(self.model, x, y, self.device, self.dtype)
+        self._load(x, y)
+        if T in self.graphs:
+            return self.graphs[T].replay()
+        fn = lambda: forward_sums(self.model, *self.buffers[T], self.device, self.dtype)  # noqa: E731
+        if not warm:  # a length's first batch: the eager warm-up
+            return run_on(self.stream, fn)
+        self.graphs[T] = Captured(fn, self.stream)
+        return self.graphs[T].replay()
+
+    def _load(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x and y into their length's buffers (pinned, asynchronous copies), padding rows after them."""
+        rows, T = x.shape
+        for src, dst, pad in ((x, self.buffers[T][0], 0), (y, self.buffers[T][1], -1)):
+            if src.device.type == "cpu" and self.device.type == "cuda":
+                src = src.pin_memory()
+            dst[:rows].copy_(src, non_blocking=True)
+            if rows < self.batch_size:
+                dst[rows:].fill_(pad)

@@ -62,6 +62,20 @@ def lr_at(step: int, tc: TrainConfig, max_steps: int) -> float:
     return min_lr + 0.5 * (tc.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def sums_of(out) -> torch.Tensor:
+    """An ``LMLoss`` as ``[loss * count, correct, count]``: float64 on its device, detached, so that
+    batches add up exactly and the mean is taken once at the end."""
+    return torch.stack([out.loss.detach().double() * out.count, out.correct.double(), out.count.double()])
+
+
+def forward_sums(model, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str) -> torch.Tensor:
+    """``sums_of(model(x, y))`` under autocast, x and y moved to ``device`` first (asynchronously
+    from the host): one evaluation batch, as ``score`` adds them up."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with autocast(device, dtype):
+        return sums_of(model(x, y))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable, *,
                device: torch.device, dtype: str, grad_clip: float = 0.0,
                scaler: Optional[torch.amp.GradScaler] = None, lr: Optional[float] = None) -> torch.Tensor:
@@ -91,7 +105,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                 out = model(x, y)
             loss = out.loss / len(micro)
             (loss if scaler is None else scaler.scale(loss)).backward()
-        metrics += torch.stack([out.loss.detach().double() * out.count, out.correct.double(), out.count.double()])
+        metrics += sums_of(out)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
         if scaler is not None:
@@ -108,12 +122,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 @torch.no_grad()
 def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int = 0, world_size: int = 1,
-          should_stop=None, desc: str | None = None, total: int | None = None) -> dict:
+          should_stop=None, desc: str | None = None, total: int | None = None, *, forward=None) -> dict:
     """Loss, perplexity and accuracy over the targets (!= -1) of ``batches`` [(x, y), ...].
 
     ``model(x, y)`` must return an ``LMLoss``. Under DDP each rank takes every world_size-th batch
     and the sums are all-reduced, so every rank gets the same numbers. ``desc``: show a progress
-    bar (with an ETA) of ``total`` batches under that name.
+    bar (with an ETA) of ``total`` batches under that name. ``forward(x, y)``: a batch's sums as
+    ``forward_sums`` makes them (None: that function; ``gpt.graphstep.GraphedEval``: replayed from a
+    CUDA graph), called with the model in eval mode and gradients off.
     """
     from tqdm import tqdm
 
@@ -130,10 +146,7 @@ def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int 
                 raise StopTraining
             if i % world_size != rank:
                 continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                out = model(x, y)
-            sums += torch.stack([out.loss.double() * out.count, out.correct.double(), out.count.double()])
+            sums += forward_sums(model, x, y, device, dtype) if forward is None else forward(x, y)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -150,17 +163,17 @@ def score(model, batches: Iterable, device: torch.device, dtype: str, rank: int 
 
 def evaluate(model, tokens, context: int, batch_size: int, device: torch.device, dtype: str,
              max_tokens: int = 0, rank: int = 0, world_size: int = 1, should_stop=None,
-             desc: str | None = None) -> dict:
+             desc: str | None = None, *, forward=None) -> dict:
     """Loss, perplexity and next-token accuracy over the real tokens of ``tokens`` (each once), in
     non-overlapping windows of ``context`` (``gpt.data.eval_batches``); see ``score``."""
     targets = len(tokens) - 1 if max_tokens <= 0 else min(len(tokens) - 1, max_tokens)
     total = math.ceil(math.ceil(targets / context) / batch_size)  # batches eval_batches yields
     return score(model, eval_batches(tokens, context, batch_size, max_tokens), device, dtype, rank, world_size,
-                 should_stop, desc, total)
+                 should_stop, desc, total, forward=forward)
 
 
 def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device, dtype: str, rank: int = 0,
-                           world_size: int = 1, desc: str | None = None) -> dict:
+                           world_size: int = 1, desc: str | None = None, *, forward=None) -> dict:
     """The seed's test figures for ``model`` on the packed split ``tokens`` (``SEED_PROTOCOL``): every
     story on its own row of ``SEED_ROW_TOKENS`` (``gpt.data.story_rows``), x = row[:-1], y = row[1:],
     the EOS padding counted as targets and target id ``SEED_IGNORE_INDEX`` ignored, as the seed did.
@@ -174,5 +187,6 @@ def evaluate_seed_protocol(model, tokens, batch_size: int, device: torch.device,
     targets = rows[:, 1:].masked_fill(rows[:, 1:] == SEED_IGNORE_INDEX, -1)
     batches = ((rows[i:i + batch_size, :-1], targets[i:i + batch_size]) for i in range(0, len(rows), batch_size))
     total = -(-len(rows) // batch_size)
-    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total), "rows": len(rows),
+    return {**score(model, batches, device, dtype, rank, world_size, None, desc, total, forward=forward),
+            "rows": len(rows),
             "protocol": SEED_PROTOCOL}

@@ -108,9 +108,9 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                           "other CPUs and for --impl triton on a CPU, whose interpreter has no bf16 dots)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     run.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                     help="capture the training step in a CUDA graph after 3 eager steps and replay it: no "
-                          "per-kernel launch cost (CUDA, one process, bf16 or fp32, not with --compile; "
-                          "default: on where it can run, else off)")
+                     help="capture the training step in a CUDA graph after 3 eager steps, and the validation "
+                          "and test forwards after one, and replay them: no per-kernel launch cost (CUDA, one "
+                          "process, bf16 or fp32, not with --compile; default: on where it can run, else off)")
     run.add_argument("--seed", type=int, help=f"seed of the initial weights, data order and dropout (default: {DEFAULTS.seed})")
     run.add_argument("--log-interval", type=int, help="steps between reads of the training metrics (host "
                                                       f"syncs): the train loss is their mean (default: {DEFAULTS.log_interval})")

@@ -2,7 +2,7 @@
 Ctrl-C, DDP, and the final test pass, samples, history JSON and curves.
 
 Its pieces live beside it: ``gpt.step`` (one optimizer step, one evaluation), ``gpt.state`` (what a
-resumable checkpoint holds), ``gpt.graphstep`` (the step as a CUDA graph). The loop never waits on
+resumable checkpoint holds), ``gpt.graphstep`` (the step and the evaluation forward as CUDA graphs). The loop never waits on
 the device between steps: loss, correct and counted targets accumulate in a device tensor that is
 read (one sync) only every ``--log-interval`` steps, where NaN/inf is also caught.
 """
@@ -26,7 +26,7 @@ from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import DEFAULT_CACHE_DIR, TrainBatches
 from .errors import UserError, one_line
-from .graphstep import GraphedTrainStep, GraphError, graph_refusal
+from .graphstep import GraphedEval, GraphedTrainStep, GraphError, graph_refusal
 from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
@@ -58,8 +58,8 @@ class RunOptions:
     impl: str = "auto"
     dtype: str | None = None  # None: hardware.default_dtype(device, impl)
     compile: bool = False
-    # Capture the step in a CUDA graph after 3 eager ones (gpt.graphstep); None: wherever it can be
-    # (one CUDA process, bf16 or fp32, no --compile). The seed preset on an H200: 315,500 tokens/s
+    # Capture the step in a CUDA graph after 3 eager ones, and the validation and test forwards
+    # after one (gpt.graphstep); None: wherever it can be (one CUDA process, bf16 or fp32, no --compile). The seed preset on an H200: 315,500 tokens/s
     # graphed, 53,758 with eager steps (impl torch; bench/results/2026-11-26-NVIDIA-H200-run3).
     cuda_graph: bool | None = None
     seed: int = 1337
@@ -258,6 +258,8 @@ class Trainer:
         # After the restore: a captured step must see the optimizer state it will keep using.
         self.graphed = GraphedTrainStep(self.model, self.optimizer, device=self.device, dtype=self.dtype,
                                         grad_clip=tc.grad_clip) if self.cuda_graph else None
+        self.graphed_eval = GraphedEval(self.raw, device=self.device, dtype=self.dtype,
+                                        batch_size=self.eval_batch) if self.cuda_graph else None
         if summary_writer is not None:
             self.tb = summary_writer(opts.tensorboard)
         self.setup_seconds = time.perf_counter() - self.t_created
@@ -355,7 +357,7 @@ class Trainer:
         m = evaluate(self.fwd, self.splits.val, self.model_cfg.max_seq_length, self.eval_batch, self.device,
                      self.dtype, tc.eval_tokens, self.rank, self.world,
                      self._should_stop if self.world == 1 else None,
-                     desc="validation" if self.master and self.opts.progress else None)
+                     desc="validation" if self.master and self.opts.progress else None, forward=self.graphed_eval)
         self.validation_time += time.perf_counter() - t0  # (evaluate's result is read on the host: synced)
         self._interruptible = False
         if not math.isfinite(m["loss"]):
@@ -507,9 +509,10 @@ class Trainer:
         if self.master:
             print(f"final test pass with the best checkpoint ({len(self.splits.test) - 1:,} test tokens)", flush=True)
         test = evaluate(self.raw, self.splits.test, cfg.max_seq_length, self.eval_batch, self.device, self.dtype,
-                        0, self.rank, self.world, desc="test" if show else None)
+                        0, self.rank, self.world, desc="test" if show else None, forward=self.graphed_eval)
         seed_test = evaluate_seed_protocol(self.raw, self.splits.test, self.eval_batch, self.device, self.dtype,
-                                           self.rank, self.world, desc="test, the seed's protocol" if show else None)
+                                           self.rank, self.world, desc="test, the seed's protocol" if show else None,
+                                           forward=self.graphed_eval)
         if not self.master:
             # Wait for rank 0's samples and files, so that every rank tears its process group down
             # together: a gloo rank that destroys its group while a peer's is live can abort at exit

@@ -55,6 +55,33 @@ def test_the_validation_split_capped(trained, tmp_path, capsys):
     assert stdout.startswith("val perplexity ")
 
 
+def test_a_graphed_forward_scores_as_the_eager_one(trained, tmp_path, capsys, monkeypatch):
+    """evaluate.py replays its forward from a graph wherever it can (on a CPU: the stand-in, the
+    refusal lifted): the same scores as --no-cuda-graph, with every batch but the first replayed.
+    (This model's context is too short for the seed protocol: test_graphstep.py replays that.)"""
+    import gpt.evaluation
+    import gpt.graphstep
+
+    out, _ = trained
+    monkeypatch.setattr(gpt.evaluation, "graph_refusal", lambda device: None)
+    replays = []
+    replay = gpt.graphstep.Captured.replay
+    monkeypatch.setattr(gpt.graphstep.Captured, "replay", lambda self: replays.append(1) or replay(self))
+    common = ["--model", str(out / BEST_NAME), "--dtype", "fp32", "--batch-size", "3"]
+    eager, _ = scores(capsys, *common, "--no-cuda-graph", "--json", str(tmp_path / "eager.json"))
+    assert not replays
+    graphed, _ = scores(capsys, *common, "--json", str(tmp_path / "graphed.json"))
+    assert len(replays) == -(-eager["tokens"] // (32 * 3)) - 1 > 0  # every batch of 3 windows of 32 but the first
+    assert graphed["perplexity"] == pytest.approx(eager["perplexity"], rel=1e-6)
+    assert (graphed["tokens"], graphed["accuracy"]) == (eager["tokens"], eager["accuracy"])
+
+
+def test_cuda_graph_on_a_cpu_is_one_line(trained, capsys):
+    out, _ = trained
+    assert main(["--model", str(out / BEST_NAME), "--device", "cpu", "--cuda-graph"]) == 1
+    assert capsys.readouterr().err.strip() == "evaluate.py: error: --cuda-graph needs a CUDA device, got cpu"
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--data", "{tmp}/nope.jsonl"], "data source {tmp}/nope.jsonl does not exist"),

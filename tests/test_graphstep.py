@@ -1,4 +1,5 @@
-"""gpt.graphstep: the training step captured in a CUDA graph, against eager ``train_step``.
+"""gpt.graphstep: the training step captured in a CUDA graph, against eager ``train_step``; the
+evaluation forward (``GraphedEval``) against eager ``evaluate``.
 
 On a GPU the capture is real (impl auto: the Triton kernels). On a CPU, which has no graphs, a
 "replay" runs the eager step again on the static buffers: that checks everything around the graph
@@ -7,13 +8,17 @@ buffer trains on the capture's batch again and the weights part), the fallback f
 shape, the metrics -- and the refusals.
 """
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig, TrainConfig
-from gpt.graphstep import GraphedTrainStep, graph_refusal, use_float_lr
+from gpt.graphstep import GraphedEval, GraphedTrainStep, graph_refusal, use_float_lr
 from gpt.train import main
-from gpt.step import build_optimizer, train_step
+from gpt.step import build_optimizer, evaluate, evaluate_seed_protocol, train_step
 
 from conftest import DEVICE
 
@@ -133,6 +138,105 @@ def test_a_capture_needs_a_warm_up():
                          dtype="fp32", warmup=0)
 
 
+EVAL_TOKENS = np.random.default_rng(3).integers(0, CFG.vocab_size, 16 * 11 + 5)  # 12 windows, the last partial
+
+
+def eval_model(config: GPTConfig = CFG, seed: int = 0) -> GPT2Model:
+    torch.manual_seed(seed)
+    return GPT2Model(config, impl="auto").to(DEVICE)
+
+
+def assert_same_scores(got: dict, want: dict) -> None:
+    """Equal counts and hits; the loss to fp32 rounding (padding rows add zeros to its sums)."""
+    assert (got["tokens"], got["accuracy"]) == (want["tokens"], want["accuracy"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-6)
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The labels ("step" or "eval") of the CUDA-graph replays that follow, in order."""
+    import gpt.graphstep
+
+    seen = []
+    replay = gpt.graphstep.Captured.replay
+
+    def counted(self):
+        seen.append("eval" if self.fn.__qualname__.startswith("GraphedEval") else "step")
+        return replay(self)
+
+    monkeypatch.setattr(gpt.graphstep.Captured, "replay", counted)
+    return seen
+
+
+def test_graphed_evaluation_scores_as_eager_does(replays):
+    """Batches of 5 windows: 5, 5, then a last batch of 2 (its last window partial), padded to 5. The
+    first pass warms up and captures, the second replays every batch; both score as eager does, and
+    after the weights change (loaded in place, as the test pass loads the best checkpoint) the
+    replays see the new ones. Another length gets a graph of its own."""
+    model, other = eval_model(seed=0), eval_model(seed=1)
+    run = GraphedEval(model, device=DEVICE, dtype="fp32", batch_size=5)
+    for expected_replays in (2, 3):  # the first pass: batch 1 eager, batch 2 captured and replayed, batch 3 replayed
+        eager = evaluate(model, EVAL_TOKENS, 16, 5, DEVICE, "fp32")
+        replays.clear()
+        assert_same_scores(evaluate(model, EVAL_TOKENS, 16, 5, DEVICE, "fp32", forward=run), eager)
+        assert replays == ["eval"] * expected_replays
+    model.load_state_dict(other.state_dict())
+    fresh = evaluate(model, EVAL_TOKENS, 16, 5, DEVICE, "fp32")
+    assert fresh["loss"] != pytest.approx(eager["loss"], rel=1e-3)  # the new weights do score differently
+    assert_same_scores(evaluate(model, EVAL_TOKENS, 16, 5, DEVICE, "fp32", forward=run), fresh)
+    short = evaluate(model, EVAL_TOKENS, 8, 5, DEVICE, "fp32")
+    for _ in range(2):
+        assert_same_scores(evaluate(model, EVAL_TOKENS, 8, 5, DEVICE, "fp32", forward=run), short)
+    assert sorted(run.graphs) == [8, 16]  # one graph per length, partial batches included
+
+
+def test_graphed_evaluation_of_the_seed_protocol(replays):
+    """The seed protocol's rows (x a strided view of 255 tokens a story) through the graph: 7 stories
+    in batches of 3, 3, 1, twice, as eager scores them."""
+    config = GPTConfig(vocab_size=50257, max_seq_length=256, num_layers=1, num_heads=2, d_model=32, d_ff=64,
+                       dropout=0.0)
+    model = eval_model(config)
+    rng = np.random.default_rng(4)
+    stories = [np.append(rng.integers(0, 50000, n), 50256) for n in (40, 300, 7, 120, 255, 90, 12)]
+    tokens = np.concatenate(stories)
+    eager = evaluate_seed_protocol(model, tokens, 3, DEVICE, "fp32")
+    run = GraphedEval(model, device=DEVICE, dtype="fp32", batch_size=3)
+    for _ in range(2):
+        got = evaluate_seed_protocol(model, tokens, 3, DEVICE, "fp32", forward=run)
+        assert got["rows"] == eager["rows"] == 7
+        assert_same_scores(got, eager)
+    assert list(run.graphs) == [255] and replays == ["eval"] * (2 + 3)
+
+
+def test_graphed_evaluation_falls_back_to_eager_where_a_replay_would_differ(replays):
+    """A batch wider than the buffers, other dtypes, a model in training mode or gradients on: each
+    runs eagerly and leaves the graphs as they were (and a training-mode forward with dropout on
+    would score differently from the eval-mode capture)."""
+    model = eval_model().eval()
+    run = GraphedEval(model, device=DEVICE, dtype="fp32", batch_size=2)
+    x = torch.randint(0, CFG.vocab_size, (3, 16))
+    y = torch.randint(0, CFG.vocab_size, (3, 16))
+    with torch.no_grad():
+        for _ in range(3):
+            run(x[:2], y[:2])
+        assert list(run.graphs) == [16]
+        captured = run.graphs[16]
+        wide = run(x, y)  # 3 rows > 2
+        torch.testing.assert_close(wide[2], torch.tensor(48.0, dtype=torch.float64, device=DEVICE))
+        assert run(x[:2].int(), y[:2].int())[2] == 32  # int32 tokens: not the buffers' int64
+        model.train()
+        run(x[:2], y[:2])
+        model.eval()
+    run(x[:2], y[:2])  # gradients on
+    assert run.graphs == {16: captured} and run.buffers[16][0].dtype == torch.int64
+    assert replays == ["eval"] * 2  # the capture's and the third call's: none of the fallbacks replayed
+
+
+def test_a_graphed_eval_refuses_an_empty_batch_size():
+    with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
+        GraphedEval(eval_model(), device=DEVICE, dtype="fp32", batch_size=0)
+
+
 def run_args(base_args):
     """The tests' training arguments without their --no-cuda-graph."""
     return [a for a in base_args if a != "--no-cuda-graph"]
@@ -146,19 +250,16 @@ def test_cli_refuses_cuda_graph_on_a_cpu_in_one_line(base_args, tmp_path, capsys
     assert not out.exists()
 
 
-def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, history, capsys, monkeypatch):
-    """train.py --cuda-graph: 3 eager steps, a capture, replays; the logged losses and the final
-    test figures match the eager run's (no dropout, so both draw nothing). On a CPU the Trainer runs
-    the stand-in (the refusal of a CPU lifted): logging, validation, checkpoints and the test pass
-    around replays whose metrics tensor each replay overwrites."""
-    import gpt.graphstep
+def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, history, capsys, monkeypatch, replays):
+    """train.py --cuda-graph: 3 eager steps, a capture, replays; validation and the test pass from
+    their own graph after one eager batch. The logged losses, validation losses and the final test
+    figures match the eager run's (no dropout, so both draw nothing). On a CPU the Trainer runs the
+    stand-in (the refusal of a CPU lifted): logging, validation, checkpoints and the test pass
+    around replays whose output tensors each replay overwrites."""
     import gpt.trainer
 
     if DEVICE.type != "cuda":
         monkeypatch.setattr(gpt.trainer, "graph_refusal", lambda *args: None)
-    replays = []
-    replay = gpt.graphstep.Captured.replay
-    monkeypatch.setattr(gpt.graphstep.Captured, "replay", lambda self: replays.append(1) or replay(self))
     runs = {}
     for name, extra in (("eager", ["--no-cuda-graph"]), ("graph", ["--cuda-graph"])):
         out = tmp_path / name
@@ -166,7 +267,12 @@ def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, his
                 "--dtype", "fp32", "--device", DEVICE.type, "--out-dir", str(out), *extra]
         assert main(args) == 0, capsys.readouterr().err[-2000:]
         runs[name] = history(out)
-        assert len(replays) == (0 if name == "eager" else 20 - 3)  # every step after the warm-up
+        test_targets = int(re.search(r"\(([\d,]+) test tokens\)", capsys.readouterr().out)[1].replace(",", ""))
+        # Batches of 4 windows of 32: two validation passes of 512 targets, then the whole test split
+        # (this context is too short for the seed protocol); every batch but the first replays.
+        eval_batches = 2 * 4 + math.ceil(math.ceil(test_targets / 32) / 4)
+        assert replays.count("step") == (0 if name == "eager" else 20 - 3)  # every step after the warm-up
+        assert replays.count("eval") == (0 if name == "eager" else eval_batches - 1)
     eager, graph = runs["eager"], runs["graph"]
     assert graph["train_log"]["steps"] == eager["train_log"]["steps"]
     for key in ("train_losses", "val_losses"):
@@ -177,20 +283,18 @@ def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, his
 
 
 @pytest.mark.parametrize("refusal", [None, "--cuda-graph needs a CUDA device, got cpu"], ids=["capturable", "not"])
-def test_the_step_is_captured_by_default_where_it_can_be(base_args, tmp_path, capsys, monkeypatch, refusal):
+def test_the_step_is_captured_by_default_where_it_can_be(base_args, tmp_path, capsys, monkeypatch, refusal,
+                                                         replays):
     """Without --cuda-graph / --no-cuda-graph a run captures its step wherever ``graph_refusal`` has
     nothing against it (on a CPU, the stand-in with the refusal lifted), and runs eagerly, without a
     word, where it has; the start line says which."""
-    import gpt.graphstep
     import gpt.trainer
 
     monkeypatch.setattr(gpt.trainer, "graph_refusal", lambda *args: refusal)
-    replays = []
-    replay = gpt.graphstep.Captured.replay
-    monkeypatch.setattr(gpt.graphstep.Captured, "replay", lambda self: replays.append(1) or replay(self))
     args = [*run_args(base_args), "--max-steps", "6", "--eval-interval", "0", "--device", DEVICE.type,
             "--out-dir", str(tmp_path / "run")]
     assert main(args) == 0, capsys.readouterr().err[-2000:]
     start = capsys.readouterr().out.splitlines()[0]
-    assert len(replays) == (6 - 3 if refusal is None else 0)
+    assert replays.count("step") == (6 - 3 if refusal is None else 0)
+    assert ("eval" in replays) == (refusal is None)  # the test pass's
     assert ("CUDA graph" in start) == (refusal is None), start
