@@ -6,17 +6,20 @@ our small launches. This benchmark measures that host work on any machine, the C
 each public function is called on small CPU tensors with Triton's ``JITFunction.run`` and
 ``Autotuner.run`` replaced by no-ops (``stub_launches``), so what is timed is our validation,
 allocation, autograd node and block-size logic -- per call, in microseconds, the best of several
-rounds. Beside it, what Triton's own dispatch adds on top (binding, specialisation, cache lookup:
-``JITFunction.run(..., warmup=True)`` on a compiled kernel, through the compile check's stand-in
-sm_90 driver, for the LayerNorm forward kernel), and the C++-dispatched ``F.layer_norm`` on the same
-tensors as the peer (its whole call, compute included). A CUDA launch (~3-5 us of driver time) comes
-on top of all of these on a GPU; a CUDA graph (``--cuda-graph``) removes all of it.
+rounds, against the C++-dispatched ``F.layer_norm`` on the same tensors as the peer (its whole
+call, compute included). Then the same calls with Triton's own dispatch on top (binding,
+specialisation, the autotuner, cache lookup: ``test_dispatched_host_us``, through the compile
+check's stand-in sm_90 driver, where ``JITFunction.run`` stops just before the driver's launch),
+and for the attention launches also with Triton's ``Autotuner`` on every launch, which
+``attention._Tuned`` skips once a key is tuned. A CUDA launch (~3-5 us of driver time) comes on top
+of all of these on a GPU; a CUDA graph (``--cuda-graph``) removes all of it.
 
     python -m pytest bench/test_bench_host.py
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,33 +96,73 @@ def test_launcher_host_us(benchmark, stub_launches, index):
            what=name)
 
 
-def dispatch_us() -> float:
-    """Host us per ``JITFunction.run(..., warmup=True)`` of the compiled LayerNorm forward kernel
-    (sm_90, the compile check's stand-in driver). Needs the JIT: run with TRITON_INTERPRET unset."""
+# The calls timed through Triton's own dispatch, at the seed model's shapes (batch 16 x 256, 8 heads
+# of 64; decoding one token against a 1,024-slot cache).
+DISPATCHED = ["layer_norm, inference", "causal_attention forward, inference",
+              "causal_attention backward (launches)", "decode_attention"]
+
+
+def dispatched_us() -> dict[str, list]:
+    """Host us per call of each DISPATCHED call through Triton's real dispatch (binding,
+    specialisation, the autotuner, cache lookup) on the compile check's stand-in sm_90 driver, where
+    ``JITFunction.run`` stops at ``warmup=True``: everything but the driver's launch. For the
+    autotuned attention kernels also with every launch through Triton's ``Autotuner`` (what
+    ``attention._Tuned`` skips after a key's first launch), else None. Needs the JIT: run with
+    TRITON_INTERPRET unset (``test_dispatched_host_us`` runs it in a process of its own)."""
     from triton.runtime import driver
 
     from kernels import compile_check
-    from kernels.layernorm import _block_and_warps, _layer_norm_fwd_kernel
 
     driver.set_active(compile_check.StandInDriver(compile_check.ARCHS["sm_90"]))
-    x = torch.randn(8, N, dtype=torch.bfloat16)
-    y, w, b, stats = torch.empty_like(x), torch.ones(N), torch.zeros(N), torch.empty(8)
-    block, warps = _block_and_warps(N)
-    args = (x, x, y, y, w, b, stats, stats, N, N, N, 1e-5)
-    return per_call_us(lambda: _layer_norm_fwd_kernel.run(*args, grid=(8,), warmup=True, HAS_RESIDUAL=False,
-                                                          BLOCK_N=block, num_warps=warps))  # (the first compiles)
+    attention._launchable = lambda device: True
+    jit_run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup=False, **kw: jit_run(self, *args, grid=grid, warmup=True, **kw)
+    Autotuner._bench = lambda self, *args, config, **kw: [float(config.num_warps)] * 3  # no GPU to time them on
+
+    q = torch.randn(16, 8, 256, 64, dtype=torch.bfloat16)
+    do = torch.randn_like(q)
+    o, lse = attention._attention_forward(q, q, q, 0.125, None)
+    x, w, b = torch.randn(16, 256, N, dtype=torch.bfloat16), torch.ones(N), torch.zeros(N)
+    cache = torch.randn(1, 8, 1024, 64, dtype=torch.bfloat16)
+    calls = dict(zip(DISPATCHED, [
+        lambda: kernels.layer_norm(x, w, b),
+        lambda: kernels.causal_attention(q, q, q),
+        lambda: attention._attention_backward(do, q, q, q, o, lse, 0.125, None),
+        lambda: kernels.decode_attention(q[:1, :, :1], cache, cache, torch.tensor([100])),
+    ]))
+    result = {name: [per_call_us(fn), None] for name, fn in calls.items()}
+    tuned_launch = attention._Tuned.launch
+    attention._Tuned.launch = lambda self, grid, key, *args, **kw: self.tuner[grid](*args, **kw)
+    try:
+        for name in DISPATCHED[1:3]:
+            result[name][1] = per_call_us(calls[name])
+    finally:
+        attention._Tuned.launch = tuned_launch
+    return result
 
 
-def test_triton_dispatch_host_us(benchmark):
-    """What Triton's JIT adds per launch on the host before the driver (binding, specialisation,
-    cache lookup), measured in a process of its own where the JIT, not the interpreter, is loaded."""
+@pytest.fixture(scope="module")
+def dispatched():
+    """``dispatched_us()`` from a child process (the JIT, not the interpreter, loaded), and its wall time."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json; from bench.test_bench_host import dispatched_us; print(json.dumps(dispatched_us()))"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1]), time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("name", DISPATCHED)
+def test_dispatched_host_us(benchmark, dispatched, name):
+    """Host time a call with Triton's dispatch included (the driver's launch left out): what a GPU's
+    host spends before each launch of ours. Ratio: through the autotuner on every launch over ours."""
     import triton
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from bench.test_bench_host import dispatch_us; print(dispatch_us())"
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    us = float(out.stdout.split()[-1])
+    figures, wall_s = dispatched
+    us, through_autotuner = figures[name]
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figure is the child's, in extra_info
-    record(benchmark, host_us=round(us, 2), triton=triton.__version__, wall_s=round(time.perf_counter() - t0, 1))
+    info = dict(host_us=round(us, 2), triton=triton.__version__, what=name, child_wall_s=round(wall_s, 1))
+    if through_autotuner is not None:
+        info.update(autotuner_every_launch_us=round(through_autotuner, 2),
+                    speedup_vs_autotuner_every_launch=round(through_autotuner / us, 2))
+    record(benchmark, **info)

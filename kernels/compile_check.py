@@ -176,7 +176,8 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
 
     Triton's active driver is the stand-in; ``JITFunction.run`` compiles (``warmup=True``) instead of
     launching; an autotuned kernel compiles every configuration its ``early_config_prune`` keeps,
-    instead of benchmarking them; ``kernels.attention`` accepts CPU tensors. All restored on exit.
+    instead of benchmarking them (and past any configuration a real run chose: ``attention._Tuned``);
+    ``kernels.attention`` accepts CPU tensors. All restored on exit.
     """
     compiled: list[Compiled] = []
     pending_estimate: list[Optional[int]] = [None]
@@ -217,12 +218,17 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
     driver.set_active(StandInDriver(arch))
     JITFunction.run, Autotuner.run = compile_instead, compile_every_config
     attention._launchable = lambda device: True
+    chosen = [tuned.chosen for tuned in attention._TUNED]  # a real run's choices would skip the autotuner
+    for tuned in attention._TUNED:
+        tuned.chosen = {}
     try:
         yield compiled
     finally:
         JITFunction.run, Autotuner.run = jit_run, autotuner_run
         attention._launchable = launchable
         driver._active = previous_driver
+        for tuned, before in zip(attention._TUNED, chosen):
+            tuned.chosen = before
 
 
 # ----------------------------------------------------------------------------------------------

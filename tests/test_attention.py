@@ -286,3 +286,65 @@ def test_cuda_prune_rules(monkeypatch, prune, configs):
     args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": 128, "TQ_BUCKET": 256}
     within = [c for c in configs if c.max_head_dim >= 128]
     assert prune(configs, args) == [min(within, key=lambda c: prune.estimate(c, args))]
+
+
+def autotuner_key(tuner, args, kwargs) -> tuple:
+    """The key Triton's ``Autotuner.run`` files a launch's choice under (3.6 and 3.9 alike): the
+    values of its ``key`` arguments, then the dtype of every tensor argument, in order."""
+    named = {**dict(zip(tuner.arg_names, args)), **{k: v for k, v in kwargs.items() if k in tuner.arg_names}}
+    return tuple([named[k] for k in tuner.keys if k in named]
+                 + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+
+
+def attention_launches():
+    """Forward and backward launches over what the autotuner's key depends on: head dims, dtypes,
+    length buckets (16 and 32 here), with and without kv_start."""
+    for D in (16, 32):
+        for dtype in (torch.float32, torch.float16):
+            for Tq, Tk in ((3, 3), (17, 17), (5, 30)):
+                for with_start in (False, True):
+                    q, k, v = (t.detach().requires_grad_() for t in cache_views(2, 3, Tq, Tk, D, dtype, seed=Tq))
+                    kv_start = torch.tensor([0, 2], device=DEVICE) if with_start else None
+                    out = kernels.causal_attention(q, k, v, kv_start=kv_start)
+                    out.backward(torch.ones_like(out))
+
+
+def test_a_tuning_key_goes_through_the_autotuner_once(monkeypatch):
+    """After a key's first launch the attention kernels launch straight through the JIT with the
+    configuration the autotuner chose (``attention._Tuned``): the autotuner sees each key once."""
+    from triton.runtime.autotuner import Autotuner
+
+    for tuned in attention._TUNED:
+        monkeypatch.setattr(tuned, "chosen", {})
+    seen = []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **kw: seen.append(self) or run(self, *a, **kw))
+    q, k, v = (t.detach().requires_grad_() for t in cache_views(2, 3, 20, 20, 16, torch.float32))
+    outs = []
+    for _ in range(3):
+        out = kernels.causal_attention(q, k, v)
+        (dq,) = torch.autograd.grad(out, q, torch.ones_like(out))
+        outs.append((out, dq))
+    assert seen == [t.tuner for t in attention._TUNED]  # forward, dK/dV, dQ: once each
+    for out, dq in outs[1:]:  # the direct launches compute what the autotuned one did
+        torch.testing.assert_close(out, outs[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(dq, outs[0][1], rtol=0, atol=0)
+    kernels.causal_attention(q, k, v, kv_start=torch.tensor([0, 1], device=DEVICE))
+    assert seen[3:] == [attention._attn_fwd.tuner]  # a new key: the autotuner again
+
+
+def test_the_tuning_key_separates_what_the_autotuners_key_separates(monkeypatch):
+    """``_Tuned`` reuses a choice for every launch with the same key, so its key must never join
+    two launches that Triton's autotuner keys apart (it may split more finely)."""
+    keys: dict[tuple, set] = {}
+    launch = attention._Tuned.launch
+
+    def recorded(self, grid, key, *args, **kwargs):
+        keys.setdefault((id(self), key), set()).add(autotuner_key(self.tuner, args, kwargs))
+        return launch(self, grid, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention._Tuned, "launch", recorded)
+    attention_launches()
+    assert len(keys) == 3 * 2 * 2 * 3 * 2  # kernels x head dims x dtypes x length buckets x kv_start
+    joined = {key: found for key, found in keys.items() if len(found) > 1}
+    assert not joined
