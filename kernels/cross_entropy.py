@@ -11,7 +11,8 @@ holding the (N, V) logits: rows go through in chunks of ``CHUNK_ELEMENTS // V``,
    vocabulary tiles in fp32, with the first index of the max and the target's logit, writes the
    row's loss lse - logit[target] and whether the argmax hit the target, then overwrites the row
    with the unscaled gradient softmax - onehot(target) (zeros for an ignored row);
-3. cuBLAS makes the chunk's dh = G @ W and adds G.T @ h_c into an fp32 dW, chunk after chunk.
+3. cuBLAS makes the chunk's dh = G @ W and G.T @ h_c, widened into an fp32 dW by the first chunk
+   and added to it by every later one.
 
 The backward only scales: the forward makes the mean loss's dh and dW (each row's h and dh weighed
 by counted / count: (M, C) operands, never the (M, V) chunk), and the backward multiplies them by
@@ -27,11 +28,14 @@ by the row kernel, and read by the two gradient GEMMs: 6 passes of M x V x 2 byt
 chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
 twice and writing fp32; argmax; the zero-filled fp32 gradient; log-softmax's backward; the cast back
 to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
-dominates their bytes): ~430 at C = 512, M = 2,670, above an H100's ~300 FLOP/byte ridge. dW costs a
+dominates their bytes): ~470 at C = 512, M = 5,336, above an H100's ~300 FLOP/byte ridge. dW costs a
 read and a write of V x C fp32 and a half-precision partial per chunk, 12 V C bytes against the
-chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU (2,670 rows at V = 50,257:
-256 MiB of bf16 logits, 1/3 of eager's bf16 logits alone at N = 8,192, 1/12 at N = 32,768). The
-chunks run in order and each dW update is one GEMM: no atomics, bitwise reproducible.
+chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU: 5,336 rows at V = 50,304
+(padded), 512 MiB of bf16 logits, 2/3 of eager's bf16 logits alone at N = 8,192, 1/6 at N =
+32,768. With 2,668-row chunks an H200 spent 92 us of each chunk's ~900 on that fp32 add (run 3's
+ncu.txt), three times a step at the seed's 8,192 rows, after zero-filling dW; now the first chunk
+widens its partial into dW and the seed's step has one add (not yet measured). The chunks run in
+order and each dW update is one GEMM: no atomics, bitwise reproducible.
 
 Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
 autocast's dtype, as ``F.linear`` would cast to): h and W are cast to it for the GEMMs; softmax
@@ -54,7 +58,7 @@ from . import attention
 from .host import cdiv, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK_ELEMENTS = 1 << 27  # logits per row chunk: 256 MiB in bf16 (2,670 rows at V = 50,257)
+CHUNK_ELEMENTS = 1 << 28  # logits per row chunk: 512 MiB in bf16 (5,336 rows at V = 50,304, padded)
 # The GEMMs run over the vocabulary padded with zero weight rows to a multiple of VOCAB_MULTIPLE
 # (50,257 -> 50,304, nanoGPT's padding): an odd V is unaligned on each GEMM's contiguous dimension (the
 # logits' columns, dh's reduction, dW's rows), which keeps cuBLAS off its 16-byte tensor-core kernels.
@@ -205,7 +209,7 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
     hits = torch.empty(N, dtype=torch.int32, device=h.device)
     dh = torch.empty((N, C) if need_dh else (0,), dtype=h.dtype, device=h.device)
-    dw = torch.zeros((Vp, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
+    dw = None  # fp32 (Vp, C): the first chunk's product, then each later chunk's added
     rows = _chunk_rows(Vp)
     buf = torch.empty(min(rows, N), Vp, dtype=dtype, device=h.device)  # one chunk of logits, reused
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
@@ -222,9 +226,11 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
             if need_dw:  # chunk by chunk in row order: deterministic
                 hw = (h[r0:r1] * rw).to(dtype)  # (M, C), rounded once
                 if dtype == torch.float32:
-                    dw.addmm_(g.t(), hw)
-                else:
-                    dw += g.t() @ hw  # a half-precision partial (fp32 accumulation inside the GEMM)
+                    dw = g.t() @ hw if dw is None else dw.addmm_(g.t(), hw)
+                else:  # a half-precision partial (fp32 accumulation inside the GEMM), widened or added
+                    dw = (g.t() @ hw).float() if dw is None else dw.add_(g.t() @ hw)
+    if dw is None:  # no rows, or no dW wanted
+        dw = torch.zeros((Vp, C) if need_dw else (0,), dtype=torch.float32, device=h.device)
     loss = loss_rows.sum() / count.clamp(min=1)
     return loss, hits.sum(dtype=torch.int64), count, dh, dw[:V]
 
