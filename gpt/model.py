@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .kvcache import KVCache
-from .ops import IMPLS, Ops, lm_head_dtype, select_ops
+from .ops import IMPLS, Ops, compute_dtype, lm_head_dtype, select_ops
 
 class LayerNormParams(nn.Module):
     """LayerNorm's parameters only; the math is the selected implementation's."""
@@ -91,12 +91,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor], ops: Ops,
                 cache: Optional[KVCache] = None, layer: int = 0, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        act = compute_dtype(x.device.type)  # under autocast: the LayerNorms write what the Linears read
         if delta is None:
-            h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+            h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act)
         else:
-            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act)
         a = self.attn(h, ops, cache, layer, static)
-        h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, act)
         return self.mlp(h), x
 
 
@@ -196,7 +197,8 @@ class GPT2Model(nn.Module):
         delta = None
         for layer, block in enumerate(self.h):
             delta, x = block(x, delta, ops, cache, layer, static)
-        h, _ = ops.add_layer_norm(delta, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        h, _ = ops.add_layer_norm(delta, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps,
+                                  compute_dtype(x.device.type))  # the head's dtype under autocast
         if static:
             cache.length += 1
         elif cache is not None:

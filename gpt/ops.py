@@ -29,21 +29,30 @@ IMPLS = ("auto", "torch", "triton")
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim (biased variance), statistics in fp32 (or higher), output in x's dtype.
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LayerNorm over the last dim (biased variance), statistics in fp32 (or higher), output in
+    ``out_dtype`` (None: x's dtype).
 
     torch's fused ``F.layer_norm`` on x upcast to at least fp32: one kernel forward and one backward
     instead of the dozen elementwise ops (and their saved tensors) of the written-out formula
     ``(x - mean) / sqrt(var + eps) * weight + bias``.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return F.layer_norm(x.to(dtype), x.shape[-1:], weight.to(dtype), bias.to(dtype), eps).to(x.dtype)
+    y = F.layer_norm(x.to(dtype), x.shape[-1:], weight.to(dtype), bias.to(dtype), eps)
+    return y.to(out_dtype or x.dtype)
 
 
-def add_layer_norm_ref(x, residual, weight, bias, eps):
+def add_layer_norm_ref(x, residual, weight, bias, eps, out_dtype: Optional[torch.dtype] = None):
     """The pre-LN block's residual add and the next LayerNorm: returns (LN(x + residual), x + residual)."""
     s = x + residual
-    return layer_norm_ref(s, weight, bias, eps), s
+    return layer_norm_ref(s, weight, bias, eps, out_dtype), s
+
+
+def compute_dtype(device_type: str) -> Optional[torch.dtype]:
+    """Autocast's dtype where autocast is on for ``device_type``, else None: the dtype a LayerNorm
+    writes its output in when a Linear (which autocast casts to that dtype) reads it next."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def attention_mask(Tq: int, Tk: int, device, kv_start: Optional[torch.Tensor] = None,
@@ -153,10 +162,7 @@ def lm_head_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     bf16 for the GEMMs; the softmax statistics, the loss and the weight-gradient accumulation
     across row chunks stay in fp32, and the gradients come back in h's and the weight's own dtypes.
     """
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(h.dtype, weight.dtype)
+    return compute_dtype(h.device.type) or torch.promote_types(h.dtype, weight.dtype)
 
 
 def linear_cross_entropy_unfused(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -348,8 +354,9 @@ class Ops(NamedTuple):
     """The hot ops of one implementation, with the signatures the model calls."""
 
     name: str
-    layer_norm: Callable  # (x, weight, bias, eps) -> y
-    add_layer_norm: Callable  # (x, residual, weight, bias, eps) -> (LN(x + residual), x + residual)
+    layer_norm: Callable  # (x, weight, bias, eps, out_dtype=None) -> y
+    # (x, residual, weight, bias, eps, out_dtype=None) -> (LN(x + residual), x + residual)
+    add_layer_norm: Callable
     attention: Callable  # (q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0) -> y, as causal_attention_ref
     # (h, weight, targets, ignore_index=-1, dtype=None) -> (loss, correct, count), as linear_cross_entropy_ref
     linear_cross_entropy: Callable

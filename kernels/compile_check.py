@@ -268,7 +268,10 @@ ATTENTION_CASES = {
 LAYER_NORM_CASES = {
     "layer_norm": "LayerNorm forward and backward, weights in the input dtype",
     "add_layer_norm": "residual add + LayerNorm forward and backward, weights in the input dtype",
-    "add_layer_norm bf16+fp32": "autocast: bf16 branch output added to the fp32 residual, fp32 weights",
+    "add_layer_norm bf16+fp32": "autocast: bf16 branch output added to the fp32 residual, fp32 weights, "
+                                "the LayerNorm written in bf16 for the next Linear (out_dtype)",
+    "layer_norm fp32->bf16": "autocast: the first block's LayerNorm of the fp32 residual stream, fp32 "
+                             "weights, written in bf16 (out_dtype)",
 }
 DECODE_CASES = {
     "static step": "the static decode step: one token per row against the whole fixed-size cache, "
@@ -290,7 +293,7 @@ def cases() -> list[Case]:
            for d in attention.SUPPORTED_HEAD_DIMS for dtype in ATTENTION_DTYPES for what in ATTENTION_CASES]
     for n in LAYER_NORM_NS:
         for what in LAYER_NORM_CASES:
-            dtypes = ("bfloat16",) if "bf16+fp32" in what else ("float32", "float16", "bfloat16")
+            dtypes = ("bfloat16",) if "fp32" in what else ("float32", "float16", "bfloat16")
             out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
     out += [Case("decode", what, dtype, d) for d in DECODE_HEAD_DIMS
             for dtype in ("float32", "float16", "bfloat16") for what in DECODE_CASES]
@@ -351,14 +354,16 @@ def _layer_norm_call(case: Case) -> None:
     def leaf(*size, dt=dtype):
         return torch.randn(*size, dtype=dt).requires_grad_()
 
-    weight_dtype = torch.float32 if "fp32" in case.what else dtype
+    autocast = "fp32" in case.what  # fp32 weights and residual stream; the LayerNorm written in bf16
+    weight_dtype = torch.float32 if autocast else dtype
     weight, bias = leaf(N, dt=weight_dtype), leaf(N, dt=weight_dtype)
-    if case.what == "layer_norm":
-        y = kernels.layer_norm(leaf(*shape), weight, bias)
+    out_dtype = dtype if autocast else None
+    if case.what.startswith("layer_norm"):
+        y = kernels.layer_norm(leaf(*shape, dt=torch.float32 if autocast else dtype), weight, bias, out_dtype=out_dtype)
         y.backward(torch.ones_like(y))
     else:
-        residual = leaf(*shape, dt=torch.float32 if "fp32" in case.what else dtype)
-        y, s = kernels.add_layer_norm(leaf(*shape), residual, weight, bias)
+        residual = leaf(*shape, dt=torch.float32 if autocast else dtype)
+        y, s = kernels.add_layer_norm(leaf(*shape), residual, weight, bias, out_dtype=out_dtype)
         torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
 
 

@@ -148,8 +148,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-           residual: Optional[torch.Tensor] = None) -> None:
+           residual: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> None:
     """Shapes, dtypes and devices of a call's tensors, then whether their device can run a kernel."""
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise TypeError(f"{name}: out_dtype {out_dtype} not supported (float32, float16, bfloat16)")
     if x.dim() == 0:
         raise ValueError(f"{name}: input must have at least 1 dim, got a scalar")
     N = x.shape[-1]
@@ -176,13 +178,14 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         raise ValueError(f"{name}: tensors on {x.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
 
 
-def _forward(x, residual, weight, bias, eps: float):
-    """Launch the forward on x (or x + residual): returns (y, s or None, mean, rstd)."""
+def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dtype]):
+    """Launch the forward on x (or x + residual): returns (y, s or None, mean, rstd), y in
+    ``out_dtype`` (None: s's dtype, x's without a residual)."""
     N = x.shape[-1]
     x2 = _rows(x)  # (M, N)
     M = x2.shape[0]
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=s_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
     s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -232,30 +235,32 @@ def _backward(dy, ds, x, weight, mean, rstd):
 
 
 @torch.library.custom_op("tinygpt::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps, out_dtype)
     return y, mean, rstd
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("tinygpt::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+                           eps: float, out_dtype: Optional[torch.dtype]
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = _forward(x, residual, weight, bias, eps, out_dtype)
     return y, s, mean, rstd
 
 
 @_add_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, out_dtype):
     dtype = torch.promote_types(x.dtype, residual.dtype)
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+    return (x.new_empty(x.shape, dtype=out_dtype or dtype), x.new_empty(x.shape, dtype=dtype), stats,
+            torch.empty_like(stats))
 
 
 @torch.library.custom_op("tinygpt::layer_norm_bwd", mutates_args=())
@@ -272,13 +277,13 @@ def _(dy, ds, x, weight, mean, rstd):
 # In eager mode the launchers are called directly: a Python custom op's dispatch cost ~140 us a call
 # on this project's shared CPU (5 us for the direct call), more than the kernel takes at GPT-2
 # sizes on a GPU. Under torch.compile the ops are used.
-def _fwd(x, residual, weight, bias, eps):
+def _fwd(x, residual, weight, bias, eps, out_dtype):
     if not torch.compiler.is_compiling():
-        return _forward(x, residual, weight, bias, eps)
+        return _forward(x, residual, weight, bias, eps, out_dtype)
     if residual is None:
-        y, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps)
+        y, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps, out_dtype)
         return y, None, mean, rstd
-    return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
 def _bwd(dy, ds, x, weight, mean, rstd):
@@ -294,8 +299,8 @@ def _bwd(dy, ds, x, weight, mean, rstd):
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, _, mean, rstd = _fwd(x, None, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        y, _, mean, rstd = _fwd(x, None, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.param_dtypes = (weight.dtype, bias.dtype)
         return y
@@ -304,13 +309,13 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, (dw, db) = _bwd(dy, None, x, weight, mean, rstd)
-        return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None
+        return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None, None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd = _fwd(x, residual, weight, bias, eps)
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
+        y, s, mean, rstd = _fwd(x, residual, weight, bias, eps, out_dtype)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
         return y, s
@@ -320,7 +325,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         s, weight, mean, rstd = ctx.saved_tensors
         dsum, (dw, db) = _bwd(dy, ds, s, weight, mean, rstd)  # dsum: grad of x + residual, both paths
         x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
-        return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(w_dtype), db.to(b_dtype), None
+        return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(w_dtype), db.to(b_dtype), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,23 +340,28 @@ def _needs_graph(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dim (size up to MAX_N); output in x's dtype, statistics in fp32.
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LayerNorm over the last dim (size up to MAX_N); statistics in fp32, output in ``out_dtype``
+    (None: x's dtype).
 
     Any leading dims and strides; weight and bias are (N,) in any float dtype (fp32 masters under
-    autocast), and their gradients come back in their own dtypes.
+    autocast), and their gradients come back in their own dtypes. ``out_dtype`` is for a consumer
+    that would cast the output anyway (a Linear under autocast): the kernel writes it rounded once,
+    as that cast would, and takes its gradient in that dtype, with no cast kernel either way.
     """
-    _check("layer_norm", x, weight, bias)
+    _check("layer_norm", x, weight, bias, out_dtype=out_dtype)
     if _needs_graph(x, weight, bias):
-        return LayerNormFunction.apply(x, weight, bias, float(eps))
-    return _forward(x, None, weight, bias, float(eps))[0]  # eager inference: no autograd node at all
+        return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)
+    return _forward(x, None, weight, bias, float(eps), out_dtype)[0]  # eager inference: no autograd node at all
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual) in one pass; both in x + residual's promoted dtype."""
-    _check("add_layer_norm", x, weight, bias, residual)
+                   eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual) in one pass; the sum in x + residual's promoted dtype,
+    the LayerNorm in ``out_dtype`` (None: the sum's), as ``layer_norm``."""
+    _check("add_layer_norm", x, weight, bias, residual, out_dtype)
     if _needs_graph(x, residual, weight, bias):
-        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
-    y, s, _, _ = _forward(x, residual, weight, bias, float(eps))
+        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), out_dtype)
+    y, s, _, _ = _forward(x, residual, weight, bias, float(eps), out_dtype)
     return y, s

@@ -96,8 +96,9 @@ def test_layer_norm_non_contiguous(view):
     close(params[1].grad, br.grad, torch.float32, "dbias")
 
 
-def add_ln_check(x_dtype, r_dtype, shape, seed=0):
-    """Fused add + LN vs float64 with upstream grads on both outputs.
+def add_ln_check(x_dtype, r_dtype, shape, seed=0, ln_dtype=None):
+    """Fused add + LN vs float64 with upstream grads on both outputs (the LayerNorm written in
+    ``ln_dtype``, None: the sum's dtype).
 
     x + residual is checked against torch's rounded sum; the float64 LayerNorm is then taken at the
     kernel's own rounded sum (gradients pass through the rounding unchanged), so that a 1-ulp
@@ -108,11 +109,12 @@ def add_ln_check(x_dtype, r_dtype, shape, seed=0):
     r = rand(shape, r_dtype, seed=seed + 2, shift=-1.0).requires_grad_()
     weight, bias = make_params(N, seed)
     out_dtype = torch.promote_types(x_dtype, r_dtype)
-    dy = rand(shape, out_dtype, seed=seed + 3, scale=1.0, shift=0.0)
+    y_dtype = ln_dtype or out_dtype
+    dy = rand(shape, y_dtype, seed=seed + 3, scale=1.0, shift=0.0)
     ds = rand(shape, out_dtype, seed=seed + 4, scale=1.0, shift=0.0)
-    y, s = kernels.add_layer_norm(x, r, weight, bias, 1e-5)
+    y, s = kernels.add_layer_norm(x, r, weight, bias, 1e-5, out_dtype=ln_dtype)
     torch.autograd.backward((y, s), (dy, ds))
-    assert y.dtype == s.dtype == out_dtype
+    assert y.dtype == y_dtype and s.dtype == out_dtype
     assert x.grad.dtype == x_dtype and r.grad.dtype == r_dtype
 
     close(s, (x + r).double(), out_dtype, "x + residual")
@@ -121,7 +123,7 @@ def add_ln_check(x_dtype, r_dtype, shape, seed=0):
     sr = xr + rr + (s.detach().double() - (xr + rr)).detach()  # value: the kernel's sum; grad: identity
     yr = F.layer_norm(sr, (N,), wr, br, 1e-5)
     torch.autograd.backward((yr, sr), (dy.double(), ds.double()))
-    close(y, yr, out_dtype, "y")
+    close(y, yr, y_dtype, "y")
     close(x.grad, xr.grad, x_dtype, "dx")
     close(r.grad, rr.grad, r_dtype, "dresidual")
     close(weight.grad, wr.grad, torch.float32, "dweight")  # fp32 accumulation, same rounded sum and dy
@@ -158,6 +160,37 @@ def test_inference_calls_skip_autograd_and_give_the_same_values(monkeypatch, gra
 def test_add_layer_norm_mixed_dtypes():
     """Under autocast the model adds a bf16 branch output to the fp32 residual stream: fp32 result."""
     add_ln_check(torch.bfloat16, torch.float32, (3, 7, 48))
+
+
+@pytest.mark.parametrize("ln_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_add_layer_norm_written_in_the_next_linears_dtype(ln_dtype):
+    """What the model does under autocast: the fp32 sum, the LayerNorm written in autocast's dtype
+    (``out_dtype``) for the Linear after it, whose gradient comes back in that dtype."""
+    add_ln_check(torch.bfloat16, torch.float32, (3, 7, 48), ln_dtype=ln_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_out_dtype_is_the_cast_it_replaces(out_dtype):
+    """layer_norm(x fp32, out_dtype=d) against float64, and against the fp32 output cast to d, the
+    cast it saves: equal (bf16 within 1 ulp under the interpreter, which truncates that cast).
+    The gradient arrives in d; dx is fp32."""
+    x = rand((4, 5, 96), torch.float32, seed=7).requires_grad_()
+    weight, bias = make_params(96)
+    dy = rand((4, 5, 96), out_dtype, seed=8, scale=1.0, shift=0.0)
+    y = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype=out_dtype)
+    y.backward(dy)
+    assert y.dtype == out_dtype and x.grad.dtype == torch.float32
+    cast = kernels.layer_norm(x.detach(), weight.detach(), bias.detach(), 1e-5).to(out_dtype)
+    if DEVICE.type == "cuda" or out_dtype == torch.float16:
+        assert torch.equal(y, cast)
+    else:
+        torch.testing.assert_close(y, cast, atol=0, rtol=2**-7)
+    xr, wr, br = ref64(x, weight, bias)
+    yr = F.layer_norm(xr, (96,), wr, br, 1e-5)
+    yr.backward(dy.double())
+    close(y, yr, out_dtype, "y")
+    close(x.grad, xr.grad, torch.float32, "dx")  # fp32 math from the same dy
+    close(weight.grad, wr.grad, torch.float32, "dweight")
 
 
 def test_many_rows_and_deterministic_weight_grads():
@@ -207,6 +240,9 @@ def test_bad_input_errors():
         kernels.add_layer_norm(torch.randn(2, 96), torch.randn(3, 96), torch.ones(96), torch.zeros(96))
     with pytest.raises(TypeError, match="float64 not supported"):
         kernels.layer_norm(torch.randn(2, 96, dtype=torch.float64), torch.ones(96), torch.zeros(96))
+    with pytest.raises(TypeError, match="out_dtype torch.int8 not supported"):
+        kernels.add_layer_norm(torch.randn(2, 96), torch.randn(2, 96), torch.ones(96), torch.zeros(96),
+                               out_dtype=torch.int8)
     if DEVICE.type == "cuda":  # well-formed CPU tensors: only the device rule is left to refuse them
         with pytest.raises(ValueError, match="need CUDA"):
             kernels.add_layer_norm(torch.randn(2, 96), torch.randn(2, 96), torch.ones(96), torch.zeros(96))
@@ -216,9 +252,10 @@ def test_custom_ops_pass_opcheck():
     x = rand((6, 48), torch.float32, seed=9)
     r = rand((6, 48), torch.bfloat16, seed=10)
     w, b = (p.detach() for p in make_params(48))
-    torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd, (x, w, b, 1e-5))
-    torch.library.opcheck(torch.ops.tinygpt.add_layer_norm_fwd, (x, r, w, b, 1e-5))
-    _, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5)
+    for out_dtype in (None, torch.bfloat16):
+        torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd, (x, w, b, 1e-5, out_dtype))
+        torch.library.opcheck(torch.ops.tinygpt.add_layer_norm_fwd, (x, r, w, b, 1e-5, out_dtype))
+    _, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5, None)
     dy, ds = rand((6, 48), torch.float32, seed=13), rand((6, 48), torch.float32, seed=14)
     torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, None, x, w, mean, rstd))
     torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, ds, x, w, mean, rstd))
@@ -236,7 +273,7 @@ def test_torch_compile_traces_custom_ops_fullgraph():
         return make_boxed_func(gm)
 
     def f(x, r, w, b):
-        h, s = kernels.add_layer_norm(x, r, w, b, 1e-5)
+        h, s = kernels.add_layer_norm(x, r, w, b, 1e-5, out_dtype=torch.float16)
         return kernels.layer_norm(h * s, w, b, 1e-5).sum()
 
     inputs = [rand((2, 5, 48), torch.float32, seed=11), rand((2, 5, 48), torch.float32, seed=12),
@@ -285,3 +322,44 @@ def test_tiny_gpt2_matches_torch_impl():
     assert ref_losses[-1] < ref_losses[0]  # the steps did train
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_under_autocast_the_hidden_states_are_never_cast(monkeypatch):
+    """Under bf16 autocast (on the CPU here) the model's LayerNorms write bf16 for the Linears (and
+    the head) that read them: no fp32 -> bf16 copy of a (B, T, C) activation in the forward, where
+    each of the 2 L + 1 LayerNorm outputs was cast before; the same loss and gradients as the torch
+    LayerNorm (which casts inside) to bf16's tolerance."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    config = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96,
+                       dropout=0.0)
+    idx = torch.randint(0, 64, (2, 13), device=DEVICE)
+    targets = torch.randint(0, 64, (2, 13), device=DEVICE)
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].shape[-1] == 48 and args[0].dim() == 3:
+                self.count += args[0].dtype == torch.float32 and out.dtype == torch.bfloat16
+            return out
+
+    results = {}
+    for name in ("torch", "ln-triton"):
+        model = perturbed_model(config, device=DEVICE)
+        if name != "torch":
+            model.impl = TORCH_OPS._replace(name=name, layer_norm=kernels.layer_norm, add_layer_norm=kernels.add_layer_norm)
+        casts = Casts()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), casts:
+            out = model(idx, targets)
+        out.loss.backward()
+        results[name] = out.loss, {n: p.grad for n, p in model.named_parameters()}, casts.count
+    assert results["ln-triton"][2] == 0
+    assert results["torch"][2] == 2 * config.num_layers + 1  # F.layer_norm's fp32 output, cast inside the op
+    torch.testing.assert_close(results["ln-triton"][0], results["torch"][0], atol=2e-2, rtol=2e-2)
+    for name, grad in results["torch"][1].items():
+        atol = 2e-2 * grad.abs().max().item()
+        torch.testing.assert_close(results["ln-triton"][1][name], grad, atol=atol, rtol=2e-2, msg=lambda m: f"{name}: {m}")
