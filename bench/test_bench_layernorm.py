@@ -61,6 +61,17 @@ def add_ln_reference(x, residual, weight, bias):
     return F.layer_norm(s, s.shape[-1:], weight, bias, EPS), s
 
 
+def add_ln_autocast_torch(x, residual, weight, bias):
+    """The model's add + LayerNorm under autocast, eagerly: a bf16 branch output added to the fp32
+    residual stream, F.layer_norm in fp32, and its output cast to bf16 by the Linear that reads it."""
+    s = x + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, EPS).to(DTYPE), s
+
+
+def add_ln_autocast_triton(x, residual, weight, bias):
+    return kernels.add_layer_norm(x, residual, weight, bias, EPS, out_dtype=DTYPE)
+
+
 def ln_triton(x, weight, bias):
     return kernels.layer_norm(x, weight, bias, EPS)
 
@@ -98,10 +109,11 @@ def check_against_reference(ours, ref, inputs, grads):
         t.grad = None
 
 
-def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check_ref=None):
-    """Check ours against ``check_ref`` (default: the peer ``ref``) in fp32, then time ours and the peers."""
+def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check_ref=None, grad_dtypes=None):
+    """Check ours against ``check_ref`` (default: the peer ``ref``) in fp32, then time ours and the peers.
+    ``grad_dtypes``: the upstream gradients' dtypes, one per output (default: the activations')."""
     rows, N = inputs[0].shape
-    grads = [torch.randn(rows, N, device=DEVICE, dtype=DTYPE) for _ in range(n_outs)]
+    grads = [torch.randn(rows, N, device=DEVICE, dtype=dt) for dt in grad_dtypes or [DTYPE] * n_outs]
     check_against_reference(ours, check_ref or ref, inputs, grads)
     nbytes = act_bytes * rows * N * inputs[0].element_size()
     ms = {name: cuda_time_ms(make_pass(fn, inputs, grads, which))
@@ -144,3 +156,22 @@ def test_add_layer_norm(benchmark, rows, N, which):
     # bytes: ADD_BYTES[which] x rows x N x 2; FLOPs ~9 (fwd) / ~13 (bwd) per element: ~1.5-2 FLOP/byte.
     run_case(benchmark, add_ln_triton, add_ln_torch, leaves(rows, N, 2), 2, which, ADD_BYTES[which],
              "x + residual, then F.layer_norm (eager; torch.compile)", check_ref=add_ln_reference)
+
+
+# In units of 2 bytes per (rows, N) element: forward reads the bf16 branch (2) and the fp32 residual
+# (4) and writes the fp32 sum (4) and the bf16 LayerNorm (2); backward reads the sum (4), dy (2) and
+# d(sum) (4) and writes d(sum) (4) (the branch's bf16 copy of it is the peers' too).
+AUTOCAST_BYTES = {"fwd": 6, "bwd": 7, "fwd+bwd": 13}
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("rows,N", ADD_SHAPES, ids=[f"{r}x{n}" for r, n in ADD_SHAPES])
+def test_add_layer_norm_autocast(benchmark, rows, N, which):
+    """As the model calls it under bf16 autocast (``out_dtype``): bf16 branch + fp32 residual, the
+    LayerNorm written in bf16 for the next Linear; the peer adds, normalizes in fp32 and casts."""
+    x, residual, weight, bias = leaves(rows, N, 2)
+    residual = residual.detach().float().requires_grad_()
+    run_case(benchmark, add_ln_autocast_triton, add_ln_autocast_torch, [x, residual, weight, bias], 2, which,
+             AUTOCAST_BYTES[which], "x + residual (fp32), F.layer_norm, .to(bf16) (eager; torch.compile)",
+             check_ref=add_ln_torch, grad_dtypes=[DTYPE, torch.float32])  # (all fp32 in the check)
