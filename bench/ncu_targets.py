@@ -11,6 +11,8 @@ profiled kernel says which target launched it. Targets (bf16):
 * ``attention`` / ``sdpa_flash``: causal attention forward + backward at (B, H, T, D) = (16, 8, 256, 64),
   ours (forward, delta pre-pass, dK/dV, dQ kernels) and SDPA's FlashAttention-2 backend (0.66x there);
 * ``layer_norm`` / ``f_layer_norm``: LayerNorm forward + backward at 16,384 x 512 (0.48x eager);
+* ``add_layer_norm_autocast``: the model's add + LayerNorm under autocast at 16,384 x 512 (bf16
+  branch, fp32 residual stream, the LayerNorm written in bf16: ``out_dtype``);
 * ``lm_head``: the fused LM head + cross-entropy forward + backward at 8,192 x 512 over GPT-2's
   vocabulary (its row kernel and the padded-vocabulary GEMMs; 0.33x torch.compile there).
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 WARMUP = 3
-TARGETS = ("attention", "sdpa_flash", "layer_norm", "f_layer_norm", "lm_head")
+TARGETS = ("attention", "sdpa_flash", "layer_norm", "f_layer_norm", "add_layer_norm_autocast", "lm_head")
 
 
 def targets() -> dict[str, Callable[[], None]]:
@@ -60,7 +62,12 @@ def targets() -> dict[str, Callable[[], None]]:
     def f_layer_norm():  # eager under autocast: bf16 input, parameters cast to bf16
         F.layer_norm(x, (512,), w.to(dt), b.to(dt)).backward(dy)
 
-    h = rand(8192, 512, dtype=torch.float32, grad=True)  # final hidden states (fp32 under autocast)
+    residual, ds = rand(16384, 512, dtype=torch.float32, grad=True), rand(16384, 512, dtype=torch.float32)
+
+    def add_layer_norm_autocast():
+        torch.autograd.backward(kernels.add_layer_norm(x, residual, w, b, out_dtype=dt), (dy, ds))
+
+    h = rand(8192, 512, grad=True)  # final hidden states: bf16 from the final LayerNorm under autocast
     wte = rand(50257, 512, dtype=torch.float32, grad=True)  # the tied embedding, the fp32 master
     y = torch.randint(0, 50257, (8192,), device=dev, generator=g)
 
@@ -68,7 +75,7 @@ def targets() -> dict[str, Callable[[], None]]:
         kernels.linear_cross_entropy(h, wte, y, dtype=dt)[0].backward()
 
     made = {"attention": attention, "sdpa_flash": sdpa_flash, "layer_norm": layer_norm,
-            "f_layer_norm": f_layer_norm, "lm_head": lm_head}
+            "f_layer_norm": f_layer_norm, "add_layer_norm_autocast": add_layer_norm_autocast, "lm_head": lm_head}
     return {name: made[name] for name in TARGETS}
 
 
