@@ -3,6 +3,8 @@
 Each direction is one pass over the activations: the forward reads x (and the residual) once and
 writes y (and x + residual) once; the backward reads x and dy (and d(x + residual)) once and writes
 dx once. Statistics are fp32 whatever the input dtype; mean and 1/std are saved for the backward.
+y may be written in another dtype than x (``out_dtype``: under autocast, the bf16 its next Linear
+reads), and its gradient then arrives in that dtype.
 dweight and dbias are accumulated per program in fp32 over a fixed block of rows and the partials
 summed by one ``torch.sum`` -- no atomics, so they are bitwise reproducible run to run.
 
