@@ -133,12 +133,17 @@ def test_dot_forms_from_ttgir():
     assert cc.dot_forms(ttgir) == ["wgmma", "mma", "fma"]
 
 
-def test_compiling_for_restores_triton_and_the_launcher():
-    """The stand-in driver and the patched run methods must not leak into the interpreter tests."""
+def test_compiling_for_restores_triton_and_the_launcher(monkeypatch):
+    """The stand-in driver and the patched run methods must not leak into the interpreter tests; the
+    configurations a real run chose (``attention._Tuned``) are set aside meanwhile, so that every
+    launch reaches the autotuner and every configuration compiles, and are back afterwards."""
+    chosen = {("a key",): object()}
+    monkeypatch.setattr(kernels.attention._attn_fwd, "chosen", chosen)
     before = (JITFunction.run, Autotuner.run, kernels.attention._launchable, driver._active)
     with cc.compiling_for(cc.ARCHS["sm_80"]) as compiled:
         assert driver.active.get_current_target().arch == 80
         assert driver.active.utils.get_device_properties(0)["max_shared_mem"] == 166_912
         assert JITFunction.run is not before[0] and kernels.attention._launchable("cpu")
-        assert compiled == []
+        assert compiled == [] and all(t.chosen == {} for t in kernels.attention._TUNED)
     assert (JITFunction.run, Autotuner.run, kernels.attention._launchable, driver._active) == before
+    assert kernels.attention._attn_fwd.chosen is chosen
