@@ -493,7 +493,6 @@ def test_a_stop_signal_keeps_the_text_so_far(tiny_checkpoint, tokenizer_dir, str
     """On the CPU on every machine: the signal comes 1.5 s after sampling starts, and on a GPU the
     first token can wait longer than that for Triton's compiler (a GPU run failed the plain Ctrl-C
     case, 2026-11-26); the handling of the signal is the same on every device."""
-    import signal
     import time
 
     args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--device", "cpu",
