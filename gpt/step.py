@@ -2,6 +2,7 @@
 CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py`` all call.
 
 * ``build_optimizer`` and ``lr_at``: the optimizer and the schedule of a ``TrainConfig``.
+* ``merge_micro_batches``: a step's micro-batches as fewer, larger forwards (same loss, same step).
 * ``train_step``: forward, backward, clipping and the update over a step's micro-batches. It never
   waits on the device: loss, correct and counted targets come back in a device tensor that the
   caller reads when it chooses (the loop: every ``--log-interval`` steps).
@@ -74,6 +75,30 @@ def forward_sums(model, x: torch.Tensor, y: torch.Tensor, device: torch.device, 
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     with autocast(device, dtype):
         return sums_of(model(x, y))
+
+
+def merge_factor(n: int, tokens_each: int, max_tokens: int) -> int:
+    """How many of ``n`` micro-batches of ``tokens_each`` tokens ``merge_micro_batches`` puts in one
+    forward: the largest divisor of n whose runs hold at most ``max_tokens`` tokens (0: 1)."""
+    return max(d for d in range(1, n + 1) if n % d == 0 and (d == 1 or 0 < d * tokens_each <= max_tokens))
+
+
+def merge_micro_batches(micro: list, max_tokens: int) -> list:
+    """``micro`` [(x, y), ...] as fewer, larger micro-batches: runs of k consecutive ones concatenated
+    along the rows, k the largest divisor of len(micro) whose runs hold at most ``max_tokens`` tokens
+    (0, or micro-batches of different shapes: none merged). The same rows in the same order, so when
+    every micro-batch counts the same targets -- packed training windows always do -- ``train_step``'s
+    mean of the micro-batch means is the same loss and the step the same, up to float rounding (and
+    dropout's draws). Gradient accumulation exists to bound memory; at the seed preset's 4 x 256
+    tokens a micro-batch, its eight forwards a step are small, inefficient kernels on a GPU."""
+    n = len(micro)
+    if n < 2 or any(x.shape != micro[0][0].shape for x, _ in micro):
+        return micro
+    k = merge_factor(n, micro[0][0].numel(), max_tokens)
+    if k == 1:
+        return micro
+    return [(torch.cat([x for x, _ in micro[i:i + k]]), torch.cat([y for _, y in micro[i:i + k]]))
+            for i in range(0, n, k)]
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable, *,

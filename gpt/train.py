@@ -36,6 +36,7 @@ from .config import PRESETS, WEIGHT_DECAY_ON, GPTConfig, TrainConfig, get_preset
 from .errors import UserError
 from .hardware import CPU_DEFAULT_DTYPE, DTYPES, tf32_matmuls
 from .ops import IMPLS, resolve_impl
+from .step import merge_factor
 from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOptions, TrainError, Trainer,
                       remove_run, run_files, tensorboard_writer_class)
 
@@ -43,7 +44,8 @@ DEFAULTS = RunOptions()
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the run at a step boundary with last.pt written
 # Flags a resumed run may change: where and how it runs, how long, how often it reports and saves.
 RESUME_MAY_CHANGE = frozenset({
-    "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "cuda_graph", "log_interval", "checkpoint_interval",
+    "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "cuda_graph", "forward_tokens", "log_interval",
+    "checkpoint_interval",
     "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval", "eval_batch_size", "patience",
 })
 METAVARS = {int: "N", float: "X", str: "S"}
@@ -111,6 +113,10 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                      help="capture the training step in a CUDA graph after 3 eager steps, and the validation "
                           "and test forwards after one, and replay them: no per-kernel launch cost (CUDA, one "
                           "process, bf16 or fp32, not with --compile; default: on where it can run, else off)")
+    run.add_argument("--forward-tokens", type=int, metavar="N",
+                     help="run a step's micro-batches merged into forwards of up to N tokens: the same sequences "
+                          "and mean loss, so the same step, in fewer and larger kernels (the seed preset's 8 x 4 "
+                          f"sequences as one forward of 32); 0: one forward per micro-batch (default: {DEFAULTS.forward_tokens})")
     run.add_argument("--seed", type=int, help=f"seed of the initial weights, data order and dropout (default: {DEFAULTS.seed})")
     run.add_argument("--log-interval", type=int, help="steps between reads of the training metrics (host "
                                                       f"syncs): the train loss is their mean (default: {DEFAULTS.log_interval})")
@@ -177,6 +183,8 @@ def _validate_run_options(opts: RunOptions) -> None:
             raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(opts, name)}")
     if opts.checkpoint_interval < 0:
         raise TrainError(f"--checkpoint-interval must be >= 0 (0 = at evaluations only), got {opts.checkpoint_interval}")
+    if opts.forward_tokens < 0:
+        raise TrainError(f"--forward-tokens must be >= 0 (0 = one forward per micro-batch), got {opts.forward_tokens}")
 
 
 def _absolute(opts: RunOptions) -> RunOptions:
@@ -322,6 +330,8 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
     if not tc.max_steps:
         steps += f" (--max-steps 0: {tc.epochs:g} epochs of {len(trainer.splits.train):,} train tokens)"
     saves = f"{LAST_NAME} every {opts.checkpoint_interval} steps and " if opts.checkpoint_interval else f"{LAST_NAME} "
+    k = merge_factor(trainer.accum, tc.batch_size * cfg.max_seq_length, opts.forward_tokens)
+    merged = "" if k == 1 else f", run as {trainer.accum // k} x {k * tc.batch_size} seqs a process"
     evals = f"every {tc.eval_interval} steps" if tc.eval_interval else "at the end"
     where = (f"resuming at step {trainer.state.step} of {trainer.out / LAST_NAME}" if resumed
              else f"new run in {trainer.out}" + (f", starting from {opts.init_from}" if opts.init_from else ""))
@@ -331,7 +341,7 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
         settings = f"{len(flags)} override{'s' * (len(flags) != 1)}" if flags else "no overrides"
     return (f"train: preset {opts.preset} ({settings}) | "
             f"{trainer.raw.num_params() / 1e6:.2f}M parameters | {trainer.tokens_per_step:,} tokens/step "
-            f"({tc.batch_size} seqs x {cfg.max_seq_length} tokens x {tc.grad_accum} accumulation) | {steps} | "
+            f"({tc.batch_size} seqs x {cfg.max_seq_length} tokens x {tc.grad_accum} accumulation{merged}) | {steps} | "
             f"{trainer.device} {trainer.dtype}, impl {resolve_impl(opts.impl, trainer.device, cfg)}"
             f"{', CUDA graph' if trainer.cuda_graph else ''}, {trainer.world} process(es) | validation {evals}, {saves}at each validation | {where}")
 

@@ -31,8 +31,8 @@ from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
 from .state import TrainState, data_identity, same_data
-from .step import (TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol,
-                   lr_at, train_step)
+from .step import (TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol, lr_at,
+                   merge_micro_batches, train_step)
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
 BEST_NAME, LAST_NAME = "gpt2_best_model.pt", "last.pt"
@@ -59,9 +59,16 @@ class RunOptions:
     dtype: str | None = None  # None: hardware.default_dtype(device, impl)
     compile: bool = False
     # Capture the step in a CUDA graph after 3 eager ones, and the validation and test forwards
-    # after one (gpt.graphstep); None: wherever it can be (one CUDA process, bf16 or fp32, no --compile). The seed preset on an H200: 315,500 tokens/s
-    # graphed, 53,758 with eager steps (impl torch; bench/results/2026-11-26-NVIDIA-H200-run3).
+    # after one (gpt.graphstep); None: wherever it can be (one CUDA process, bf16 or fp32, no
+    # --compile). The seed preset on an H200: 315,500 tokens/s graphed, 53,758 with eager steps
+    # (impl torch; bench/results/2026-11-26-NVIDIA-H200-run3).
     cuda_graph: bool | None = None
+    # A step's micro-batches run merged into forwards of up to this many tokens (gpt.step.
+    # merge_micro_batches: the same sequences and loss, so the same step); 0 = one forward per
+    # micro-batch. The seed preset's 8 x 4 x 256 become one forward of 32 x 256: on an H200 its
+    # captured step ran at 315,500 tokens/s in 8 micro-batches against 930,383 as one batch of 32
+    # (bench/results/2026-11-26-NVIDIA-H200-run3: train_graph.log, test_train_step_cuda_graph).
+    forward_tokens: int = 16384
     seed: int = 1337
     log_interval: int = 10
     checkpoint_interval: int = 100  # steps between last.pt writes (also at every evaluation); 0 = evaluations only
@@ -432,7 +439,7 @@ class Trainer:
                 if self._stop_now:  # a second Ctrl-C came while the state was moving forward
                     raise KeyboardInterrupt
                 self.lr = lr_at(st.step, tc, self.max_steps)
-                micro = [self.batches.next() for _ in range(self.accum)]
+                micro = merge_micro_batches([self.batches.next() for _ in range(self.accum)], opts.forward_tokens)
                 if self.graphed is None:
                     acc += train_step(self.model, self.optimizer, micro, device=self.device, dtype=self.dtype,
                                       grad_clip=tc.grad_clip, scaler=self.scaler, lr=self.lr)

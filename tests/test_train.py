@@ -22,7 +22,8 @@ from gpt.checkpoint import load_checkpoint
 from gpt.config import PRESETS, GPTConfig, TrainConfig
 from gpt.data import EOS_ID, SEED_IGNORE_INDEX, story_rows
 from gpt.model import GPT2Model, LMLoss
-from gpt.step import build_optimizer, evaluate_seed_protocol, lr_at
+from gpt.step import (build_optimizer, evaluate_seed_protocol, lr_at, merge_factor, merge_micro_batches,
+                      train_step)
 from gpt.train import build_parser, field_comments, main
 from gpt.trainer import BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, SEED_PROMPTS
 
@@ -52,7 +53,8 @@ def test_outputs_loss_and_one_flag_exact_resume(base_args, tmp_path, capsys, his
     rc, out, err = run_main(common + ["--max-steps", "20", "--out-dir", str(straight)], capsys)
     assert rc == 0, err
     start = out.splitlines()[0]
-    for part in ("train: preset tiny (", "1.62M parameters", "256 tokens/step (4 seqs x 32 tokens x 2 accumulation)",
+    for part in ("train: preset tiny (", "1.62M parameters",
+                 "256 tokens/step (4 seqs x 32 tokens x 2 accumulation, run as 1 x 8 seqs a process)",
                  "| 20 steps |", "cpu fp32, impl torch, 1 process", "validation every 10 steps",
                  f"{LAST_NAME} every 100 steps", f"new run in {straight}"):
         assert part in start, (part, start)
@@ -289,8 +291,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, caps
     assert not (out_dir / HISTORY_NAME).exists()
 
 
+@pytest.mark.parametrize("n,tokens_each,max_tokens,k", [
+    (8, 4 * 256, 16384, 8),  # the seed preset: 8 micro-batches of 4 x 256, one forward
+    (8, 1024, 4096, 4), (8, 1024, 3000, 2), (6, 1000, 4500, 3), (5, 1000, 4500, 1),  # divisors only
+    (4, 16384, 16384, 1), (8, 1024, 0, 1), (1, 10, 100, 1),
+])
+def test_merge_factor(n, tokens_each, max_tokens, k):
+    assert merge_factor(n, tokens_each, max_tokens) == k
+
+
+def test_merged_micro_batches_are_the_same_rows_and_the_same_step():
+    """Four micro-batches of 3 rows merged in twos (and in one): the rows in order, and a train_step
+    over them (no dropout, fp32, plain SGD, whose step would show a loss scaled by another count of
+    micro-batches) gives the step the four give: equal metrics and weights to float rounding.
+    Shapes that differ are left alone."""
+    g = torch.Generator().manual_seed(0)
+    micro = [(torch.randint(0, 64, (3, 8), generator=g), torch.randint(0, 64, (3, 8), generator=g)) for _ in range(4)]
+    merged = merge_micro_batches(micro, max_tokens=2 * 3 * 8)
+    assert [x.shape for x, _ in merged] == [(6, 8), (6, 8)]
+    assert torch.equal(torch.cat([x for x, _ in merged]), torch.cat([x for x, _ in micro]))
+    assert torch.equal(torch.cat([y for _, y in merged]), torch.cat([y for _, y in micro]))
+    assert merge_micro_batches(micro[:3] + [(micro[3][0][:2], micro[3][1][:2])], 1000)[3][0].shape == (2, 8)
+    config = GPTConfig(vocab_size=64, max_seq_length=8, num_layers=1, num_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    steps = []
+    for batches in (micro, merged, merge_micro_batches(micro, 10_000)):
+        torch.manual_seed(0)
+        model = GPT2Model(config, impl="torch")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # no clipping, no Adam: the step scales with the loss
+        metrics = train_step(model, opt, batches, device=torch.device("cpu"), dtype="fp32")
+        steps.append((metrics, [p.detach().clone() for p in model.parameters()]))
+    for metrics, params in steps[1:]:
+        torch.testing.assert_close(metrics, steps[0][0], rtol=1e-6, atol=1e-6)
+        assert metrics[2] == steps[0][0][2] == 4 * 3 * 8
+        for p, q in zip(params, steps[0][1]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path, capsys, monkeypatch, history):
-    args = base_args + ["--max-steps", "8", "--eval-interval", "0", "--grad-accum", "2", "--dropout", "0.1"]
+    # One forward per micro-batch (--forward-tokens 0), so that the second Ctrl-C lands between two.
+    args = base_args + ["--max-steps", "8", "--eval-interval", "0", "--grad-accum", "2", "--dropout", "0.1",
+                        "--forward-tokens", "0"]
     rc, _, err = run_main(args + ["--out-dir", str(tmp_path / "straight")], capsys)
     assert rc == 0, err
     real_forward = GPT2Model.forward
@@ -323,7 +363,7 @@ def test_second_ctrl_c_stops_now_and_the_run_resumes_exactly(base_args, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "batch_size_0", "accum_0", "eval_batch_negative",
-                                  "resume_without_ckpt",
+                                  "forward_tokens_negative", "resume_without_ckpt",
                                   "corrupt_ckpt", "text_as_ckpt", "triton_missing", "triton_head_dim", "bad_device",
                                   "no_tensorboard",
                                   "refusal", "resume_and_overwrite", "weight_decay_on", "out_dir_is_a_file",
@@ -340,6 +380,7 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         "missing_data": "nope.jsonl does not exist", "empty_data": "empty.txt is empty",
         "batch_size_0": "--batch-size must be >= 1", "accum_0": "--grad-accum must be >= 1",
         "eval_batch_negative": "--eval-batch-size must be >= 0 (0 = a step's sequences), got -2",
+        "forward_tokens_negative": "--forward-tokens must be >= 0 (0 = one forward per micro-batch), got -1",
         "resume_without_ckpt": f"no run to continue in {out_dir} (it holds", "corrupt_ckpt": "corrupt or truncated",
         "text_as_ckpt": "not a loadable checkpoint of this project", "triton_missing": "Triton kernels are unavailable",
         "triton_head_dim": "the kernels need a head dim in (16, 32, 64, 128) and no attention dropout (this model: head dim 8",
@@ -363,6 +404,8 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         args += ["--grad-accum", "0"]
     elif case == "eval_batch_negative":
         args += ["--eval-batch-size", "-2"]
+    elif case == "forward_tokens_negative":
+        args += ["--forward-tokens", "-1"]
     elif case in ("resume_without_ckpt", "corrupt_ckpt", "text_as_ckpt"):
         args = ["--resume", "--out-dir", str(out_dir)]
         if case != "resume_without_ckpt":
