@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .checkpoint import load_checkpoint
@@ -431,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(ns)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(f"error: {first.split('. ')[0]}: lower --batch-size, --forward-tokens (0: one forward per "
+              f"micro-batch) or --eval-batch-size; the checkpoints already written are kept (--resume "
+              f"continues from {LAST_NAME})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

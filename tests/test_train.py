@@ -267,6 +267,29 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_pat
     assert load_checkpoint(out / LAST_NAME)["step"] == 6
 
 
+def test_out_of_memory_is_one_line_and_keeps_the_checkpoints(base_args, tmp_path, capsys, monkeypatch):
+    """A GPU out of memory mid-run (here: raised at step 7, after last.pt at step 5): one line naming
+    the flags that shrink a forward, exit 1, last.pt kept for --resume."""
+    out_dir = tmp_path / "run"
+    real_step = trainer_mod.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.06 GiB is free.")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "train_step", step)
+    rc, _, err = run_main(base_args + ["--max-steps", "10", "--eval-interval", "0", "--checkpoint-interval", "5",
+                                       "--out-dir", str(out_dir)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: CUDA out of memory: lower --batch-size, --forward-tokens"), lines[0]
+    assert load_checkpoint(out_dir / LAST_NAME)["step"] == 5
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, capsys, monkeypatch):
     real_forward = GPT2Model.forward
     calls = {"n": 0}
