@@ -1,10 +1,13 @@
-"""Run outputs written atomically, and checkpoints read with ``weights_only=True`` and one-line errors."""
+"""Run outputs written atomically (checkpoints on a background thread: ``BackgroundWriter``), and
+checkpoints read with ``weights_only=True`` and one-line errors."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -75,6 +78,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def host_copy(obj):
+    """A copy of ``obj`` (nested dicts, lists and tuples) that training cannot change under a writer
+    thread: every tensor copied to the CPU (a GPU's copy waits for the work queued before it), every
+    other value deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class BackgroundWriter:
+    """Checkpoint writes on a thread of their own, one at a time, so that training goes on meanwhile.
+
+    ``save(obj, path, ...)`` copies ``obj`` to host memory (``host_copy``: the only part the caller
+    waits for, tens of ms for a few hundred MB from a GPU) and returns; the thread then writes it to
+    each path in turn with ``save_checkpoint`` (atomic, fsynced). On an H200 the seed preset's 537 MB
+    checkpoints took about 1 s a file (run 3: 4.9 s for two evaluations of 8 forwards, each writing
+    two files), longer than the 100 captured steps between two ``last.pt`` writes. A write's error
+    (a full disk: ``WriteError``'s one line) is raised by the next ``save`` or ``wait``; the file it
+    was replacing stays untouched.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, obj: dict, *paths: str | os.PathLike) -> None:
+        self.wait()
+        host = host_copy(obj)
+        self._thread = threading.Thread(target=self._write, args=(host, [Path(p) for p in paths]),
+                                        name="checkpoint-writer")  # not a daemon: exiting waits for the write
+        self._thread.start()
+
+    def _write(self, obj: dict, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_checkpoint(obj, path)
+        except BaseException as e:  # raised in the training thread by the next save or wait
+            self._error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the pending write has ended; raise its error unless told not to."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

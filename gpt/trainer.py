@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import BackgroundWriter, atomic_write, load_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import DEFAULT_CACHE_DIR, TrainBatches
 from .errors import UserError, one_line
@@ -167,6 +167,7 @@ class Trainer:
         if opts.cuda_graph and refusal is not None:
             raise GraphError(refusal)
         self.cuda_graph = refusal is None if opts.cuda_graph is None else opts.cuda_graph  # None: where it can
+        self.writer = BackgroundWriter()  # checkpoints are written while training goes on
         self._stop_requested = False  # first Ctrl-C: stop at the next step boundary
         self.stop_signal: int | None = None  # the signal that asked first (SIGINT or SIGTERM): the exit code
         self._stop_now = False  # second Ctrl-C: stop as soon as no state is half-updated
@@ -284,7 +285,7 @@ class Trainer:
     def save_last(self) -> None:
         ck = self.state.checkpoint(self._gather)  # collective: every rank calls it
         if self.master:
-            save_checkpoint(ck, self.out / LAST_NAME)
+            self.writer.save(ck, self.out / LAST_NAME)
 
     def _boundary(self) -> tuple:
         """What the compute of the next step consumes: the data position and the dropout RNG streams."""
@@ -390,9 +391,7 @@ class Trainer:
             self.tb.add_scalar("val/accuracy_pct", 100 * m["accuracy"], st.step)
         ck = st.checkpoint(self._gather)
         if self.master:
-            if improved:
-                save_checkpoint(ck, self.out / BEST_NAME)
-            save_checkpoint(ck, self.out / LAST_NAME)
+            self.writer.save(ck, *([self.out / BEST_NAME] if improved else []), self.out / LAST_NAME)
             self._print(pbar, f"step {st.step}/{self.max_steps} | val loss {m['loss']:.4f} ppl {m['perplexity']:.2f} "
                               f"acc {100 * m['accuracy']:.1f}% | train loss {h['train_losses'][-1]:.4f} "
                               f"acc {100 * h['train_accuracies'][-1]:.1f}%"
@@ -420,7 +419,17 @@ class Trainer:
 
     def train(self) -> str:
         """Run the optimizer steps. Returns why it ended: 'done', 'early_stop', 'interrupted' (first
-        Ctrl-C: at a step boundary) or 'stopped_now' (second Ctrl-C: the step in progress dropped)."""
+        Ctrl-C: at a step boundary) or 'stopped_now' (second Ctrl-C: the step in progress dropped).
+        Every checkpoint is on disk when it returns or raises (a failing run's last write too)."""
+        try:
+            reason = self._steps()
+        except BaseException:
+            self.writer.wait(raise_error=False)  # the run fails for its own reason; its last write lands
+            raise
+        self.writer.wait()
+        return reason
+
+    def _steps(self) -> str:
         from tqdm import tqdm
 
         tc, opts, st = self.tc, self.opts, self.state

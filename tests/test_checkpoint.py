@@ -2,13 +2,15 @@
 
 import os
 import pickle
+import threading
 
 import pytest
 import torch
 
 from gpt import GPT2Model, GPTConfig
 import gpt.checkpoint
-from gpt.checkpoint import CheckpointError, WriteError, atomic_write, load_checkpoint, load_model, save_checkpoint
+from gpt.checkpoint import (BackgroundWriter, CheckpointError, WriteError, atomic_write, load_checkpoint, load_model,
+                            save_checkpoint)
 
 from conftest import FullDisk
 
@@ -61,6 +63,55 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypat
     with pytest.raises(WriteError, match=r"^cannot write .*new\.json: No space left on device$"):
         atomic_write(tmp_path / "new.json", lambda f: f.write(b"{}" * 4000))  # no earlier file
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_background_writes_a_snapshot_while_the_caller_goes_on(tmp_path, monkeypatch):
+    """``BackgroundWriter.save`` returns while the write is still going: what it writes is ``obj`` as
+    it was at the call (the caller changes its tensors and lists right after, as training does),
+    to every path in order; the next save waits for that write."""
+    release, written = threading.Event(), []
+    real = gpt.checkpoint.save_checkpoint
+
+    def slow(obj, path):
+        assert release.wait(10)
+        written.append(path.name)
+        real(obj, path)
+
+    monkeypatch.setattr(gpt.checkpoint, "save_checkpoint", slow)
+    weights, history = torch.zeros(4), [1.0]
+    writer = BackgroundWriter()
+    writer.save({"w": weights, "history": history, "step": 3}, tmp_path / "best.pt", tmp_path / "last.pt")
+    weights += 7
+    history.append(2.0)
+    assert written == [] and not (tmp_path / "last.pt").exists()  # still writing, the caller already on
+    release.set()
+    writer.save({"w": weights, "history": history, "step": 4}, tmp_path / "last.pt")  # waits for the first
+    assert written[:2] == ["best.pt", "last.pt"]
+    writer.wait()
+    assert written == ["best.pt", "last.pt", "last.pt"]
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert torch.equal(best["w"], torch.zeros(4)) and best["history"] == [1.0] and best["step"] == 3
+    assert torch.equal(last["w"], torch.full((4,), 7.0)) and last["history"] == [1.0, 2.0]
+
+
+def test_a_background_write_error_is_raised_by_the_next_save_or_wait(tmp_path):
+    """A write that fails (here: its directory is a file) raises its one-line ``WriteError`` in the
+    caller at the next ``wait`` (or ``save``), once; ``wait(raise_error=False)`` drops it."""
+    (tmp_path / "file").write_text("x")
+    writer = BackgroundWriter()
+    writer.save({"step": 1}, tmp_path / "file" / "last.pt")
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'file' / 'last.pt'}"):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.save({"step": 2}, tmp_path / "file" / "last.pt")
+    with pytest.raises(WriteError):
+        writer.save({"step": 3}, tmp_path / "ok.pt")
+    assert not (tmp_path / "ok.pt").exists()  # the save that raised queued nothing
+    writer.save({"step": 4}, tmp_path / "file" / "last.pt")
+    writer.wait(raise_error=False)
+    writer.save({"step": 5}, tmp_path / "ok.pt")
+    writer.wait()
+    assert torch.load(tmp_path / "ok.pt", weights_only=True)["step"] == 5
 
 
 def test_a_directory_that_cannot_be_made_is_one_line(tmp_path):

@@ -166,8 +166,8 @@ def test_early_stopping_and_steps_from_epochs(base_args, tmp_path, capsys, monke
 
 def test_checkpoint_interval(base_args, tmp_path, capsys, monkeypatch):
     saved = []
-    real = trainer_mod.save_checkpoint
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda ck, path: (saved.append((path.name, ck["step"])), real(ck, path)))
+    real = gpt.checkpoint.save_checkpoint  # (the trainer's writer thread calls it)
+    monkeypatch.setattr(gpt.checkpoint, "save_checkpoint", lambda ck, path: (saved.append((path.name, ck["step"])), real(ck, path)))
     rc, _, err = run_main(base_args + ["--max-steps", "7", "--eval-interval", "0", "--checkpoint-interval", "3",
                                        "--out-dir", str(tmp_path / "ci")], capsys)
     assert rc == 0, err
