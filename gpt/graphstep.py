@@ -66,7 +66,10 @@ class Captured:
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))
             self.graph = torch.cuda.CUDAGraph()  # holds the graph's memory pool while it lives
-            with torch.cuda.graph(self.graph, stream=stream):
+            # thread_local: an unsafe CUDA call of this thread fails the capture; another thread's
+            # work (the checkpoint writer's, gpt.checkpoint.BackgroundWriter: CPU tensors only, but
+            # its garbage collections may free device memory) goes on outside the graph.
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 self.output = fn()
 
     def replay(self) -> torch.Tensor:
