@@ -2,9 +2,10 @@
 Ctrl-C, DDP, and the final test pass, samples, history JSON and curves.
 
 Its pieces live beside it: ``gpt.step`` (one optimizer step, one evaluation), ``gpt.state`` (what a
-resumable checkpoint holds), ``gpt.graphstep`` (the step and the evaluation forward as CUDA graphs). The loop never waits on
-the device between steps: loss, correct and counted targets accumulate in a device tensor that is
-read (one sync) only every ``--log-interval`` steps, where NaN/inf is also caught.
+resumable checkpoint holds), ``gpt.graphstep`` (the step and the evaluation forward as CUDA
+graphs), ``gpt.checkpoint.BackgroundWriter`` (checkpoints written while training goes on). The loop
+never waits on the device between steps: loss, correct and counted targets accumulate in a device
+tensor that is read (one sync) only every ``--log-interval`` steps, where NaN/inf is also caught.
 """
 
 from __future__ import annotations

@@ -500,7 +500,7 @@ class _Tuned:
 
     The autotuner's per-call work (dicts of the kernel's ~40 arguments, the dtype of each) took
     16 us a launch on this project's CPU, under Triton 3.6 and 3.9 alike, as much as the JIT's own
-    dispatch (bench/test_bench_host.py::test_attention_host_us); on a GPU the host sets the pace of
+    dispatch (bench/test_bench_host.py::test_dispatched_host_us); on a GPU the host sets the pace of
     these launches at the model's sizes. ``key`` must separate what the autotuner's key separates
     (``_AUTOTUNE_KEY`` and the tensor arguments' dtypes): the launchers pass the head dim, the length
     buckets, whether there is a ``kv_start``, and the dtypes of q (and dO). A launch whose autotuner
