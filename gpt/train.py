@@ -46,8 +46,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the run at a step b
 # Flags a resumed run may change: where and how it runs, how long, how often it reports and saves.
 RESUME_MAY_CHANGE = frozenset({
     "out_dir", "cache_dir", "device", "impl", "dtype", "compile", "cuda_graph", "forward_tokens", "log_interval",
-    "checkpoint_interval",
-    "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval", "eval_batch_size", "patience",
+    "checkpoint_interval", "sample_length", "progress", "tensorboard", "max_steps", "epochs", "eval_interval",
+    "eval_batch_size", "patience",
 })
 METAVARS = {int: "N", float: "X", str: "S"}
 CONTENT_CHECKED = frozenset({"data", "tokenizer"})  # may move; the trainer checks the content is the same
