@@ -7,10 +7,13 @@ holding the (N, V) logits: rows go through in chunks of ``CHUNK_ELEMENTS // V``,
 
 1. cuBLAS makes the chunk's logits, ``h_c @ W.T`` (M, V), in the compute dtype (over the vocabulary
    padded with zero weight rows to a multiple of 128, ``VOCAB_MULTIPLE``: aligned GEMMs);
-2. ``_ce_rows_kernel`` (one program per row) keeps a running max and sum of exponentials over
-   vocabulary tiles in fp32, with the first index of the max and the target's logit, writes the
-   row's loss lse - logit[target] and whether the argmax hit the target, then overwrites the row
-   with the unscaled gradient softmax - onehot(target) (zeros for an ignored row);
+2. ``_ce_rows_kernel`` (one program per row) keeps per-lane running maxima, sums of exponentials
+   and first indices of the max over vocabulary tiles in fp32 (each thread's lanes are whole 16-byte
+   vectors, so a tile folds in without a shuffle or a barrier; the lanes are reduced once a row),
+   with the target's logit, writes the row's loss lse - logit[target] and whether the argmax hit the
+   target, then overwrites the row with the unscaled gradient softmax - onehot(target) (zeros for an
+   ignored row and over the padding columns), going over the tiles backwards so that it starts on
+   those still in L2;
 3. cuBLAS makes the chunk's dh = G @ W and G.T @ h_c, widened into an fp32 dW by the first chunk
    and added to it by every later one.
 
@@ -23,9 +26,9 @@ costs three (N, V, C) GEMMs of 2NVC FLOPs each (logits, dh, dW). Recomputing the
 backward -- the alternative that frees dW between forward and backward -- is a fourth, +33% of the
 head's FLOPs; at N = 8,192, C = 512, V = 50,257 that is 0.42 TFLOP, ~0.6 ms of an H100 at 700
 TFLOP/s, to save holding a V x C fp32 buffer (103 MB, the size of the weight's own .grad) for the
-length of a forward. Every chunk's logits are written once by the GEMM, read twice and written once
-by the row kernel, and read by the two gradient GEMMs: 6 passes of M x V x 2 bytes (bf16) per
-chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
+length of a forward. Every chunk's logits are written once by the GEMM, read twice (the second
+time partly from L2) and written once by the row kernel, and read by the two gradient GEMMs: 6
+passes of M x V x 2 bytes (bf16) per chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
 twice and writing fp32; argmax; the zero-filled fp32 gradient; log-softmax's backward; the cast back
 to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
 dominates their bytes): ~470 at C = 512, M = 5,336, above an H100's ~300 FLOP/byte ridge. dW costs a
@@ -34,7 +37,11 @@ chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU: 5,336 rows
 (padded), 512 MiB of bf16 logits, 2/3 of eager's bf16 logits alone at N = 8,192, 1/6 at N =
 32,768. With 2,668-row chunks an H200 spent 92 us of each chunk's ~900 on that fp32 add (run 3's
 ncu.txt), three times a step at the seed's 8,192 rows, after zero-filling dW; now the first chunk
-widens its partial into dW and the seed's step has one add (not yet measured). The chunks run in
+widens its partial into dW and the seed's step has one add (not yet measured). The same profile
+had the row kernel at 254 us a chunk (3.2 TB/s over its 3 passes, 51% L2 hits, 24 warps per SM
+for its 80 registers, and its ragged last tile in 2-byte loads: 13% excess sectors); the per-lane
+form above compiles to 40 registers (48 warps per SM) with every logit load 16 bytes wide (not yet
+measured; ``bench/test_bench_cross_entropy.py::test_row_kernel``). The chunks run in
 order and each dW update is one GEMM: no atomics, bitwise reproducible.
 
 Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
@@ -73,89 +80,111 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may 
 
 
 @triton.jit
+def _tile(
+    base,  # pointer to the row's first logit
+    start, V, VP,
+    ROWS: tl.constexpr, VEC: tl.constexpr, MASKED: tl.constexpr,
+):
+    """The logits [start, start + ROWS * VEC) as a (ROWS, VEC) tile, each thread holding whole rows of
+    VEC adjacent logits (one 16-byte vector), in fp32 base-2 units, and their column indices. Only
+    the last, ragged tile is masked: its load stops at VP (the row's padded width, a multiple of 16,
+    so the masked load stays vectorized) and the columns in [V, VP) become -inf."""
+    offs = start + tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (ROWS, VEC)
+    if MASKED:
+        x = tl.load(base + offs, mask=offs < VP, other=0.0).to(tl.float32)
+        x = tl.where(offs < V, x * LOG2E, -float("inf"))
+    else:
+        x = tl.load(base + offs).to(tl.float32) * LOG2E
+    return x, offs
+
+
+@triton.jit
 def _stats_tile(
     base,  # pointer to the row's first logit
-    start, cols, V, m, s, best,
-    MASKED: tl.constexpr,
+    start, V, VP,
+    m, s, best,  # (ROWS,) per-lane running max (base 2), sum of 2^(x - m), first index of the max
+    ROWS: tl.constexpr, VEC: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Fold the tile [start, start + BLOCK_V) into the row's running max m (base-2 units), sum of
-    2^(x - m) s and first index of the max; only the last, ragged tile is masked (full tiles load
-    as 16-byte vectors)."""
-    if MASKED:
-        x = tl.load(base + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
-    else:
-        x = tl.load(base + start + cols).to(tl.float32)
-    x = x * LOG2E
-    tile_max = tl.max(x, axis=0)
-    tile_arg = tl.argmax(x, axis=0, tie_break_left=True)
-    best = tl.where(tile_max > m, start + tile_arg, best)  # a later tile wins only when strictly larger
+    """Fold one tile into the per-lane statistics. Lane r sees columns r * VEC + [0, VEC) of every
+    tile, so the reductions here run over a thread's own registers: no shuffle, no barrier."""
+    x, offs = _tile(base, start, V, VP, ROWS, VEC, MASKED)
+    tile_max = tl.max(x, axis=1)  # (ROWS,)
+    tile_arg = tl.argmax(x, axis=1, tie_break_left=True)  # (ROWS,) column within the lane's vector
+    lane_start = start + tl.arange(0, ROWS) * VEC
+    best = tl.where(tile_max > m, lane_start + tile_arg, best)  # a later tile wins only when strictly larger
     m_new = tl.maximum(m, tile_max)
-    s = s * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(x - m_new), axis=0)
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a lane with nothing real yet: no inf - inf
+    s = s * tl.math.exp2(m - m_ref) + tl.sum(tl.math.exp2(x - m_ref[:, None]), axis=1)
     return m_new, s, best
 
 
 @triton.jit
 def _grad_tile(
     base,  # pointer to the row's first logit; the tile is overwritten with its gradient
-    start, cols, V, m, inv_s, target, keep,
-    MASKED: tl.constexpr,
+    start, V, VP, m, inv_s, target, keep,
+    ROWS: tl.constexpr, VEC: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """softmax - onehot(target) over one tile, times keep (0 on an ignored row), in the logits' dtype."""
-    offs = start + cols
+    """softmax - onehot(target) over one tile, times keep (0 on an ignored row), in the logits' dtype;
+    the masked tile writes zeros over the columns in [V, VP)."""
+    x, offs = _tile(base, start, V, VP, ROWS, VEC, MASKED)
+    g = tl.math.exp2(x - m) * inv_s - tl.where(offs == target, keep, 0.0)
     if MASKED:
-        x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(base + offs).to(tl.float32)
-    g = tl.math.exp2(x * LOG2E - m) * inv_s - tl.where(offs == target, keep, 0.0)
-    if MASKED:
-        tl.store(base + offs, g.to(base.dtype.element_ty), mask=offs < V)
+        tl.store(base + offs, g.to(base.dtype.element_ty), mask=offs < VP)
     else:
         tl.store(base + offs, g.to(base.dtype.element_ty))
 
 
 @triton.jit
 def _ce_rows_kernel(
-    LOGITS,  # pointer to the chunk's logits (M, V), row stride stride_row, unit column stride;
-    #          overwritten with softmax - onehot(target) (zeros on ignored rows) when WRITE_GRAD
+    LOGITS,  # pointer to the chunk's logits (M, VP), row stride stride_row, unit column stride;
+    #          overwritten with softmax - onehot(target) (zeros on ignored rows and past V) when WRITE_GRAD
     TARGETS,  # pointer to the chunk's targets (M,), int64
     LOSS,  # pointer to the per-row loss (M,), fp32; written: lse - logit[target], 0 on ignored rows
     HIT,  # pointer to the per-row accuracy (M,), int32; written: 1 where the argmax is the target
     stride_row,
-    V,
+    V,  # the vocabulary: columns [0, V) are logits
+    VP,  # the row's width, V <= VP <= stride_row (a multiple of 128 from the chunk loop, so the masked
+    #      load stays vectorized): columns [V, VP) are read and ignored, and zeroed with the gradient
     ignore_index,
     WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # logits per tile
+    VEC: tl.constexpr,  # logits per 16-byte vector: 8 in half precision, 4 in fp32
 ):
-    """One program per row: online max / sum-exp over vocabulary tiles, then the gradient in place."""
+    """One program per row. Pass 1 keeps per-lane online statistics (running max, sum of
+    exponentials, first index of the max) over the tiles in vocabulary order and reduces across
+    lanes once, at the end; pass 2 writes the gradient in place over the tiles in reverse order, so
+    its first reads are the tiles pass 1 read last, the likeliest still in L2."""
+    ROWS: tl.constexpr = BLOCK_V // VEC
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     target = tl.load(TARGETS + row)
     counted = target != ignore_index
     safe_target = tl.where(counted, target, 0)
-    cols = tl.arange(0, BLOCK_V)
-    full = (V // BLOCK_V) * BLOCK_V  # tiles before this need no mask
+    n_full = V // BLOCK_V  # tiles before this one need no mask
+    tail = n_full * BLOCK_V
 
-    # Pass 1: running max, sum of exponentials and first index of the max, tiles in vocabulary order.
-    m = tl.cast(-float("inf"), tl.float32)
-    s = tl.cast(0.0, tl.float32)
-    best = tl.cast(0, tl.int32)
-    for start in range(0, full, BLOCK_V):
-        m, s, best = _stats_tile(base, start, cols, V, m, s, best, False)
-    if full < V:
-        m, s, best = _stats_tile(base, full, cols, V, m, s, best, True)
+    m = tl.full((ROWS,), -float("inf"), tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    best = tl.zeros((ROWS,), tl.int32)
+    for t in range(0, n_full):
+        m, s, best = _stats_tile(base, t * BLOCK_V, V, VP, m, s, best, ROWS, VEC, False)
+    if tail < V:
+        m, s, best = _stats_tile(base, tail, V, VP, m, s, best, ROWS, VEC, True)
+    row_max = tl.max(m, axis=0)  # base 2; finite: every row has a real logit
+    row_sum = tl.sum(s * tl.math.exp2(m - row_max), axis=0)
+    first = tl.min(tl.where(m == row_max, best, V), axis=0)  # the first index of the row's max
     x_target = tl.load(base + safe_target).to(tl.float32)
-    lse = (m + tl.math.log2(s)) / LOG2E  # natural-log log-sum-exp of the row's logits
+    lse = (row_max + tl.math.log2(row_sum)) / LOG2E  # natural-log log-sum-exp of the row's logits
     tl.store(LOSS + row, tl.where(counted, lse - x_target, 0.0))
-    tl.store(HIT + row, (counted & (best == target)).to(tl.int32))
+    tl.store(HIT + row, (counted & (first == target)).to(tl.int32))
 
     if WRITE_GRAD:
-        # Pass 2: the gradient over the same tiles, in place.
         keep = counted.to(tl.float32)
-        inv_s = keep / s
-        for start in range(0, full, BLOCK_V):
-            _grad_tile(base, start, cols, V, m, inv_s, target, keep, False)
-        if full < V:
-            _grad_tile(base, full, cols, V, m, inv_s, target, keep, True)
+        inv_s = keep / row_sum
+        if tail < V:
+            _grad_tile(base, tail, V, VP, row_max, inv_s, target, keep, ROWS, VEC, True)
+        for t in range(0, n_full):
+            _grad_tile(base, (n_full - 1 - t) * BLOCK_V, V, VP, row_max, inv_s, target, keep, ROWS, VEC, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,9 +192,10 @@ def _ce_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _block_and_warps(V: int) -> tuple[int, int]:
-    """The vocabulary tile (a power of two up to MAX_BLOCK_V) and 1-8 warps for ~16 values a thread."""
-    block = min(next_power_of_2(V), MAX_BLOCK_V)
+def _block_and_warps(V: int, vec: int) -> tuple[int, int]:
+    """The vocabulary tile (a power of two from one 16-byte vector up to MAX_BLOCK_V) and 1-8 warps
+    for ~16 values a thread."""
+    block = max(min(next_power_of_2(V), MAX_BLOCK_V), vec)
     return block, min(max(block // 512, 1), 8)
 
 
@@ -185,14 +215,17 @@ def _vocab_padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
-             ignore_index: int, write_grad: bool) -> None:
-    """Launch the row kernel on one chunk: (M, V) logits, (M,) int64 targets, (M,) loss and hits."""
-    M, V = logits.shape
-    block, warps = _block_and_warps(V)
+def _ce_rows(logits: torch.Tensor, V: int, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
+             ignore_index: int, write_grad: bool, block: Optional[int] = None, warps: Optional[int] = None) -> None:
+    """Launch the row kernel on one chunk: (M, VP) logits whose first V columns are the vocabulary,
+    (M,) int64 targets, (M,) loss and hits. ``block`` and ``warps`` override the launcher's choice
+    (the benchmark's sweep)."""
+    M, VP = logits.shape
+    vec = 16 // logits.element_size()
+    default_block, default_warps = _block_and_warps(V, vec)
     _ce_rows_kernel[(M,)](
-        logits, targets, loss, hit, logits.stride(0), V, ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps,
+        logits, targets, loss, hit, logits.stride(0), V, VP, ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block or default_block, VEC=vec, num_warps=warps or default_warps,
     )
 
 
@@ -217,9 +250,9 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
             r1 = min(r0 + rows, N)
             hc = h[r0:r1].to(dtype)  # (M, C)
             g = torch.mm(hc, w.t(), out=buf[: r1 - r0])  # (M, Vp) logits; 0 past V
-            # The row kernel reads the first V columns (row stride Vp) and overwrites them with
-            # softmax - onehot, zero on ignored rows; the zero columns past V stay, and add nothing.
-            _ce_rows(g[:, :V], targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
+            # The row kernel overwrites the first V columns with softmax - onehot (zeros on ignored
+            # rows) and the padding columns past V with zeros: they add nothing to dh and dW.
+            _ce_rows(g, V, targets[r0:r1], loss_rows[r0:r1], hits[r0:r1], ignore_index, need_dh or need_dw)
             rw = row_weight[r0:r1, None]  # (M, 1)
             if need_dh:
                 dh[r0:r1] = (g @ w) * rw  # (M, C)

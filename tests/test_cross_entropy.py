@@ -192,6 +192,36 @@ def test_gemms_run_over_the_padded_vocabulary(monkeypatch, impl, dtype):
     assert w.shape == (128, 16) and torch.equal(w[:97], weight) and torch.count_nonzero(w[97:]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("V", [97, 5003])
+def test_row_kernel_reads_past_the_vocabulary_but_never_counts_it(dtype, V):
+    """The row kernel's last tile loads up to the padded width VP (so its load stays vectorized) and
+    must leave the columns in [V, VP) out of the softmax, the argmax and the loss, and write zeros
+    there with the gradient (dh and dW then add nothing from them). Junk logits of 1e4 in the
+    padding would dominate every row if they were counted. One tile (V = 97) and a ragged second
+    tile (V = 5,003), each 16-byte vector of fp32 (4) and fp16 (8)."""
+    VP, M = padded(V, kce.VOCAB_MULTIPLE), 6
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(M, VP, generator=g)).to(dtype)
+    logits[:, V:] = 1e4
+    targets = torch.randint(0, V, (M,), generator=g)
+    targets[1] = -1
+    real = logits[:, :V].double()
+    expected_loss = torch.logsumexp(real, -1) - real[torch.arange(M), targets.clamp(min=0)]
+    expected_grad = torch.softmax(real, -1) - F.one_hot(targets.clamp(min=0), V)
+    expected_grad[1] = 0
+    logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    loss = torch.empty(M, device=DEVICE)
+    hit = torch.empty(M, device=DEVICE, dtype=torch.int32)
+    kce._ce_rows(logits, V, targets, loss, hit, -1, True)
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.cpu().double(), torch.where(targets.cpu() >= 0, expected_loss, 0.0),
+                               atol=tol * 10, rtol=tol)
+    assert torch.equal(hit.cpu().bool(), (real.argmax(-1) == targets.cpu()))
+    torch.testing.assert_close(logits[:, :V].cpu().double(), expected_grad, atol=tol, rtol=0)
+    assert torch.count_nonzero(logits[:, V:]) == 0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignore_index_inside_the_vocabulary(monkeypatch, impl):
     """ignore_index may be a real token (say, a padding id): those rows count for nothing."""
@@ -218,21 +248,26 @@ def test_every_target_ignored_gives_zero_not_nan(monkeypatch, impl, ignore_index
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_tie_counts_only_the_first_index(impl):
     """Rows whose maximal logit is shared by two tokens: the target is right only if it is the first
-    of them (torch.argmax's rule, greedy decoding's pick). Ties across the kernel's 4,096-wide
-    vocabulary tiles (tokens 3 and 4,100) and inside one tile (tokens 7 and 9)."""
+    of them (torch.argmax's rule, greedy decoding's pick). The kernel keeps a first index per lane
+    (lane = column // 4 in fp32, within its 4,096-wide tile) and takes the least among the lanes
+    holding the row's max, so the ties span its cases: two tiles and two lanes (tokens 3 and 4,100),
+    one tile and one lane (7 and 9 in lanes 1 and 2), the later token in a lower lane of the next
+    tile (21 in lane 5 and 4,097 in lane 0), and one lane of two tiles (2 and 4,098, both lane 0)."""
     V, C = 5003, 16
+    pairs = [(3, 4100), (7, 9), (21, 4097), (2, 4098)]
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(V, C, generator=g) / C**0.5
-    weight[4100] = weight[3]
-    weight[9] = weight[7]
-    h = 40 * torch.stack([weight[3], weight[3], weight[7], weight[7]])  # (4, C): rows whose max is tied
-    targets = torch.tensor([3, 4100, 7, 9])
+    for first, later in pairs:  # norm 2 against ~1 for the others: the row's max
+        weight[later] = weight[first] = 2 * weight[first] / weight[first].norm()
+    h = 40 * torch.stack([weight[first] for first, _ in pairs for _ in range(2)])  # rows whose max is tied
+    targets = torch.tensor([t for pair in pairs for t in pair])
     logits = h @ weight.t()
-    assert torch.equal(logits.argmax(-1), torch.tensor([3, 3, 7, 7]))  # the tie is real and maximal
-    assert torch.equal(logits[:2, 4100], logits[:2, 3]) and torch.equal(logits[2:, 9], logits[2:, 7])
+    firsts = torch.tensor([first for first, _ in pairs for _ in range(2)])
+    assert torch.equal(logits.argmax(-1), firsts)  # the tie is real and maximal
+    assert torch.equal(logits[torch.arange(len(targets)), targets], logits[torch.arange(len(targets)), firsts])
     hits = [IMPLS[impl](h[r:r + 1].to(DEVICE), weight.to(DEVICE), targets[r:r + 1].to(DEVICE))[1].item()
-            for r in range(4)]
-    assert hits == [1, 0, 1, 0]
+            for r in range(len(targets))]
+    assert hits == [1, 0] * len(pairs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
