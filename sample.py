@@ -4,8 +4,11 @@
     python sample.py --prompt "Once upon a time" --prompt "The dog" --num-samples 2 --seed 0
     python sample.py --hf path/to/gpt2 --stream
     python sample.py --quantize int8            # CPU: int8 weights, the fastest CPU decoding
-    python sample.py --compile --num-samples 64 # GPU: the decode step as a CUDA graph
-    python sample.py --cuda-graph               # GPU: the eager step as a CUDA graph, no compilation
+    python sample.py --compile --num-samples 64 # GPU: the decode step compiled (and a CUDA graph)
+    python sample.py --no-cuda-graph            # GPU: every decode step launched from Python
+
+On CUDA the eager decode step is replayed from a CUDA graph by default (captured once, on the
+second token; no compilation).
 
 On a CPU, --impl triton runs the kernels in Triton's interpreter (slow; for checking only).
 
@@ -76,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step; on CUDA it replays as a CUDA graph. Use it on a GPU for more "
                         "than ~100 tokens (compiling takes tens of seconds once); not on a CPU")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the eager decode step from a CUDA graph, captured on the second token (CUDA; "
-                        "no compilation: milliseconds where --compile takes tens of seconds)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the eager decode step from a CUDA graph, captured once on the second token "
+                        "(default on CUDA unless --compile; no compilation: milliseconds where --compile takes "
+                        "tens of seconds). --no-cuda-graph launches every step from Python")
     p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="LayerNorm/attention implementation (auto: triton on CUDA, torch on CPU)")
     p.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt "

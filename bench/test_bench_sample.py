@@ -21,8 +21,8 @@ tokens/s. Bandwidth is measured here with a large tensor copy ((read + write) by
 GPU (CUDA only; skipped with a reason elsewhere): bf16, impl="auto" (Triton kernels), greedy,
 batch 1 and 64, the eager decode step, the compiled one (``Decoder(compile=True)``:
 ``torch.compile(mode="reduce-overhead")``, a CUDA graph per step) and the eager step captured in a
-CUDA graph without compiling (``Decoder(cuda_graph=True)``; each generation pays one eager step and
-one capture, both timed), against transformers
+CUDA graph without compiling (``Decoder(cuda_graph=True)``, the default on CUDA; the warm-up
+generation pays one eager step and the capture, the timed ones replay that graph), against transformers
 ``generate`` (bf16, same weights, its default attention) on the same card. Goal: compiled >= 5x
 transformers at batch 1. ``test_decode_attention_cuda`` times the split-K decode kernel against the
 one-program-per-row FlashAttention kernel and SDPA at batch 1, and checks bf16 against float64.

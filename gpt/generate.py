@@ -177,20 +177,26 @@ class Decoder:
     static addresses, so the graph writes into them in place). Worth it on a GPU, where a small
     model's eager step is launch overhead; on a CPU the first tokens wait for the compilation.
 
-    ``cuda_graph=True`` (CUDA) captures the eager step itself -- our kernels as they are, no
-    compilation -- in a CUDA graph (``gpt.graphstep.Captured``): the first step on a cache runs eagerly
-    (Triton compiles and autotunes), the second is captured over that cache and replayed from then
-    on (``_graph_step``). Capturing takes milliseconds where compiling takes tens of seconds.
+    ``cuda_graph`` (default: on CUDA unless ``compile``) captures the eager step itself -- our
+    kernels as they are, no compilation -- in a CUDA graph (``gpt.graphstep.Captured``): the first
+    step on a cache runs eagerly (Triton compiles and autotunes), the second is captured over that
+    cache and replayed from then on (``_graph_step``). Capturing takes milliseconds where compiling
+    takes tens of seconds. The cache spans the whole context and the next generation with the same
+    batch size and padding gets the same cache back (``new_cache``), so its steps replay the graph
+    already captured: a decoder kept across ``generate`` calls (``sample.py``'s samples) captures
+    once. ``cuda_graph=True`` off CUDA is a ValueError; ``False`` launches every step.
     """
 
     def __init__(self, model: GPT2Model, *, device=None, dtype: Optional[str] = None,
-                 quantize: Optional[str] = None, compile: bool = False, cuda_graph: bool = False):
+                 quantize: Optional[str] = None, compile: bool = False, cuda_graph: Optional[bool] = None):
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         if quantize is not None and quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         weight = model.wte.weight
         self.device = weight.device if device is None else _resolve(device)
+        if cuda_graph is None:
+            cuda_graph = not compile and _captures_graphs(self.device)
         if cuda_graph and compile:
             raise ValueError("cuda_graph and compile do not combine (a compiled step on CUDA is already a CUDA graph)")
         if cuda_graph and not _captures_graphs(self.device):
@@ -214,6 +220,7 @@ class Decoder:
         self.compiled = compile
         self.cuda_graph = cuda_graph
         self.graphed: Optional[_CacheGraph] = None  # the graph of the last cache stepped on
+        self._cache: Optional[tuple] = None  # (what it was made for, the last cache): handed out again (graphed)
         self._warmed: Optional[KVCache] = None  # the cache whose first step ran eagerly
         self._stream: Optional[torch.cuda.Stream] = None  # where graphed steps warm up and are captured
         self._step = _decode_step
@@ -255,14 +262,24 @@ class Decoder:
             model.train(was_training)
 
     def new_cache(self, batch_size: int, max_len: int, padded: bool) -> KVCache:
-        """A cache for ``batch_size`` rows; a compiled step always gets the full context (one shape)."""
-        if self.compiled:
+        """A cache for ``batch_size`` rows (``prefill`` resets it). A compiled or graphed step always
+        gets the full context (one shape). A graphed decoder hands its last cache out again when the
+        batch size, padding, dtype and impl agree, so the graph captured over it replays again -- except
+        under autocast, whose cast cache may hold tensors a graph captured in one autocast region
+        would read after the region had freed them."""
+        if self.compiled or self.cuda_graph:
             max_len = self.model.config.max_seq_length
+        reusable = self.cuda_graph and not torch.is_autocast_enabled(self.device.type)
+        key = (batch_size, padded, self.dtype, self.model.impl)  # the impl: ``running`` follows the caller's
+        if reusable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         cache = KVCache.allocate(self.model.config, batch_size, self.device, self.dtype, max_len=max_len,
                                  padded=padded)
         if self.compiled:
             for t in cache.tensors():
                 torch._dynamo.mark_static_address(t)
+        if reusable:
+            self._cache = (key, cache)
         return cache
 
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -286,9 +303,10 @@ class Decoder:
         """The step as a replay of the cache's graph: its first step runs eagerly (on the capture's
         stream: Triton compiles and autotunes there), its second is captured -- over the cache and a
         static (B, 1) token buffer; the capture records the cache writes and ``cache.length += 1``
-        and runs nothing -- and replayed, as is every later one. The logits come back in the graph's
-        static tensor, which the next replay overwrites (stream order reads them first). A new cache
-        (a new generation) drops the last one's graph and its memory."""
+        and runs nothing -- and replayed, as is every later one, in this generation and in the next
+        ones ``new_cache`` gives the same cache. The logits come back in the graph's static tensor,
+        which the next replay overwrites (stream order reads them first). Another cache drops the
+        last one's graph and its memory."""
         graphed = self.graphed
         if graphed is not None and graphed.cache is cache and graphed.tok.shape == tok.shape:
             graphed.tok.copy_(tok)
@@ -446,8 +464,10 @@ def generate_text(model, tokenizer, prompt="Once upon a time", max_length=100, t
                   device="cpu", top_k=40, top_p=0.95, seed: Optional[int] = None) -> str:
     """Continue ``prompt`` until ``max_length`` tokens in all (prompt included) or EOS; return
     prompt + continuation as text. ``tokenizer`` is ours or a transformers GPT-2 tokenizer.
-    ``model`` is a ``GPT2Model`` (decoded on ``device``: a copy when it lives elsewhere) or a
-    ``Decoder``; it runs in eval mode and is left as it was. ``seed`` makes the sample reproducible."""
+    ``model`` is a ``GPT2Model`` (decoded on ``device``: a copy when it lives elsewhere; on CUDA its
+    decode step replayed from a CUDA graph, captured on the second token) or a ``Decoder`` (kept
+    across calls, it captures once); it runs in eval mode and is left as it was. ``seed`` makes the
+    sample reproducible."""
     ids = list(tokenizer.encode(prompt))
     new = max_length - max(1, len(ids))  # an empty prompt starts from EOS, which counts
     if new < 1:

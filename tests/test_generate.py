@@ -158,37 +158,80 @@ def test_compiled_static_step_is_one_graph_and_gives_the_same_tokens(monkeypatch
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+PROMPTS = ([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], [[7, 7, 2]], [[5, 1, 4, 2, 9]])  # padded, then batch 1 twice
+NEW_TOKENS = (30, 12, 20)  # each generation crosses the 16-token context
+
+
 def _graphed_generations(model, monkeypatch):
-    """Two greedy generations (padding, past the context) through ``Decoder(cuda_graph=True)``; on a
-    CPU, which has no graphs, the refusal is lifted and a "replay" runs the step on the static
-    token buffer. Returns the decoder and both outputs."""
+    """Three greedy generations (padding, past the context) through one ``Decoder``, graphed by
+    default where graphs can be captured; on a CPU, which has none, the refusal is lifted and a
+    "replay" runs the step on the static token buffer. Returns the decoder, the outputs, and the
+    steps captured."""
     from gpt import generate as gen
 
     if DEVICE.type != "cuda":
         monkeypatch.setattr(gen, "_captures_graphs", lambda device: True)
-    dec = Decoder(model, cuda_graph=True)
-    first = generate(dec, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], 30, temperature=0, eos_id=None)
-    cache = dec.graphed.cache
-    second = generate(dec, [[7, 7, 2]], 12, temperature=0, eos_id=None)
-    assert dec.graphed.cache is not cache  # a new generation captured its own cache's graph
-    return dec, first, second
+    captures = []
+    captured = gen.Captured
+    monkeypatch.setattr(gen, "Captured", lambda fn, stream: captures.append(fn) or captured(fn, stream))
+    dec = Decoder(model)
+    assert dec.cuda_graph and dec.summary.endswith("CUDA graph")
+    outs = [generate(dec, PROMPTS[0], NEW_TOKENS[0], temperature=0, eos_id=None)]
+    first = dec.graphed
+    outs.append(generate(dec, PROMPTS[1], NEW_TOKENS[1], temperature=0, eos_id=None))
+    second = dec.graphed
+    assert second.cache is not first.cache  # another batch size: its own cache, its own graph
+    assert second.cache.max_len == model.config.max_seq_length  # graphed caches span the context
+    outs.append(generate(dec, PROMPTS[2], NEW_TOKENS[2], temperature=0, eos_id=None))
+    assert dec.graphed is second  # the same batch size and padding: the same cache, its graph replayed
+    return dec, outs, len(captures)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch, impl):
     """The decode step replayed from a graph (warmed up on a cache's first step, captured on its
     second) gives the tokens of the eager step, through re-prefills past the 16-token context, with
-    padding, over two generations with different caches."""
+    padding, over three generations: two caches, two captures; the third generation replays the
+    second's graph from its first step."""
     if impl == "triton":
         pytest.importorskip("kernels")
     config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
     model = spread_model(config, seed=2).to(DEVICE)  # a graph needs CUDA: both impls on the GPU there
-    want_first = generate(model, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], 30, temperature=0, eos_id=None)
-    want_second = generate(model, [[7, 7, 2]], 12, temperature=0, eos_id=None)
+    eager = Decoder(model, cuda_graph=False)
+    want = [generate(eager, p, n, temperature=0, eos_id=None) for p, n in zip(PROMPTS, NEW_TOKENS)]
     model.impl = impl
-    dec, first, second = _graphed_generations(model, monkeypatch)
-    assert (first, second) == (want_first, want_second)
-    assert dec.summary.endswith("CUDA graph")
+    _, outs, captures = _graphed_generations(model, monkeypatch)
+    assert outs == want
+    assert captures == 2
+
+
+def test_graphed_decoders_keep_a_cache_only_where_its_graph_stays_valid(monkeypatch):
+    """A graphed decoder hands its cache to the next generation only for the same batch size, padding,
+    dtype and implementation, and never under autocast (whose cast cache a graph must not keep);
+    on a CPU the decoder is not graphed unless asked, and a compiled one is not graphed."""
+    from gpt import generate as gen
+    from gpt.ops import TORCH_OPS
+
+    model = spread_model()
+    assert not Decoder(model).cuda_graph  # a CPU: eager steps, without a word
+    monkeypatch.setattr(gen, "_captures_graphs", lambda device: True)
+    assert not Decoder(model, compile=True).cuda_graph
+    dec = Decoder(model)
+    with dec.running():
+        cache = dec.new_cache(2, 5, padded=False)
+        assert cache.max_len == model.config.max_seq_length
+        assert dec.new_cache(2, 9, padded=False) is cache
+        assert dec.new_cache(3, 5, padded=False) is not cache
+        cache = dec.new_cache(3, 5, padded=False)
+        assert dec.new_cache(3, 5, padded=True) is not cache
+        cache = dec.new_cache(3, 5, padded=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dec.new_cache(3, 5, padded=True) is not cache
+            assert dec.new_cache(3, 5, padded=True) is not dec.new_cache(3, 5, padded=True)
+        assert dec.new_cache(3, 5, padded=True) is cache
+    model.impl = TORCH_OPS._replace(name="another")
+    with dec.running():
+        assert dec.new_cache(3, 5, padded=True) is not cache
 
 
 def test_cuda_graph_is_refused_where_it_cannot_run():
