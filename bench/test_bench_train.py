@@ -180,38 +180,44 @@ def test_train_step_cuda_graph(benchmark, batch, weights, impl):
     assert graphed.captured and graphed.eager_steps == WARMUP_STEPS
 
 
-EVAL_BATCHES = 20 if CUDA else 2
+EVAL_BATCHES = 32 if CUDA else 2  # of B x T; 4 of train.py's default 256 x T on CUDA
 
 
-@pytest.mark.parametrize("graphed", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not CUDA, reason="a CUDA graph needs a GPU"))], ids=["eager", "cuda_graph"])
-def test_eval_forward(benchmark, weights, graphed):
+@pytest.mark.parametrize("graphed,default_batch", [(False, False), pytest.param(True, False, marks=pytest.mark.skipif(
+    not CUDA, reason="a CUDA graph needs a GPU")), pytest.param(True, True, marks=pytest.mark.skipif(
+        not CUDA, reason="a CUDA graph needs a GPU"))], ids=["eager", "cuda_graph", "cuda_graph_default_batch"])
+def test_eval_forward(benchmark, weights, graphed, default_batch):
     """A validation pass as train.py runs it (``gpt.step.evaluate``: eval mode, no gradients, the
     fused head's loss and accuracy) over EVAL_BATCHES batches of B x T, impl triton on CUDA: eager
     forwards against ``gpt.graphstep.GraphedEval``'s replays (train.py's default on CUDA), timed
-    after the warm-up pass that captures. Both passes' scores are checked equal first."""
+    after the warm-up pass that captures, and the replays at train.py's default validation batch
+    on CUDA (``gpt.step.default_eval_batch``: 256 x T, 65,536 tokens a forward) over the same
+    tokens. Each pass's scores are checked against eager's first."""
     from gpt.graphstep import GraphedEval
-    from gpt.step import evaluate
+    from gpt.step import default_eval_batch, evaluate
 
+    batch = default_eval_batch(B, T, DEVICE) if default_batch else B
     model = GPT2Model(CFG, impl="triton" if CUDA else "torch").to(DEVICE)
     model.load_state_dict(weights)
     tokens = torch.randint(0, CFG.vocab_size, (EVAL_BATCHES * TOKENS + 1,),
                            generator=torch.Generator().manual_seed(2)).numpy()
-    forward = GraphedEval(model, device=DEVICE, dtype=DTYPE, batch_size=B) if graphed else None
+    forward = GraphedEval(model, device=DEVICE, dtype=DTYPE, batch_size=batch) if graphed else None
     got = scores = evaluate(model, tokens, T, B, DEVICE, DTYPE)  # eager: the reference, and a warm-up
     for _ in range(2 if graphed else 0):  # the first pass warms up and captures; the second replays every batch
-        got = evaluate(model, tokens, T, B, DEVICE, DTYPE, forward=forward)
+        got = evaluate(model, tokens, T, batch, DEVICE, DTYPE, forward=forward)
     assert got["tokens"] == scores["tokens"] == EVAL_BATCHES * TOKENS
     assert got["loss"] == pytest.approx(scores["loss"], rel=1e-3)
-    benchmark.pedantic(lambda: evaluate(model, tokens, T, B, DEVICE, DTYPE, forward=forward),
+    benchmark.pedantic(lambda: evaluate(model, tokens, T, batch, DEVICE, DTYPE, forward=forward),
                        rounds=ROUNDS, iterations=1, warmup_rounds=0)
     tps = EVAL_BATCHES * TOKENS / benchmark.stats.stats.mean
-    name = "eval_cuda_graph" if graphed else "eval_eager"
+    name = "eval_cuda_graph_default_batch" if default_batch else "eval_cuda_graph" if graphed else "eval_eager"
     RESULTS[name] = tps
-    info = {"tokens_per_s": round(tps, 1), "tokens_per_pass": EVAL_BATCHES * TOKENS, "batch": f"{B} x {T}",
+    info = {"tokens_per_s": round(tps, 1), "tokens_per_pass": EVAL_BATCHES * TOKENS, "batch": f"{batch} x {T}",
             "tflops": round(2 * (CFG.num_params() - T * CFG.d_model) * tps / 1e12, 3)}  # forward: 2N a token
     if graphed and "eval_eager" in RESULTS:
         info["speedup_vs_eager"] = round(tps / RESULTS["eval_eager"], 2)
+    if default_batch and "eval_cuda_graph" in RESULTS:
+        info[f"speedup_vs_batch_{B}"] = round(tps / RESULTS["eval_cuda_graph"], 2)
     record(benchmark, **info)
 
 

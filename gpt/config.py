@@ -87,7 +87,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 = derive from epochs
     eval_interval: int = 500  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 0  # cap on tokens per validation pass; 0 = the whole split
-    eval_batch_size: int = 0  # sequences per validation and test forward pass (scores do not depend on it); 0 = batch_size x grad_accum
+    eval_batch_size: int = 0  # sequences per validation and test forward pass (scores do not depend on it); 0 = batch_size x grad_accum, on CUDA at least 65,536 tokens' worth
     patience: int = 3  # evaluations without improvement before early stopping, 0 = never
     num_stories: int = SEED_NUM_STORIES  # use the first N stories (0 = all), split 70/20/10 by story
 

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-stories", type=int, help="stories split 70/20/10 (default: the run's, else the seed's)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
     p.add_argument("--max-tokens", type=int, default=0, help="score at most this many tokens (default: 0, all)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 16, on CUDA at least "
+                                                  "65,536 tokens' worth, as train.py's validation)")
     p.add_argument("--seed-protocol", action="store_true", help="also score by the seed's protocol")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
@@ -84,7 +85,7 @@ def run(args) -> dict:
     from gpt.graphstep import GraphedEval
     from gpt.hardware import default_dtype, tf32_matmuls
     from gpt.hf import load_pretrained
-    from gpt.step import TEST_PROTOCOL, evaluate, evaluate_seed_protocol
+    from gpt.step import TEST_PROTOCOL, default_eval_batch, evaluate, evaluate_seed_protocol
     from gpt.tokenizer import get_tokenizer
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-tokens", args.max_tokens, 0),
@@ -112,11 +113,12 @@ def run(args) -> dict:
     model.impl = args.impl
     model = model.to(device)
     context = model.config.max_seq_length
-    forward = GraphedEval(model, device=device, dtype=dtype, batch_size=args.batch_size) if graphed else None
+    batch = args.batch_size or default_eval_batch(16, context, device)
+    forward = GraphedEval(model, device=device, dtype=dtype, batch_size=batch) if graphed else None
     with tf32_matmuls(device):  # as train.py scores its runs: the same figures for the same model
-        scores = evaluate(model, tokens, context, args.batch_size, device, dtype, args.max_tokens,
+        scores = evaluate(model, tokens, context, batch, device, dtype, args.max_tokens,
                           forward=forward)  # under autocast
-        seed = (evaluate_seed_protocol(model, tokens, args.batch_size, device, dtype, forward=forward)
+        seed = (evaluate_seed_protocol(model, tokens, batch, device, dtype, forward=forward)
                 if args.seed_protocol else None)
     result = {"model": args.model, "split": args.split, **scores, "protocol": TEST_PROTOCOL,
               "data": splits.meta.get("source"), "num_stories": opts["num_stories"], "context": context,

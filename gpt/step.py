@@ -7,7 +7,7 @@ CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py
   waits on the device: loss, correct and counted targets come back in a device tensor that the
   caller reads when it chooses (the loop: every ``--log-interval`` steps).
 * ``score`` / ``evaluate``: loss, perplexity and accuracy over every real token once
-  (``TEST_PROTOCOL``); ``evaluate_seed_protocol`` scores a model the way the seed did (stories
+  (``TEST_PROTOCOL``), in forwards of ``default_eval_batch`` windows unless asked otherwise; ``evaluate_seed_protocol`` scores a model the way the seed did (stories
   padded to 256 with EOS, padding counted; ``SEED_PROTOCOL``), for comparison with its figures.
 """
 
@@ -31,6 +31,23 @@ TEST_PROTOCOL = "every real token of the test split once: stories packed with on
 SEED_PROTOCOL = (f"the seed's: every test story on its own row, truncated or padded with EOS to {SEED_ROW_TOKENS} "
                  f"tokens, padding counted as targets, target id {SEED_IGNORE_INDEX} ('!') ignored; "
                  "text not stripped of quotes as the seed's was")
+
+
+# On CUDA a validation or test forward takes at least this many tokens by default. Forward-only
+# passes keep no activations, so a large one costs little memory (the seed model at 65,536 tokens:
+# ~1 GiB of transient activations and the head's 512 MiB chunk), and a GPU runs larger GEMMs nearer
+# its peak: on an H200 (run 3) the seed model's captured training step went from 930,383 tokens/s
+# at 8,192 tokens a step to 958,288 at 32,768 and 1,263,214 at 131,072.
+EVAL_FORWARD_TOKENS = 65536
+
+
+def default_eval_batch(sequences: int, context: int, device: torch.device) -> int:
+    """Windows per validation / test forward when none is asked for: ``sequences`` (a step's, in
+    train.py), and on CUDA at least ``EVAL_FORWARD_TOKENS`` tokens' worth of ``context`` windows.
+    The scores do not depend on it."""
+    if torch.device(device).type != "cuda":
+        return sequences
+    return max(sequences, -(-EVAL_FORWARD_TOKENS // context))
 
 
 class StopTraining(Exception):

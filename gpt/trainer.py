@@ -32,8 +32,8 @@ from .hardware import autocast, default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
 from .state import TrainState, data_identity, same_data
-from .step import (TEST_PROTOCOL, StopTraining, build_optimizer, evaluate, evaluate_seed_protocol, lr_at,
-                   merge_micro_batches, train_step)
+from .step import (TEST_PROTOCOL, StopTraining, build_optimizer, default_eval_batch, evaluate, evaluate_seed_protocol,
+                   lr_at, merge_micro_batches, train_step)
 
 SEED_PROMPTS = ("Once upon a time", "The little girl", "In a magical forest", "The brave knight")
 BEST_NAME, LAST_NAME = "gpt2_best_model.pt", "last.pt"
@@ -162,8 +162,10 @@ class Trainer:
         self.accum = tc.grad_accum // self.world  # micro-batches per rank per optimizer step
         self.tokens_per_step = tc.batch_size * tc.grad_accum * model_cfg.max_seq_length
         # Evaluation is forward-only: a step's sequences in one pass by default (the seed preset's 4-row
-        # micro-batches would make a whole-split validation 8x as many host-bound launches on a GPU).
-        self.eval_batch = tc.eval_batch_size or tc.batch_size * self.accum
+        # micro-batches would make a whole-split validation 8x as many host-bound launches on a GPU),
+        # and on CUDA at least EVAL_FORWARD_TOKENS tokens.
+        self.eval_batch = tc.eval_batch_size or default_eval_batch(tc.batch_size * self.accum,
+                                                                   model_cfg.max_seq_length, self.device)
         refusal = graph_refusal(self.device, self.world, self.dtype, opts.compile)
         if opts.cuda_graph and refusal is not None:
             raise GraphError(refusal)

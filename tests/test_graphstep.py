@@ -264,7 +264,7 @@ def test_train_py_with_cuda_graph_follows_the_eager_run(base_args, tmp_path, his
     for name, extra in (("eager", ["--no-cuda-graph"]), ("graph", ["--cuda-graph"])):
         out = tmp_path / name
         args = [*run_args(base_args), "--max-steps", "20", "--eval-interval", "10", "--log-interval", "4", "--dropout", "0",
-                "--dtype", "fp32", "--device", DEVICE.type, "--out-dir", str(out), *extra]
+                "--dtype", "fp32", "--device", DEVICE.type, "--eval-batch-size", "4", "--out-dir", str(out), *extra]
         assert main(args) == 0, capsys.readouterr().err[-2000:]
         runs[name] = history(out)
         test_targets = int(re.search(r"\(([\d,]+) test tokens\)", capsys.readouterr().out)[1].replace(",", ""))

@@ -222,6 +222,34 @@ def test_evaluation_takes_a_steps_sequences_per_forward_and_scores_the_same_at_a
     assert 0 < one["validation_seconds"] <= one["eval_seconds"]
 
 
+def test_a_gpu_validates_in_forwards_of_at_least_65536_tokens(base_args, tmp_path, capsys, monkeypatch):
+    """Without --eval-batch-size a run's validation and test forwards take a step's sequences, and on
+    CUDA at least EVAL_FORWARD_TOKENS tokens' worth of windows (``default_eval_batch``; the scores do
+    not depend on it, as the test above shows); the trainer asks it with its own step, context and
+    device, and an explicit --eval-batch-size wins."""
+    import gpt.trainer
+    from gpt.step import EVAL_FORWARD_TOKENS, default_eval_batch
+
+    assert EVAL_FORWARD_TOKENS == 65536
+    assert default_eval_batch(32, 256, torch.device("cpu")) == 32
+    assert default_eval_batch(32, 256, torch.device("cuda")) == 256
+    assert default_eval_batch(32, 1000, "cuda") == 66  # rounded up: at least 65,536 tokens
+    assert default_eval_batch(512, 256, "cuda") == 512  # a larger step keeps its own
+    asked, seen = [], []
+    real = gpt.trainer.evaluate
+    monkeypatch.setattr(gpt.trainer, "default_eval_batch", lambda *a: asked.append(a) or 5)
+    monkeypatch.setattr(gpt.trainer, "evaluate", lambda model, tokens, context, batch_size, *a, **k:
+                        seen.append(batch_size) or real(model, tokens, context, batch_size, *a, **k))
+    for extra, want in (([], 5), (["--eval-batch-size", "2"], 2)):
+        asked.clear()
+        seen.clear()
+        rc, _, err = run_main([*base_args, "--max-steps", "2", "--eval-interval", "0", "--grad-accum", "3",
+                               "--device", "cpu", "--out-dir", str(tmp_path / str(want)), *extra], capsys)
+        assert rc == 0, err
+        assert seen == [want] * 2  # the final validation and the test pass
+        assert asked == ([(4 * 3, 32, torch.device("cpu"))] if not extra else [])
+
+
 def test_tf32_is_switched_on_for_a_cuda_run_only_and_back_after_it():
     """train.py's runs multiply fp32 matrices in TF32 on CUDA; the process-wide switches are restored
     after the run, after a failed one too (tests/conftest.py checks that every test leaves them so)."""
