@@ -113,7 +113,7 @@ def run(args) -> dict:
     model.impl = args.impl
     model = model.to(device)
     context = model.config.max_seq_length
-    batch = args.batch_size or default_eval_batch(16, context, device)
+    batch = args.batch_size or default_eval_batch(16, context, device, args.max_tokens)
     forward = GraphedEval(model, device=device, dtype=dtype, batch_size=batch) if graphed else None
     with tf32_matmuls(device):  # as train.py scores its runs: the same figures for the same model
         scores = evaluate(model, tokens, context, batch, device, dtype, args.max_tokens,

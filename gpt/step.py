@@ -41,13 +41,17 @@ SEED_PROTOCOL = (f"the seed's: every test story on its own row, truncated or pad
 EVAL_FORWARD_TOKENS = 65536
 
 
-def default_eval_batch(sequences: int, context: int, device: torch.device) -> int:
+def default_eval_batch(sequences: int, context: int, device: torch.device, max_tokens: int = 0) -> int:
     """Windows per validation / test forward when none is asked for: ``sequences`` (a step's, in
-    train.py), and on CUDA at least ``EVAL_FORWARD_TOKENS`` tokens' worth of ``context`` windows.
-    The scores do not depend on it."""
+    train.py), and on CUDA at least ``EVAL_FORWARD_TOKENS`` tokens' worth of ``context`` windows --
+    but no more than a pass capped at ``max_tokens`` (> 0) needs, as a graphed pass pads its batches
+    to one shape. The scores do not depend on it."""
     if torch.device(device).type != "cuda":
         return sequences
-    return max(sequences, -(-EVAL_FORWARD_TOKENS // context))
+    wanted = -(-EVAL_FORWARD_TOKENS // context)
+    if max_tokens > 0:
+        wanted = min(wanted, -(-max_tokens // context))
+    return max(sequences, wanted)
 
 
 class StopTraining(Exception):

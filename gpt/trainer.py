@@ -165,7 +165,7 @@ class Trainer:
         # micro-batches would make a whole-split validation 8x as many host-bound launches on a GPU),
         # and on CUDA at least EVAL_FORWARD_TOKENS tokens.
         self.eval_batch = tc.eval_batch_size or default_eval_batch(tc.batch_size * self.accum,
-                                                                   model_cfg.max_seq_length, self.device)
+                                                                   model_cfg.max_seq_length, self.device, tc.eval_tokens)
         refusal = graph_refusal(self.device, self.world, self.dtype, opts.compile)
         if opts.cuda_graph and refusal is not None:
             raise GraphError(refusal)

@@ -235,6 +235,8 @@ def test_a_gpu_validates_in_forwards_of_at_least_65536_tokens(base_args, tmp_pat
     assert default_eval_batch(32, 256, torch.device("cuda")) == 256
     assert default_eval_batch(32, 1000, "cuda") == 66  # rounded up: at least 65,536 tokens
     assert default_eval_batch(512, 256, "cuda") == 512  # a larger step keeps its own
+    assert default_eval_batch(32, 256, "cuda", max_tokens=20_000) == 79  # no more than a capped pass needs
+    assert default_eval_batch(32, 256, "cuda", max_tokens=4096) == 32
     asked, seen = [], []
     real = gpt.trainer.evaluate
     monkeypatch.setattr(gpt.trainer, "default_eval_batch", lambda *a: asked.append(a) or 5)
@@ -247,7 +249,7 @@ def test_a_gpu_validates_in_forwards_of_at_least_65536_tokens(base_args, tmp_pat
                                "--device", "cpu", "--out-dir", str(tmp_path / str(want)), *extra], capsys)
         assert rc == 0, err
         assert seen == [want] * 2  # the final validation and the test pass
-        assert asked == ([(4 * 3, 32, torch.device("cpu"))] if not extra else [])
+        assert asked == ([(4 * 3, 32, torch.device("cpu"), 512)] if not extra else [])  # base_args: --eval-tokens 512
 
 
 def test_tf32_is_switched_on_for_a_cuda_run_only_and_back_after_it():
