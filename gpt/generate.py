@@ -265,11 +265,13 @@ class Decoder:
         """A cache for ``batch_size`` rows (``prefill`` resets it). A compiled or graphed step always
         gets the full context (one shape). A graphed decoder hands its last cache out again when the
         batch size, padding, dtype and impl agree, so the graph captured over it replays again -- except
-        under autocast, whose cast cache may hold tensors a graph captured in one autocast region
-        would read after the region had freed them."""
+        under autocast with its cast cache on (torch's default; ``gpt.hardware.autocast`` has it
+        off), whose cached weight casts a graph captured in one autocast region would read after
+        the region had freed them."""
         if self.compiled or self.cuda_graph:
             max_len = self.model.config.max_seq_length
-        reusable = self.cuda_graph and not torch.is_autocast_enabled(self.device.type)
+        reusable = self.cuda_graph and not (torch.is_autocast_enabled(self.device.type)
+                                            and torch.is_autocast_cache_enabled())
         key = (batch_size, padded, self.dtype, self.model.impl)  # the impl: ``running`` follows the caller's
         if reusable and self._cache is not None and self._cache[0] == key:
             return self._cache[1]

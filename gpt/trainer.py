@@ -516,7 +516,7 @@ class Trainer:
         """Best model -> test metrics (ours and the seed's protocol) and samples; write the history
         JSON and the curves; print the results."""
         from .curves import plot_curves
-        from .generate import generate_text
+        from .generate import Decoder, generate_text
 
         st, cfg = self.state, self.model_cfg
         best = self.out / BEST_NAME
@@ -539,9 +539,10 @@ class Trainer:
             dist.barrier()
             return {}
         samples = {}
+        decoder = Decoder(self.raw, device=self.device)  # one for the four: on CUDA one graph, captured once
         for prompt in SEED_PROMPTS:
             with autocast(self.device, self.dtype):
-                samples[prompt] = generate_text(self.raw, self.tokenizer, prompt=prompt,
+                samples[prompt] = generate_text(decoder, self.tokenizer, prompt=prompt,
                                                 max_length=self.opts.sample_length, device=self.device)
         session_tokens = self.session_steps * self.tokens_per_step
         tps = self.steady_tokens_per_sec() or (session_tokens / self.train_time if self.train_time > 0 else 0.0)

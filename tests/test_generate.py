@@ -207,9 +207,11 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch, impl):
 
 def test_graphed_decoders_keep_a_cache_only_where_its_graph_stays_valid(monkeypatch):
     """A graphed decoder hands its cache to the next generation only for the same batch size, padding,
-    dtype and implementation, and never under autocast (whose cast cache a graph must not keep);
+    dtype and implementation, and never under autocast with its cast cache on (the cached casts a
+    graph must not keep);
     on a CPU the decoder is not graphed unless asked, and a compiled one is not graphed."""
     from gpt import generate as gen
+    from gpt.hardware import autocast
     from gpt.ops import TORCH_OPS
 
     model = spread_model()
@@ -229,6 +231,9 @@ def test_graphed_decoders_keep_a_cache_only_where_its_graph_stays_valid(monkeypa
             assert dec.new_cache(3, 5, padded=True) is not cache
             assert dec.new_cache(3, 5, padded=True) is not dec.new_cache(3, 5, padded=True)
         assert dec.new_cache(3, 5, padded=True) is cache
+        with autocast("cpu", "bf16"):  # train.py's: no cast cache, so a bf16 cache is kept
+            bf16 = dec.new_cache(3, 5, padded=True)
+            assert bf16.k.dtype == torch.bfloat16 and dec.new_cache(3, 5, padded=True) is bf16
     model.impl = TORCH_OPS._replace(name="another")
     with dec.running():
         assert dec.new_cache(3, 5, padded=True) is not cache
