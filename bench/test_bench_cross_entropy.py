@@ -127,24 +127,34 @@ def test_linear_cross_entropy(benchmark, N, C):
     )
 
 
-ROW_CONFIGS = [kce._block_and_warps(V, 8), (2048, 4), (8192, 8), (8192, 16), (16384, 16)]  # (BLOCK_V, num_warps): the default first
+# (BLOCK_V, num_warps, programs per SM: None = one program per row), the launcher's default first.
+# One program per row keeps ~300-800 rows of 100 KB in flight (48 warps per SM at 8 a row), more than
+# L2 holds between a row's two passes; a persistent grid of one 32-warp program per SM keeps 132, so
+# pass 2 reads from L2. (Fewer warps a persistent program take 114-124 registers on sm_80/sm_90: the
+# row loop's cost, measured with the compile check's stand-in driver; 32 warps cap them at 54-64.)
+ROW_CONFIGS = [(*kce._block_and_warps(V, 8), None), (2048, 4, None), (8192, 16, None), (16384, 32, 1), (8192, 32, 1)]
 
 
 @pytest.mark.benchmark(group="kernels")
-@pytest.mark.parametrize("block,warps", ROW_CONFIGS, ids=[f"B{b}-w{w}" for b, w in ROW_CONFIGS])
-def test_row_kernel(benchmark, block, warps):
+@pytest.mark.parametrize("block,warps,per_sm", ROW_CONFIGS,
+                         ids=[f"B{b}-w{w}" + (f"-{p}perSM" if p else "") for b, w, p in ROW_CONFIGS])
+def test_row_kernel(benchmark, block, warps, per_sm):
     Vp = -(-V // kce.VOCAB_MULTIPLE) * kce.VOCAB_MULTIPLE
     M = kce._chunk_rows(Vp)  # the chunk loop's rows
+    programs = None if per_sm is None else per_sm * torch.cuda.get_device_properties(DEVICE).multi_processor_count
     g = torch.Generator(device=DEVICE).manual_seed(0)
     logits = (4 * torch.randn(M, Vp, device=DEVICE, generator=g)).to(DTYPE)
     targets = torch.randint(0, V, (M,), device=DEVICE, generator=g)
     loss = torch.empty(M, device=DEVICE)
     hit = torch.empty(M, device=DEVICE, dtype=torch.int32)
     expected = torch.logsumexp(logits[:, :V].float(), -1) - logits[torch.arange(M, device=DEVICE), targets].float()
-    kce._ce_rows(logits, V, targets, loss, hit, -1, True, block, warps)  # overwrites logits with the gradient
+    expected_grad_row = torch.softmax(logits[7, :V].float(), -1)
+    expected_grad_row[targets[7]] -= 1
+    run = lambda: kce._ce_rows(logits, V, targets, loss, hit, -1, True, block, warps, programs)  # noqa: E731
+    run()  # overwrites the logits with the gradient
     torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(logits[7, :V].float(), expected_grad_row, atol=2e-3, rtol=1e-2)
     # Later calls run on the gradient as if it were logits: the same work (no data-dependent branch).
-    run = lambda: kce._ce_rows(logits, V, targets, loss, hit, -1, True, block, warps)  # noqa: E731
     copy_src = torch.empty_like(logits)
     ms = cuda_time_ms(run, warmup=3, iters=20)
     copy_ms = cuda_time_ms(lambda: copy_src.copy_(logits), warmup=3, iters=20)
@@ -158,4 +168,5 @@ def test_row_kernel(benchmark, block, warps):
         copy_ms=round(copy_ms, 4),
         ratio_vs_copy=round(copy_ms / ms, 3),
         rows=M,
+        programs=programs or M,
     )

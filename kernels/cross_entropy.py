@@ -41,7 +41,9 @@ widens its partial into dW and the seed's step has one add (not yet measured). T
 had the row kernel at 254 us a chunk (3.2 TB/s over its 3 passes, 51% L2 hits, 24 warps per SM
 for its 80 registers, and its ragged last tile in 2-byte loads: 13% excess sectors); the per-lane
 form above compiles to 40 registers (48 warps per SM) with every logit load 16 bytes wide (not yet
-measured; ``bench/test_bench_cross_entropy.py::test_row_kernel``). The chunks run in
+measured; ``bench/test_bench_cross_entropy.py::test_row_kernel`` sweeps tiles and warps, and a
+persistent grid of one 32-warp program per SM, which keeps 132 rows in flight instead of hundreds,
+so that pass 2 reads from L2). The chunks run in
 order and each dW update is one GEMM: no atomics, bitwise reproducible.
 
 Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
@@ -135,27 +137,16 @@ def _grad_tile(
 
 
 @triton.jit
-def _ce_rows_kernel(
-    LOGITS,  # pointer to the chunk's logits (M, VP), row stride stride_row, unit column stride;
-    #          overwritten with softmax - onehot(target) (zeros on ignored rows and past V) when WRITE_GRAD
-    TARGETS,  # pointer to the chunk's targets (M,), int64
-    LOSS,  # pointer to the per-row loss (M,), fp32; written: lse - logit[target], 0 on ignored rows
-    HIT,  # pointer to the per-row accuracy (M,), int32; written: 1 where the argmax is the target
-    stride_row,
-    V,  # the vocabulary: columns [0, V) are logits
-    VP,  # the row's width, V <= VP <= stride_row (a multiple of 128 from the chunk loop, so the masked
-    #      load stays vectorized): columns [V, VP) are read and ignored, and zeroed with the gradient
-    ignore_index,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,  # logits per tile
-    VEC: tl.constexpr,  # logits per 16-byte vector: 8 in half precision, 4 in fp32
+def _ce_row(
+    LOGITS, TARGETS, LOSS, HIT,  # as in _ce_rows_kernel
+    row, stride_row, V, VP, ignore_index,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
-    """One program per row. Pass 1 keeps per-lane online statistics (running max, sum of
-    exponentials, first index of the max) over the tiles in vocabulary order and reduces across
-    lanes once, at the end; pass 2 writes the gradient in place over the tiles in reverse order, so
-    its first reads are the tiles pass 1 read last, the likeliest still in L2."""
+    """One row. Pass 1 keeps per-lane online statistics (running max, sum of exponentials, first
+    index of the max) over the tiles in vocabulary order and reduces across lanes once, at the end;
+    pass 2 writes the gradient in place over the tiles in reverse order, so its first reads are the
+    tiles pass 1 read last, the likeliest still in L2."""
     ROWS: tl.constexpr = BLOCK_V // VEC
-    row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     target = tl.load(TARGETS + row)
     counted = target != ignore_index
@@ -187,6 +178,36 @@ def _ce_rows_kernel(
             _grad_tile(base, (n_full - 1 - t) * BLOCK_V, V, VP, row_max, inv_s, target, keep, ROWS, VEC, False)
 
 
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS,  # pointer to the chunk's logits (M, VP), row stride stride_row, unit column stride;
+    #          overwritten with softmax - onehot(target) (zeros on ignored rows and past V) when WRITE_GRAD
+    TARGETS,  # pointer to the chunk's targets (M,), int64
+    LOSS,  # pointer to the per-row loss (M,), fp32; written: lse - logit[target], 0 on ignored rows
+    HIT,  # pointer to the per-row accuracy (M,), int32; written: 1 where the argmax is the target
+    M,  # rows
+    stride_row,
+    V,  # the vocabulary: columns [0, V) are logits
+    VP,  # the row's width, V <= VP <= stride_row (a multiple of 128 from the chunk loop, so the masked
+    #      load stays vectorized): columns [V, VP) are read and ignored, and zeroed with the gradient
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # logits per tile
+    VEC: tl.constexpr,  # logits per 16-byte vector: 8 in half precision, 4 in fp32
+    PERSISTENT: tl.constexpr,  # False: program p does row p; True: rows p, p + P, ... of the grid's P
+):
+    """One program per row (the default), or a persistent grid of fewer programs holding fewer rows
+    in flight, so that more of pass 2's reads hit L2 (the benchmark's sweep; a loop over rows costs
+    registers, hence two forms)."""
+    if PERSISTENT:
+        for row in range(tl.program_id(0), M, tl.num_programs(0)):
+            _ce_row(LOGITS, TARGETS, LOSS, HIT, tl.cast(row, tl.int64), stride_row, V, VP, ignore_index,
+                    WRITE_GRAD, BLOCK_V, VEC)
+    else:
+        _ce_row(LOGITS, TARGETS, LOSS, HIT, tl.program_id(0).to(tl.int64), stride_row, V, VP, ignore_index,
+                WRITE_GRAD, BLOCK_V, VEC)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launcher and the chunk loop
 # ----------------------------------------------------------------------------------------------
@@ -216,16 +237,20 @@ def _vocab_padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _ce_rows(logits: torch.Tensor, V: int, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
-             ignore_index: int, write_grad: bool, block: Optional[int] = None, warps: Optional[int] = None) -> None:
+             ignore_index: int, write_grad: bool, block: Optional[int] = None, warps: Optional[int] = None,
+             programs: Optional[int] = None) -> None:
     """Launch the row kernel on one chunk: (M, VP) logits whose first V columns are the vocabulary,
-    (M,) int64 targets, (M,) loss and hits. ``block`` and ``warps`` override the launcher's choice
-    (the benchmark's sweep)."""
+    (M,) int64 targets, (M,) loss and hits. ``block``, ``warps`` and ``programs`` (a persistent
+    grid of that many programs; default one program per row) override the launcher's choice: the
+    benchmark's sweep."""
     M, VP = logits.shape
     vec = 16 // logits.element_size()
     default_block, default_warps = _block_and_warps(V, vec)
-    _ce_rows_kernel[(M,)](
-        logits, targets, loss, hit, logits.stride(0), V, VP, ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_V=block or default_block, VEC=vec, num_warps=warps or default_warps,
+    persistent = programs is not None and programs < M
+    _ce_rows_kernel[(programs if persistent else M,)](
+        logits, targets, loss, hit, M, logits.stride(0), V, VP, ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block or default_block, VEC=vec, PERSISTENT=persistent,
+        num_warps=warps or default_warps,
     )
 
 

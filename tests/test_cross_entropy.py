@@ -222,6 +222,38 @@ def test_row_kernel_reads_past_the_vocabulary_but_never_counts_it(dtype, V):
     assert torch.count_nonzero(logits[:, V:]) == 0
 
 
+@pytest.mark.parametrize("write_grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_kernel_persistent_grid_and_tiles_give_the_same_rows(dtype, write_grad):
+    """The benchmark's sweep (``_ce_rows(block=, warps=, programs=)``): a persistent grid of 3
+    programs over 8 rows (rows p, p + 3, ...), and other tiles and warps, write the very loss, hits
+    and gradient of the default grid of one program per row -- bit for bit where the tile is the
+    same, and to float rounding (the lanes fold in another order) where it is not."""
+    V, M = 5003, 8
+    VP = padded(V, kce.VOCAB_MULTIPLE)
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(M, VP, generator=g)).to(dtype).to(DEVICE)
+    targets = torch.randint(0, V, (M,), generator=g).to(DEVICE)
+    targets[3] = -1
+
+    def run(**options):
+        out = logits.clone(), torch.empty(M, device=DEVICE), torch.empty(M, device=DEVICE, dtype=torch.int32)
+        kce._ce_rows(out[0], V, targets, out[1], out[2], -1, write_grad, **options)
+        return out
+
+    want = run()
+    for options, exact in ((dict(programs=3), True), (dict(programs=3, block=1024, warps=2), False),
+                           (dict(block=512, warps=1), False), (dict(programs=M), True)):
+        got = run(**options)
+        assert torch.equal(got[2], want[2]), options
+        if exact:
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), options
+        else:
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[0], want[0], atol=TOL[dtype] / 10, rtol=TOL[dtype])
+    assert not torch.equal(want[0], logits) if write_grad else torch.equal(want[0], logits)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignore_index_inside_the_vocabulary(monkeypatch, impl):
     """ignore_index may be a real token (say, a padding id): those rows count for nothing."""
