@@ -55,7 +55,7 @@ def test_outputs_loss_and_one_flag_exact_resume(base_args, tmp_path, capsys, his
     start = out.splitlines()[0]
     for part in ("train: preset tiny (", "1.62M parameters",
                  "256 tokens/step (4 seqs x 32 tokens x 2 accumulation, run as 1 x 8 seqs a process)",
-                 "| 20 steps |", "cpu fp32, impl torch, 1 process", "validation every 10 steps",
+                 "| 20 steps |", "cpu fp32, impl torch, 1 process", "validation every 10 steps (8 seqs a forward)",
                  f"{LAST_NAME} every 100 steps", f"new run in {straight}"):
         assert part in start, (part, start)
     assert "speed after 3 steps:" in out and "ETA" in out
