@@ -182,9 +182,10 @@ class Decoder:
     step on a cache runs eagerly (Triton compiles and autotunes), the second is captured over that
     cache and replayed from then on (``_graph_step``). Capturing takes milliseconds where compiling
     takes tens of seconds. The cache spans the whole context and the next generation with the same
-    batch size and padding gets the same cache back (``new_cache``), so its steps replay the graph
-    already captured: a decoder kept across ``generate`` calls (``sample.py``'s samples) captures
-    once. ``cuda_graph=True`` off CUDA is a ValueError; ``False`` launches every step.
+    batch size, padding, dtype and impl gets the same cache back (``new_cache``), so its steps
+    replay the graph already captured: a decoder kept across ``generate`` calls (``sample.py``'s
+    samples) captures once. ``cuda_graph=True`` off CUDA is a ValueError; ``False`` launches every
+    step.
     """
 
     def __init__(self, model: GPT2Model, *, device=None, dtype: Optional[str] = None,

@@ -7,8 +7,9 @@ CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py
   waits on the device: loss, correct and counted targets come back in a device tensor that the
   caller reads when it chooses (the loop: every ``--log-interval`` steps).
 * ``score`` / ``evaluate``: loss, perplexity and accuracy over every real token once
-  (``TEST_PROTOCOL``), in forwards of ``default_eval_batch`` windows unless asked otherwise; ``evaluate_seed_protocol`` scores a model the way the seed did (stories
-  padded to 256 with EOS, padding counted; ``SEED_PROTOCOL``), for comparison with its figures.
+  (``TEST_PROTOCOL``), in forwards of ``default_eval_batch`` windows unless asked otherwise;
+  ``evaluate_seed_protocol`` scores a model the way the seed did (stories padded to 256 with EOS,
+  padding counted; ``SEED_PROTOCOL``), for comparison with its figures.
 """
 
 from __future__ import annotations

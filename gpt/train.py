@@ -333,7 +333,8 @@ def _start_line(trainer: Trainer, resumed: bool, flags: list[str]) -> str:
     saves = f"{LAST_NAME} every {opts.checkpoint_interval} steps and " if opts.checkpoint_interval else f"{LAST_NAME} "
     k = merge_factor(trainer.accum, tc.batch_size * cfg.max_seq_length, opts.forward_tokens)
     merged = "" if k == 1 else f", run as {trainer.accum // k} x {k * tc.batch_size} seqs a process"
-    evals = (f"every {tc.eval_interval} steps" if tc.eval_interval else "at the end") + f" ({trainer.eval_batch} seqs a forward)"
+    evals = f"every {tc.eval_interval} steps" if tc.eval_interval else "at the end"
+    evals += f" ({trainer.eval_batch} seqs a forward)"
     where = (f"resuming at step {trainer.state.step} of {trainer.out / LAST_NAME}" if resumed
              else f"new run in {trainer.out}" + (f", starting from {opts.init_from}" if opts.init_from else ""))
     if resumed:
