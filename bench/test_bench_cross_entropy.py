@@ -167,6 +167,6 @@ def test_row_kernel(benchmark, block, warps, per_sm):
         peer="a device copy of the chunk (one read + one write)",
         copy_ms=round(copy_ms, 4),
         ratio_vs_copy=round(copy_ms / ms, 3),
-        rows=M,
+        chunk_rows=M,
         programs=programs or M,
     )
