@@ -11,9 +11,11 @@
 #            bf16 included; the static compile gate is left to CI; 92% done at 120 s in run 3   (<= 170 s)
 #   attention  attention vs SDPA-FA2 (training shapes, decode), bf16 checked first            (<= 100 s)
 #   kernels  LayerNorm vs copy bandwidth and eager, the fused LM head vs F.linear +
-#            F.cross_entropy, per-kernel device times, the launchers' host time a call          (<= 100 s)
+#            F.cross_entropy, its row kernel's tile / warps / grid sweep vs a device copy,
+#            per-kernel device times, the launchers' host time a call                           (<= 100 s)
 #   step     train step at batch 32 x 256 (triton, torch, both compiled, both CUDA-graphed,
-#            transformers); the validation forward eager and CUDA-graphed; MFU at batches 128,
+#            transformers); the validation forward eager and CUDA-graphed (32 and 256 sequences
+#            a forward); MFU at batches 128,
 #            512, 2048 with the costliest kernels; 116 s in run 3 (before the forward)          (<= 170 s)
 #   sample   decoding at batch 1, then at batch 64 with the split-K kernel, each its own JSON
 #            (eager, compiled, CUDA graph vs transformers); batch 1 alone took ~75 s in run 3  (<= 2 x 90 s)
