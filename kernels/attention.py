@@ -377,7 +377,13 @@ def _attn_bwd_dq_kernel(
 
 class _Config(triton.Config):
     """BLOCK_M query rows by BLOCK_N key rows, for head dims up to ``max_head_dim`` (above it the
-    compiled kernel spills registers on sm_80 or sm_90: see ``kernels.compile_check``)."""
+    compiled kernel spills registers on sm_80 or sm_90: see ``kernels.compile_check``).
+
+    ``max_head_dim`` lives in a slot, outside the instance ``__dict__``: Triton's autotune disk cache
+    (``cache_results``) writes ``config.__dict__`` and rebuilds ``triton.Config(**that)``, which
+    takes Triton's own fields only."""
+
+    __slots__ = ("max_head_dim",)
 
     def __init__(self, block_m: int, block_n: int, warps: int, stages: int,
                  max_head_dim: int = max(SUPPORTED_HEAD_DIMS)):
@@ -490,8 +496,11 @@ _prune_dq = _Prune(held_rows="BLOCK_M", streamed_rows="BLOCK_N", held_tiles=2)
 def _tuned(kernel, interpret_configs, cuda_configs, prune):
     if _INTERPRET:
         return triton.autotune(configs=interpret_configs, key=_AUTOTUNE_KEY)(kernel)
+    # cache_results: a key's choice is written to Triton's cache directory and read back by the next
+    # process (train.py, sample.py, evaluate.py), which then starts without benchmarking every
+    # configuration again (125 ms each by Triton's default). Not in the interpreter (Triton's rule).
     return triton.autotune(configs=cuda_configs, key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+                           prune_configs_by={"early_config_prune": prune}, cache_results=True)(kernel)
 
 
 class _Tuned:

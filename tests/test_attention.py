@@ -348,3 +348,54 @@ def test_the_tuning_key_separates_what_the_autotuners_key_separates(monkeypatch)
     assert len(keys) == 3 * 2 * 2 * 3 * 2  # kernels x head dims x dtypes x length buckets x kv_start
     joined = {key: found for key, found in keys.items() if len(found) > 1}
     assert not joined
+
+
+_DISK_CACHE_CHILD = r"""
+import json, sys
+import torch
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from kernels import attention, compile_check
+
+driver.set_active(compile_check.StandInDriver(compile_check.ARCHS["sm_90"]))
+attention._launchable = lambda device: True
+JITFunction.run = lambda self, *args, **kwargs: None  # nothing compiles or launches: only the choice matters
+benched = []
+Autotuner._bench = lambda self, *args, config, **kw: benched.append(config) or [float(config.num_warps)] * 3
+q = torch.randn(2, 8, 256, 64, dtype=torch.bfloat16)
+picks = []
+for _ in range(2):  # a first process, then one that finds the first's choice on disk
+    for tuned in attention._TUNED:
+        tuned.chosen, tuned.tuner.cache = {}, {}
+    before = len(benched)
+    attention._attention_forward(q, q, q, 0.125, None)
+    picks.append([str(attention._attn_fwd.tuner.best_config), len(benched) - before])
+print(json.dumps({"picks": picks, "cache_results": [t.tuner.cache_results for t in attention._TUNED],
+                  "pre_hooks": [bool(c.pre_hook) for t in attention._TUNED for c in t.tuner.configs]}))
+"""
+
+
+def test_an_autotuned_choice_is_kept_on_disk_for_the_next_process(tmp_path):
+    """On CUDA the attention autotuners keep their choices in Triton's cache directory
+    (``cache_results``), so a new process (train.py, sample.py) starts without benchmarking every
+    configuration again. Checked on the compile check's stand-in sm_90 driver, the benchmark faked:
+    the second tuning of a key reads the first's choice (no configuration benchmarked) and picks the
+    same. A configuration with a pre_hook would switch the disk cache off (Triton's rule): none has."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", _DISK_CACHE_CHILD], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["cache_results"] == [True, True, True] and not any(result["pre_hooks"])
+    (first, benched_first), (second, benched_second) = result["picks"]
+    assert benched_first > 1 and benched_second == 0 and first == second
+    assert list(tmp_path.rglob("_attn_fwd_kernel.autotune.json"))
