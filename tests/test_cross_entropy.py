@@ -226,9 +226,10 @@ def test_row_kernel_reads_past_the_vocabulary_but_never_counts_it(dtype, V):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_row_kernel_persistent_grid_and_tiles_give_the_same_rows(dtype, write_grad):
     """The benchmark's sweep (``_ce_rows(block=, warps=, programs=)``): a persistent grid of 3
-    programs over 8 rows (rows p, p + 3, ...), and other tiles and warps, write the very loss, hits
-    and gradient of the default grid of one program per row -- bit for bit where the tile is the
-    same, and to float rounding (the lanes fold in another order) where it is not."""
+    programs over 8 rows (rows p, p + 3, ...), and other tiles and warps, write the loss, hits and
+    gradient of the default grid of one program per row -- every row once (a row done twice would
+    take its gradient for logits), to float rounding (other tiles fold the lanes in another order;
+    on a GPU another compiled kernel may fuse multiply-adds otherwise)."""
     V, M = 5003, 8
     VP = padded(V, kce.VOCAB_MULTIPLE)
     g = torch.Generator().manual_seed(5)
@@ -242,15 +243,12 @@ def test_row_kernel_persistent_grid_and_tiles_give_the_same_rows(dtype, write_gr
         return out
 
     want = run()
-    for options, exact in ((dict(programs=3), True), (dict(programs=3, block=1024, warps=2), False),
-                           (dict(block=512, warps=1), False), (dict(programs=M), True)):
+    for options in (dict(programs=3), dict(programs=3, block=1024, warps=2), dict(block=512, warps=1),
+                    dict(programs=M)):
         got = run(**options)
         assert torch.equal(got[2], want[2]), options
-        if exact:
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), options
-        else:
-            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got[0], want[0], atol=TOL[dtype] / 10, rtol=TOL[dtype])
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], want[0], atol=TOL[dtype] / 10, rtol=TOL[dtype])
     assert not torch.equal(want[0], logits) if write_grad else torch.equal(want[0], logits)
 
 
