@@ -28,9 +28,9 @@ head's FLOPs; at N = 8,192, C = 512, V = 50,257 that is 0.42 TFLOP, ~0.6 ms of a
 TFLOP/s, to save holding a V x C fp32 buffer (103 MB, the size of the weight's own .grad) for the
 length of a forward. Every chunk's logits are written once by the GEMM, read twice (the second
 time partly from L2) and written once by the row kernel, and read by the two gradient GEMMs: 6
-passes of M x V x 2 bytes (bf16) per chunk, against ~24 such passes for eager (the bf16 logits; their fp32 copy; log-softmax reading it
-twice and writing fp32; argmax; the zero-filled fp32 gradient; log-softmax's backward; the cast back
-to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
+passes of M x V x 2 bytes (bf16) per chunk, against ~24 such passes for eager (the bf16 logits;
+their fp32 copy; log-softmax reading it twice and writing fp32; argmax; the zero-filled fp32
+gradient; log-softmax's backward; the cast back to bf16; the two gradient GEMMs). The GEMMs run at C M / (C + M) FLOP/byte (the logits write
 dominates their bytes): ~470 at C = 512, M = 5,336, above an H100's ~300 FLOP/byte ridge. dW costs a
 read and a write of V x C fp32 and a half-precision partial per chunk, 12 V C bytes against the
 chunk's 6 M V C FLOPs: M / 2 FLOP/byte, so chunks are large on a GPU: 5,336 rows at V = 50,304
@@ -43,8 +43,8 @@ for its 80 registers, and its ragged last tile in 2-byte loads: 13% excess secto
 form above compiles to 40 registers (48 warps per SM) with every logit load 16 bytes wide (not yet
 measured; ``bench/test_bench_cross_entropy.py::test_row_kernel`` sweeps tiles and warps, and a
 persistent grid of one 32-warp program per SM, which keeps 132 rows in flight instead of hundreds,
-so that pass 2 reads from L2). The chunks run in
-order and each dW update is one GEMM: no atomics, bitwise reproducible.
+so that pass 2 reads from L2). The chunks run in order and each dW update is one GEMM: no atomics,
+bitwise reproducible.
 
 Under autocast the caller passes the compute dtype (the model passes ``gpt.ops.lm_head_dtype``,
 autocast's dtype, as ``F.linear`` would cast to): h and W are cast to it for the GEMMs; softmax
