@@ -14,7 +14,11 @@ profiled kernel says which target launched it. Targets (bf16):
 * ``add_layer_norm_autocast``: the model's add + LayerNorm under autocast at 16,384 x 512 (bf16
   branch, fp32 residual stream, the LayerNorm written in bf16: ``out_dtype``);
 * ``lm_head``: the fused LM head + cross-entropy forward + backward at 8,192 x 512 over GPT-2's
-  vocabulary (its row kernel and the padded-vocabulary GEMMs; 0.33x torch.compile there).
+  vocabulary (its row kernel and the padded-vocabulary GEMMs; 0.33x torch.compile there);
+* ``ce_rows`` / ``ce_rows_persistent``: the head's row kernel alone on one 5,336-row chunk of bf16
+  logits, one program per row (the default) and a persistent grid of one 32-warp program per SM
+  (``bench/test_bench_cross_entropy.py::test_row_kernel``'s candidate): their L2 hit rates and
+  DRAM bytes say whether holding fewer rows in flight lets the gradient pass read from L2.
 
 ``--list`` prints the target names; ``--only NAME ...`` profiles a subset.
 """
@@ -29,12 +33,14 @@ import torch
 import torch.nn.functional as F
 
 WARMUP = 3
-TARGETS = ("attention", "sdpa_flash", "layer_norm", "f_layer_norm", "add_layer_norm_autocast", "lm_head")
+TARGETS = ("attention", "sdpa_flash", "layer_norm", "f_layer_norm", "add_layer_norm_autocast", "lm_head", "ce_rows",
+           "ce_rows_persistent")
 
 
 def targets() -> dict[str, Callable[[], None]]:
     """name -> one forward + backward of that target on fixed CUDA inputs."""
     import kernels
+    import kernels.cross_entropy as kce
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -74,8 +80,22 @@ def targets() -> dict[str, Callable[[], None]]:
     def lm_head():
         kernels.linear_cross_entropy(h, wte, y, dtype=dt)[0].backward()
 
+    vp = -(-50257 // kce.VOCAB_MULTIPLE) * kce.VOCAB_MULTIPLE
+    rows = kce._chunk_rows(vp)
+    chunk = rand(rows, vp)  # overwritten with its gradient by every call: the same work each time
+    chunk_targets = torch.randint(0, 50257, (rows,), device=dev, generator=g)
+    loss, hit = torch.empty(rows, device=dev), torch.empty(rows, device=dev, dtype=torch.int32)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def ce_rows():
+        kce._ce_rows(chunk, 50257, chunk_targets, loss, hit, -1, True)
+
+    def ce_rows_persistent():
+        kce._ce_rows(chunk, 50257, chunk_targets, loss, hit, -1, True, block=16384, warps=32, programs=sms)
+
     made = {"attention": attention, "sdpa_flash": sdpa_flash, "layer_norm": layer_norm,
-            "f_layer_norm": f_layer_norm, "add_layer_norm_autocast": add_layer_norm_autocast, "lm_head": lm_head}
+            "f_layer_norm": f_layer_norm, "add_layer_norm_autocast": add_layer_norm_autocast, "lm_head": lm_head,
+            "ce_rows": ce_rows, "ce_rows_persistent": ce_rows_persistent}
     return {name: made[name] for name in TARGETS}
 
 
