@@ -102,6 +102,13 @@ DISPATCHED = ["layer_norm, inference", "causal_attention forward, inference",
               "causal_attention backward (launches)", "decode_attention"]
 
 
+def autotune_files() -> set:
+    """The autotuners' choices in Triton's cache directory (``cache_results``)."""
+    from triton import knobs
+
+    return {str(p) for p in Path(knobs.cache.dir).rglob("*.autotune.json")}
+
+
 def dispatched_us() -> dict[str, list]:
     """Host us per call of each DISPATCHED call through Triton's real dispatch (binding,
     specialisation, the autotuner, cache lookup) on the compile check's stand-in sm_90 driver, where
@@ -118,6 +125,8 @@ def dispatched_us() -> dict[str, list]:
     jit_run = JITFunction.run
     JITFunction.run = lambda self, *args, grid, warmup=False, **kw: jit_run(self, *args, grid=grid, warmup=True, **kw)
     Autotuner._bench = lambda self, *args, config, **kw: [float(config.num_warps)] * 3  # no GPU to time them on
+    for tuned in attention._TUNED:  # these made-up choices must not reach Triton's cache for a GPU run to read
+        tuned.tuner.cache_results = False
 
     q = torch.randn(16, 8, 256, 64, dtype=torch.bfloat16)
     do = torch.randn_like(q)
@@ -145,7 +154,9 @@ def dispatched_us() -> dict[str, list]:
 def dispatched():
     """``dispatched_us()`` from a child process (the JIT, not the interpreter, loaded), and its wall time."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from bench.test_bench_host import dispatched_us; print(json.dumps(dispatched_us()))"
+    code = ("import json; from bench.test_bench_host import autotune_files, dispatched_us; before = autotune_files(); "
+            "figures = dispatched_us(); figures['autotune files written'] = sorted(autotune_files() - before); "
+            "print(json.dumps(figures))")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -159,6 +170,8 @@ def test_dispatched_host_us(benchmark, dispatched, name):
     import triton
 
     figures, wall_s = dispatched
+    # The stand-in driver reports a real target (sm_90): made-up timings on disk would be a GPU's choices.
+    assert figures["autotune files written"] == []
     us, through_autotuner = figures[name]
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figure is the child's, in extra_info
     info = dict(host_us=round(us, 2), triton=triton.__version__, what=name, child_wall_s=round(wall_s, 1))
