@@ -5,8 +5,8 @@ weights need another layout, dtype or int8; never a change to the caller's model
 and the decode step, compiled when asked. ``Decoder.prefill`` runs the (left-padded) prompts
 through the model once and fills the cache (host positions, sliced cache); ``Decoder.step`` feeds
 one token per row at the cache's device position against the whole fixed-size cache, masked by the
-written length and each row's start (same shapes every call: ``torch.compile`` captures it, on CUDA
-in a CUDA graph). ``generate`` drives them:
+written length and each row's start (same shapes every call: on CUDA it is replayed from a CUDA
+graph by default, or compiled when asked). ``generate`` drives them:
 
 * Generated tokens stay on the device in a preallocated buffer. Sampling draws by inverse
   transform (a uniform against the cumulative sum), which needs no host sync. Without streaming,
