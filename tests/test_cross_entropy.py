@@ -252,6 +252,39 @@ def test_row_kernel_persistent_grid_and_tiles_give_the_same_rows(dtype, write_gr
     assert not torch.equal(want[0], logits) if write_grad else torch.equal(want[0], logits)
 
 
+def test_dw_accumulated_in_fp32_inside_the_gemm_where_torch_can(monkeypatch):
+    """Where torch multiplies half precision into an fp32 output and accumulates into it in place
+    (``torch.addmm(out_dtype=torch.float32)``, CUDA in newer versions: ``_gemms_into_fp32`` probes),
+    each chunk's dW product goes straight into the fp32 dW -- the first chunk's written, every later
+    one added. The CPU has no such kernel (the probe says no), so here torch's two calls are stood in
+    for by fp32 products of the same operands; the result must match float64 as the half-precision
+    partials do, and the stand-ins must be called once per chunk (3 chunks of 8 rows)."""
+    assert not kce._gemms_into_fp32(torch.device("cpu"))
+    calls = []
+    mm, addmm = torch.mm, torch.addmm
+
+    def fake_mm(a, b, *args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return mm(a, b, *args, **kwargs)
+        calls.append("mm")
+        return a.float() @ b.float()
+
+    def fake_addmm(c, a, b, *args, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return addmm(c, a, b, *args, out=out, **kwargs) if out is not None else addmm(c, a, b, *args, **kwargs)
+        calls.append("addmm")
+        assert out is c and c.dtype == torch.float32
+        return out.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(kce, "_gemms_into_fp32", lambda device: True)
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+    set_chunk_rows(monkeypatch, 97, rows=8)
+    h, weight, targets = make_case(19, 16, 97, torch.float16, ignored=(2,), hits=(0, 5))
+    assert check("triton", h, weight, targets, torch.float16) >= 2
+    assert calls == ["mm", "addmm", "addmm"]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignore_index_inside_the_vocabulary(monkeypatch, impl):
     """ignore_index may be a real token (say, a padding id): those rows count for nothing."""
