@@ -237,31 +237,32 @@ def _vocab_padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-_FP32_OUT: dict[torch.device, bool] = {}  # device -> whether _gemms_into_fp32 found it works
+_FP32_OUT: dict[tuple, bool] = {}  # (device, dtype) -> whether _gemms_into_fp32 found it works
 
 
-def _gemms_into_fp32(device: torch.device) -> bool:
-    """Whether torch multiplies half-precision matrices into an fp32 output on ``device`` and adds
-    them into an fp32 tensor in place (``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)``):
+def _gemms_into_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies half-precision ``dtype`` matrices into an fp32 output on ``device``
+    and adds them into an fp32 tensor in place (``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)``):
     then dW takes each chunk's product inside the GEMM's epilogue, in fp32, instead of a rounded
     half-precision partial and an fp32 add (run 3: 92 us of each 2,668-row chunk's ~900, on an
     H200). CUDA only, and only where this torch takes an fp32 ``c`` (versions differ): probed once
-    per device on 16 x 16 ones, both calls (a host sync, in an eager step; during a CUDA graph
-    capture an unprobed device says no, without asking)."""
+    per device and dtype on 16 x 16 ones, both calls (a host sync, in an eager step; during a CUDA
+    graph capture an unprobed pair says no, without asking)."""
     if device.type != "cuda":
         return False
-    if device not in _FP32_OUT:
+    key = (device, dtype)
+    if key not in _FP32_OUT:
         if torch.cuda.is_current_stream_capturing():
             return False
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        a = torch.ones(16, 16, dtype=dtype, device=device)
         c = torch.ones(16, 16, dtype=torch.float32, device=device)
         try:
             product = torch.mm(a, a, out_dtype=torch.float32)
             torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-            _FP32_OUT[device] = bool((product == 16).all() & (c == 17).all())
+            _FP32_OUT[key] = bool((product == 16).all() & (c == 17).all())
         except (RuntimeError, TypeError):
-            _FP32_OUT[device] = False
-    return _FP32_OUT[device]
+            _FP32_OUT[key] = False
+    return _FP32_OUT[key]
 
 
 def _ce_rows(logits: torch.Tensor, V: int, targets: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor,
@@ -298,7 +299,7 @@ def _forward(h, weight, targets, ignore_index: int, dtype: torch.dtype, need_dh:
     dw = None  # fp32 (Vp, C): the first chunk's product, then each later chunk's added
     rows = _chunk_rows(Vp)
     buf = torch.empty(min(rows, N), Vp, dtype=dtype, device=h.device)  # one chunk of logits, reused
-    fp32_out = need_dw and dtype != torch.float32 and _gemms_into_fp32(h.device)
+    fp32_out = need_dw and dtype != torch.float32 and _gemms_into_fp32(h.device, dtype)
     with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)

@@ -259,7 +259,7 @@ def test_dw_accumulated_in_fp32_inside_the_gemm_where_torch_can(monkeypatch):
     one added. The CPU has no such kernel (the probe says no), so here torch's two calls are stood in
     for by fp32 products of the same operands; the result must match float64 as the half-precision
     partials do, and the stand-ins must be called once per chunk (3 chunks of 8 rows)."""
-    assert not kce._gemms_into_fp32(torch.device("cpu"))
+    assert not kce._gemms_into_fp32(torch.device("cpu"), torch.float16)
     calls = []
     mm, addmm = torch.mm, torch.addmm
 
@@ -276,7 +276,7 @@ def test_dw_accumulated_in_fp32_inside_the_gemm_where_torch_can(monkeypatch):
         assert out is c and c.dtype == torch.float32
         return out.add_(a.float() @ b.float())
 
-    monkeypatch.setattr(kce, "_gemms_into_fp32", lambda device: True)
+    monkeypatch.setattr(kce, "_gemms_into_fp32", lambda device, dtype: dtype == torch.float16)
     monkeypatch.setattr(torch, "mm", fake_mm)
     monkeypatch.setattr(torch, "addmm", fake_addmm)
     set_chunk_rows(monkeypatch, 97, rows=8)
