@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .host import cdiv, next_power_of_2
+from .launch import Direct
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -505,7 +506,8 @@ def _tuned(kernel, interpret_configs, cuda_configs, prune):
 
 class _Tuned:
     """An autotuned kernel, launched through Triton's ``Autotuner`` on the first call of each tuning
-    key and then straight through its ``JITFunction`` with the configuration the autotuner chose.
+    key and then with the configuration the autotuner chose, past both the autotuner and the JIT's
+    per-call dispatch (``kernels.launch.Direct``).
 
     The autotuner's per-call work (dicts of the kernel's ~40 arguments, the dtype of each) took
     16 us a launch on this project's CPU, under Triton 3.6 and 3.9 alike, as much as the JIT's own
@@ -514,26 +516,30 @@ class _Tuned:
     (``_AUTOTUNE_KEY`` and the tensor arguments' dtypes): the launchers pass the head dim, the length
     buckets, whether there is a ``kv_start``, and the dtypes of q (and dO). A launch whose autotuner
     chose nothing (``kernels.compile_check`` compiles every configuration instead) records nothing.
+    ``grid`` takes the launch's constexprs (the chosen configuration's among them).
     """
 
     def __init__(self, tuner):
         self.tuner = tuner
-        self.chosen: dict[tuple, triton.Config] = {}  # tuning key -> the autotuner's configuration
+        self.direct = Direct(tuner.fn)
+        self.chosen: dict[tuple, dict] = {}  # tuning key -> the chosen configuration's kwargs
 
     def launch(self, grid, key: tuple, *args, **kwargs) -> None:
         config = self.chosen.get(key)
         if config is not None:
-            self.tuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+            kwargs.update(config)
+            self.direct.launch(grid(kwargs), args, kwargs)
             return
         self.tuner.best_config = None
         self.tuner[grid](*args, **kwargs)
         if self.tuner.best_config is not None:
-            self.chosen[key] = self.tuner.best_config
+            self.chosen[key] = self.tuner.best_config.all_kwargs()
 
 
 _attn_fwd = _Tuned(_tuned(_attn_fwd_kernel, _INTERPRET_FWD, _CUDA_FWD, _prune_fwd))
 _attn_bwd_dkdv = _Tuned(_tuned(_attn_bwd_dkdv_kernel, _INTERPRET_DKDV, _CUDA_DKDV, _prune_dkdv))
 _attn_bwd_dq = _Tuned(_tuned(_attn_bwd_dq_kernel, _INTERPRET_DQ, _CUDA_DQ, _prune_dq))
+_attn_bwd_delta = Direct(_attn_bwd_delta_kernel)  # not tuned: one fixed configuration
 _TUNED = (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)
 _CUDA_CONFIGS = {  # by kernel name, for kernels.compile_check
     "_attn_fwd_kernel": _CUDA_FWD, "_attn_bwd_dkdv_kernel": _CUDA_DKDV, "_attn_bwd_dq_kernel": _CUDA_DQ,
@@ -631,7 +637,7 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(B * H, cdiv(Tq, 64))](
+    _attn_bwd_delta[(B * H, cdiv(Tq, 64))](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -69,6 +69,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from kernels import attention
+from kernels.launch import through_jit
 from kernels.decode_attention import SUPPORTED_HEAD_DIMS as DECODE_HEAD_DIMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,31 @@ class StandInDriver(DriverBase):
         return 0
 
 
+class RecordingDriver(StandInDriver):
+    """The stand-in driver with launchers that record each launch in ``launches`` instead of running
+    it: what a GPU would be asked to run, on a machine without one (``tests/test_launch.py`` compares
+    ``kernels.launch.Direct``'s launches with the JIT's). A launch is recorded as (kernel name,
+    compiled kernel's handle, grid, stream, arguments); the launch hooks are called with the launch's
+    metadata, as Triton's launchers call them. Loading a kernel gives it a new handle."""
+
+    def __init__(self, arch: Arch):
+        super().__init__(arch)
+        self.launches: list[tuple] = []
+        handles = iter(range(1, 1 << 30))
+        self.utils.load_binary = lambda name, kernel, shared, device: (name, next(handles), 64, 0, 1024)
+
+    def launcher_cls(self, src, metadata):
+        name = src.fn.__name__
+
+        def launch(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
+            if enter is not None:
+                enter(launch_metadata)
+            self.launches.append((name, function, (g0, g1, g2), stream, args))
+            if leave is not None:
+                leave(launch_metadata)
+        return launch
+
+
 @dataclass
 class Compiled:
     """One compile through the launchers: the JIT function, its constexprs, the kernel (None if it
@@ -177,7 +203,8 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
     Triton's active driver is the stand-in; ``JITFunction.run`` compiles (``warmup=True``) instead of
     launching; an autotuned kernel compiles every configuration its ``early_config_prune`` keeps,
     instead of benchmarking them (and past any configuration a real run chose: ``attention._Tuned``);
-    ``kernels.attention`` accepts CPU tensors. All restored on exit.
+    no launch goes past the JIT (``kernels.launch.through_jit``); ``kernels.attention`` accepts CPU
+    tensors. All restored on exit.
     """
     compiled: list[Compiled] = []
     pending_estimate: list[Optional[int]] = [None]
@@ -222,7 +249,8 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
     for tuned in attention._TUNED:
         tuned.chosen = {}
     try:
-        yield compiled
+        with through_jit():  # a compile is not a launch: nothing to launch directly later
+            yield compiled
     finally:
         JITFunction.run, Autotuner.run = jit_run, autotuner_run
         attention._launchable = launchable

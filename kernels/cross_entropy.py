@@ -66,6 +66,7 @@ import triton.language as tl
 
 from . import attention
 from .host import cdiv, next_power_of_2
+from .launch import Direct
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ELEMENTS = 1 << 28  # logits per row chunk: 512 MiB in bf16 (5,336 rows at V = 50,304, padded)
@@ -213,6 +214,8 @@ def _ce_rows_kernel(
 # Launcher and the chunk loop
 # ----------------------------------------------------------------------------------------------
 
+_ce_rows_direct = Direct(_ce_rows_kernel)  # past the JIT's per-call dispatch (kernels.launch)
+
 
 def _block_and_warps(V: int, vec: int) -> tuple[int, int]:
     """The vocabulary tile (a power of two from one 16-byte vector up to MAX_BLOCK_V) and 1-8 warps
@@ -276,7 +279,7 @@ def _ce_rows(logits: torch.Tensor, V: int, targets: torch.Tensor, loss: torch.Te
     vec = 16 // logits.element_size()
     default_block, default_warps = _block_and_warps(V, vec)
     persistent = programs is not None and programs < M
-    _ce_rows_kernel[(programs if persistent else M,)](
+    _ce_rows_direct[(programs if persistent else M,)](
         logits, targets, loss, hit, M, logits.stride(0), V, VP, ignore_index,
         WRITE_GRAD=write_grad, BLOCK_V=block or default_block, VEC=vec, PERSISTENT=persistent,
         num_warps=warps or default_warps,

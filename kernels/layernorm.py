@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import attention
 from .host import cdiv, next_power_of_2
+from .launch import Direct
 
 MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,6 +131,10 @@ def _layer_norm_bwd_kernel(
 # Launchers: validate, flatten to (M, N) rows, pick block sizes, launch.
 # ----------------------------------------------------------------------------------------------
 
+# Launched past the JIT's per-call dispatch after the first launch of each signature (kernels.launch).
+_layer_norm_fwd = Direct(_layer_norm_fwd_kernel)
+_layer_norm_bwd = Direct(_layer_norm_bwd_kernel)
+
 
 @functools.lru_cache(maxsize=None)
 def _block_and_warps(N: int) -> tuple[int, int]:
@@ -195,7 +200,7 @@ def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dt
     if M > 0:
         r2 = x2 if residual is None else _rows(residual)
         block, warps = _block_and_warps(N)
-        _layer_norm_fwd_kernel[(M,)](
+        _layer_norm_fwd[(M,)](
             x2, r2, y if s is None else s, y, weight, bias, mean, rstd,
             x2.stride(0), r2.stride(0), N, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps,
@@ -223,7 +228,7 @@ def _backward(dy, ds, x, weight, mean, rstd):
     # dw's and db's (P, N) partials in one buffer, summed by one reduction: on an H200 the two sums
     # of separate buffers took 11.0 and 10.5 us at 16,384 x 512, half the backward (run 3's ncu.txt).
     partials = torch.empty((2, programs, N), dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(programs,)](
+    _layer_norm_bwd[(programs,)](
         x2, dy2, ds2, dx, weight, mean, rstd, partials[0], partials[1],
         x2.stride(0), dy2.stride(0), ds2.stride(0), M, N, rows_per_program,
         HAS_DS=ds is not None, BLOCK_N=block, num_warps=warps,
