@@ -8,12 +8,12 @@ compiled kernel's launcher. That took ~20 us a launch on this project's CPU (Tri
 
 ``Direct(fn)`` launches ``fn`` the JIT's way the first time it sees a launch key, keeps the compiled
 kernel the JIT chose, and on later launches with that key calls the kernel's launcher directly
-(the same call the JIT makes). The key is the current device, every int argument's value, every
-tensor's dtype and whether its address is a multiple of 16, the type of every float, and the
-keyword arguments (constexprs and launch options, with their types): that determines everything
-Triton specialises on, so a key never maps to two compiled kernels. ``tests/test_launch.py``
-checks, on a stand-in sm_90 driver that records launches, that the direct launches reach the same
-compiled kernels with the same arguments and grids as the JIT's own dispatch.
+(the same call the JIT makes). The key is the current device, each tensor argument's dtype and
+whether its address is a multiple of 16, the value and type of every other argument, and the
+keyword arguments (constexprs and launch options) with their types: finer than everything Triton
+specialises on, so a key never maps to two compiled kernels. ``tests/test_launch.py`` checks, on
+a stand-in sm_90 driver that records launches, that the direct launches reach the same compiled
+kernels with the same arguments and grids as the JIT's own dispatch.
 
 What the JIT does on every launch and a direct launch does on a key's first only: checking that
 the kernel's global variables have not changed, and reading Triton's debug and instrumentation
@@ -48,19 +48,8 @@ def through_jit() -> Iterator[None]:
         _enabled = before
 
 
-class _Uncacheable(Exception):
-    """An argument of a type the key does not cover: the launch goes through the JIT."""
-
-
-def _other_key(arg):
-    """The key of a positional argument that is neither an int nor a tensor."""
-    if arg is None:
-        return None
-    if isinstance(arg, bool):  # before int: True == 1, but Triton types a bool u1 and an int 1 constexpr
-        return bool, arg
-    if isinstance(arg, float):
-        return float  # passed as fp32 whatever its value: not specialised
-    raise _Uncacheable
+_SCALARS = frozenset({int, float, bool, type(None)})  # what may follow the tensors in a keyed launch
+MAX_KEYS = 1024  # per kernel; past it, new keys go through the JIT (float arguments are keyed by value)
 
 
 def _hooked(hook) -> bool:
@@ -70,11 +59,18 @@ def _hooked(hook) -> bool:
 
 class Direct:
     """``fn`` (a ``@triton.jit`` function) launched as ``kernel[grid](*args, **constexprs)``, past the
-    JIT's dispatch once a launch key has been through it. ``grid`` is a tuple of 1-3 ints."""
+    JIT's dispatch once a launch key has been through it. ``grid`` is a tuple of 1-3 ints.
+
+    The key reads the leading tensor arguments one by one (dtype, alignment) and the rest in bulk
+    (values and types, in C): ``tensors`` is how many lead in this kernel's launches, learnt from
+    the first. A launch that does not fit that layout (a tensor later, a non-tensor among the first
+    ``tensors``, another type) goes through the JIT.
+    """
 
     def __init__(self, fn):
         self.fn = fn
         self.jit = isinstance(fn, JITFunction)  # False under the interpreter: no compiled kernel to keep
+        self.tensors = None  # leading tensor arguments of the first launch
         # launch key -> (the JIT's compiled kernel, the constexpr values after the positional args)
         self.kernels: dict[tuple, tuple] = {}
 
@@ -85,13 +81,18 @@ class Direct:
         if not (_enabled and self.jit):
             self.fn[grid](*args, **kwargs)
             return
+        n = self.tensors
+        if n is None:
+            n = self.tensors = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        rest = args[n:]
+        types = tuple(map(type, rest))  # an int 1 and True, or 2 and 2.0, are equal but typed apart
         device = driver.active.get_current_device()
         try:
-            key = (device, *[(k, v.__class__, v) for k, v in kwargs.items()],
-                   *[a if a.__class__ is int
-                     else (a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
-                     else _other_key(a) for a in args])
-        except _Uncacheable:
+            key = (device, *kwargs.items(), *map(type, kwargs.values()),
+                   *[(t.dtype, not t.data_ptr() & 15) for t in args[:n]], *rest, *types)
+        except AttributeError:  # not a tensor among the first n
+            key = None
+        if key is None or not _SCALARS.issuperset(types):
             self.fn[grid](*args, **kwargs)
             return
         entry = self.kernels.get(key)
@@ -117,6 +118,6 @@ class Direct:
         if runtime:
             raise TypeError(f"{self.fn.__name__}: runtime arguments {runtime} must be passed positionally")
         kernel = self.fn[grid](*args, **kwargs)
-        if kernel is None or not hasattr(kernel, "packed_metadata"):
+        if kernel is None or not hasattr(kernel, "packed_metadata") or len(self.kernels) >= MAX_KEYS:
             return
         self.kernels[key] = kernel, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)

@@ -9,7 +9,8 @@ launchers record what they are asked to run. The same calls run twice: every lau
 compiled kernel (its handle), grid, stream and arguments -- while the direct run goes through the
 JIT only on each key's first launch. The calls: a probe kernel whose arguments walk Triton's
 specialisation rules (an int 1, a multiple of 16, neither, past int32; a tensor's dtype and
-16-byte alignment; a float's value; a constexpr True against 1), and the public kernels as the model
+16-byte alignment; a float's value; a constexpr True against 1), a kernel whose arguments the key
+does not cover (a tensor after an int: always through the JIT), and the public kernels as the model
 calls them (LayerNorm and add + LayerNorm forward and backward, attention forward and backward
 through its autotuned launches, split-K decoding).
 """
@@ -52,6 +53,12 @@ def probe(X, Y, stride, n, scale, FLAG: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(Y + i * stride, x, mask=i < n)
 
 
+@triton.jit
+def mixed(X, n, Y, BLOCK: tl.constexpr):  # a tensor after an int: never keyed, always the JIT's
+    i = tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i, mask=i < n), mask=i < n)
+
+
 rec = compile_check.RecordingDriver(compile_check.ARCHS["sm_90"])
 driver.set_active(rec)
 attention._launchable = lambda device: True
@@ -71,7 +78,7 @@ p = launch.Direct(probe)
 base = dict(FLAG=True, BLOCK=16)
 probe_calls = [  # each changes one thing from the first
     lambda: p[(1,)](x32, y32, 3, 5, 2.0, **base),
-    lambda: p[(1,)](x32, y32, 3, 5, 0.5, **base),  # another float: the same key
+    lambda: p[(1,)](x32, y32, 3, 5, 0.5, **base),  # another float: its own key, the same kernel
     lambda: p[(1,)](x32, y32, 17, 5, 2.0, **base),  # another int that Triton does not specialise
     lambda: p[(1,)](x32, y32, 1, 5, 2.0, **base),  # 1: a constant
     lambda: p[(2,)](x32, y32, 16, 5, 2.0, **base),  # a multiple of 16 (and another grid)
@@ -100,6 +107,9 @@ def hook(metadata):
 
 
 probe_calls.append(hooked)
+m = launch.Direct(mixed)
+probe_calls.append(lambda: m[(1,)](x32, 5, y32, BLOCK=16))
+probe_calls.append(lambda: p[(1,)](x32, y32, 3, 5, 2, **base))  # an int equal to the first call's float
 try:
     p[(1,)](x32, y32, 3, 5, scale=2.0, **base)
     refused = None
@@ -175,7 +185,7 @@ jit, jit_names, jit_hooked = run(through_jit=True)
 direct, direct_names, direct_hooked = run(through_jit=False)
 print(json.dumps({"refused": refused, "jit": jit, "direct": direct, "hooked": [jit_hooked, direct_hooked],
                   "jit_runs": jit_names, "direct_runs": direct_names,
-                  "kept": {name: len(d.kernels) for name, d in [("probe", p), ("layer_norm_fwd", sys.modules["kernels.layernorm"]._layer_norm_fwd),
+                  "kept": {name: len(d.kernels) for name, d in [("probe", p), ("mixed", m), ("layer_norm_fwd", sys.modules["kernels.layernorm"]._layer_norm_fwd),
                            ("attn_fwd", attention._attn_fwd.direct), ("decode_split", sys.modules["kernels.decode_attention"]._decode_split)]}}))
 '''
 
@@ -211,23 +221,26 @@ def test_each_key_goes_through_the_jit_once(recorded):
     assert recorded["jit_runs"] == launches  # through_jit: every launch
     runs = recorded["direct_runs"]
     first = launches[0::3]
-    first[1] = first[10] = 0  # the probe's second and hooked calls have the first call's key
+    first[10] = 0  # the hooked call has the first call's key
     assert runs[0::3] == first
-    assert runs[2::3] == [0] * len(launches[2::3])
+    assert runs[2::3] == [0] * 11 + [1] + [0] * 4  # the mixed kernel: every launch through the JIT
+    second = [i for i, n in enumerate(runs[1::3]) if n]
     attention_calls = [i for i, c in enumerate(recorded["direct"][0::3]) if c[0][0] == "_attn_fwd_kernel"]
-    assert [i for i, n in enumerate(runs[1::3]) if n] == attention_calls
+    assert second == sorted([11] + attention_calls)
     kept = recorded["kept"]
-    assert kept["probe"] == 9  # ten calls, two of which differ in a float only
+    assert kept["probe"] == 11 and kept["mixed"] == 0
     assert kept["layer_norm_fwd"] == 3 and kept["attn_fwd"] == 2 and kept["decode_split"] == 2
 
 
 def test_the_probe_reached_distinct_kernels_where_triton_specialises(recorded):
     """The probe's calls reach Triton's specialisations: an int 1, a multiple of 16, past int32, an
-    address off 16 bytes, bf16 and other constexprs each compiled apart from the first call; two
-    floats, and two ints that Triton does not tell apart (3 and 17), launch one kernel."""
+    address off 16 bytes, bf16, other constexprs, and an int where the first call passed a float,
+    each compiled apart from the first call; two floats, and two ints that Triton does not tell
+    apart (3 and 17), launch one kernel."""
     functions = [c[0][1] for c in recorded["jit"][:30:3]]
     assert functions[0] == functions[1] == functions[2]
     assert len({functions[0], *functions[3:9]}) == 7
+    assert recorded["jit"][36][0][1] != functions[0]  # the int 2 against the float 2.0
 
 
 def test_a_runtime_argument_passed_by_keyword_is_refused(recorded):
@@ -247,11 +260,3 @@ def test_the_interpreter_keeps_nothing():
     y = kernels.layer_norm(x, torch.ones(32), torch.zeros(32))
     assert torch.allclose(y, torch.nn.functional.layer_norm(x, (32,)), atol=1e-5)
     assert not kernels.layernorm._layer_norm_fwd.jit and kernels.layernorm._layer_norm_fwd.kernels == {}
-
-
-def test_other_argument_types_go_through_the_jit():
-    assert launch._other_key(None) is None
-    assert launch._other_key(True) == (bool, True) != 1  # a bool is never the int 1's key
-    assert launch._other_key(0.25) is float
-    with pytest.raises(launch._Uncacheable):
-        launch._other_key("x")
