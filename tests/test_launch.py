@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import launch
 from kernels.compile_check import nvidia_tools
 
 ROOT = Path(__file__).resolve().parents[1]
