@@ -9,7 +9,8 @@ written length and each row's start (same shapes every call: on CUDA it is repla
 graph by default, or compiled when asked). ``generate`` drives them:
 
 * Generated tokens stay on the device in a preallocated buffer. Sampling draws by inverse
-  transform (a uniform against the cumulative sum), which needs no host sync. Without streaming,
+  transform (a uniform against the cumulative sum), which needs no host sync; a graphed decode
+  step draws inside its graph (``Sampler``), so a token costs one replay. Without streaming,
   the host looks at the device only every ``check_every`` steps (to stop once every row has
   emitted EOS).
 * Prompts of different lengths are left-padded; ``cache.start[b]`` is row b's pad length, so the
@@ -107,6 +108,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
+class Sampler(NamedTuple):
+    """How the next tokens (B,) are drawn from logits (B, V): ``sample_next`` with these arguments.
+    A graphed ``Decoder`` captures it with the decode step (no launches of its own per token) when it
+    draws from torch's default generator, which CUDA graphs advance on every replay; with a
+    ``generator`` of its own it runs after the replay."""
+
+    temperature: float
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+
 class RowLinear(nn.Module):
     """A linear layer of a CPU bf16 decode copy (and its LM head, over the tied embedding): a single
     row -- batch-1 decoding -- goes through ``torch.mv``, more rows through ``F.linear``. On this
@@ -149,10 +165,12 @@ def _head(model: GPT2Model, lm_head: Optional[nn.Module], h: torch.Tensor) -> to
 
 
 class _CacheGraph(NamedTuple):
-    """A decode step captured over one cache: its static (B, 1) token input and the graph."""
+    """A decode step captured over one cache: its static (B, 1) token input, the sampler captured
+    with it (None: the graph gives logits), and the graph."""
 
     cache: KVCache
     tok: torch.Tensor
+    sample: Optional[Sampler]
     graph: Captured
 
 
@@ -222,7 +240,7 @@ class Decoder:
         self.cuda_graph = cuda_graph
         self.graphed: Optional[_CacheGraph] = None  # the graph of the last cache stepped on
         self._cache: Optional[tuple] = None  # (what it was made for, the last cache): handed out again (graphed)
-        self._warmed: Optional[KVCache] = None  # the cache whose first step ran eagerly
+        self._warmed: Optional[tuple] = None  # (cache, sampler) whose first step ran eagerly
         self._stream: Optional[torch.cuda.Stream] = None  # where graphed steps warm up and are captured
         self._step = _decode_step
         if compile:
@@ -291,38 +309,48 @@ class Decoder:
         h = self.model.hidden_states(idx, cache)[:, -1]
         return _head(self.model, self.lm_head, h)
 
-    def step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed one token per row (B, 1) at ``cache.pos``; return next-token logits (B, V)."""
+    def step(self, tok: torch.Tensor, cache: KVCache, sample: Optional[Sampler] = None) -> torch.Tensor:
+        """Feed one token per row (B, 1) at ``cache.pos``; return next-token logits (B, V), or with
+        ``sample`` the next tokens (B,) drawn from them -- inside the graph of a graphed decoder
+        when ``sample`` draws from the default generator."""
         if self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's logits have been consumed
+        inside = sample if self.cuda_graph and sample is not None and sample.generator is None else None
         if self.cuda_graph:
-            logits = self._graph_step(tok, cache)
+            out = self._graph_step(tok, cache, inside)
         else:
-            logits = self._step(self.model, self.lm_head, tok, cache)
+            out = self._step(self.model, self.lm_head, tok, cache)
         cache.pos += 1
-        return logits
+        return out if sample is None or inside is not None else sample(out)
 
-    def _graph_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The step as a replay of the cache's graph: its first step runs eagerly (on the capture's
-        stream: Triton compiles and autotunes there), its second is captured -- over the cache and a
-        static (B, 1) token buffer; the capture records the cache writes and ``cache.length += 1``
-        and runs nothing -- and replayed, as is every later one, in this generation and in the next
-        ones ``new_cache`` gives the same cache. The logits come back in the graph's static tensor,
-        which the next replay overwrites (stream order reads them first). Another cache drops the
-        last one's graph and its memory."""
+    def _graph_step(self, tok: torch.Tensor, cache: KVCache, sample: Optional[Sampler]) -> torch.Tensor:
+        """The step (and ``sample``, if given) as a replay of the cache's graph: its first step runs
+        eagerly (on the capture's stream: Triton compiles and autotunes there), its second is
+        captured -- over the cache and a static (B, 1) token buffer; the capture records the cache
+        writes and ``cache.length += 1`` and runs nothing -- and replayed, as is every later one, in
+        this generation and in the next ones ``new_cache`` gives the same cache, with the same
+        sampler. The logits (or tokens) come back in the graph's static tensor, which the next
+        replay overwrites (stream order reads them first). Another cache or sampler drops the last
+        graph and its memory."""
         graphed = self.graphed
-        if graphed is not None and graphed.cache is cache and graphed.tok.shape == tok.shape:
+        if (graphed is not None and graphed.cache is cache and graphed.tok.shape == tok.shape
+                and graphed.sample == sample):
             graphed.tok.copy_(tok)
             return graphed.graph.replay()
         self.graphed = None
         if self._stream is None and self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
-        if self._warmed is not cache:
-            self._warmed = cache
-            return run_on(self._stream, lambda: _decode_step(self.model, self.lm_head, tok, cache))
+
+        def step(tok):
+            logits = _decode_step(self.model, self.lm_head, tok, cache)
+            return logits if sample is None else sample(logits)
+
+        if self._warmed is None or self._warmed[0] is not cache or self._warmed[1] != sample:
+            self._warmed = (cache, sample)
+            return run_on(self._stream, lambda: step(tok))
         static_tok = tok.clone()
-        captured = Captured(lambda: _decode_step(self.model, self.lm_head, static_tok, cache), self._stream)
-        self.graphed = _CacheGraph(cache, static_tok, captured)
+        captured = Captured(lambda: step(static_tok), self._stream)
+        self.graphed = _CacheGraph(cache, static_tok, sample, captured)
         return captured.replay()
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
@@ -407,10 +435,10 @@ def generate(model: GPT2Model | Decoder, prompts: Sequence[Sequence[int]], max_n
         if cache.start is not None:
             cache.start.copy_(torch.tensor(start))
         done = torch.zeros(B, dtype=torch.bool, device=dec.device)
+        sample = Sampler(temperature, top_k, top_p, generator)
         try:
-            logits = dec.prefill(idx, cache)
+            tok = sample(dec.prefill(idx, cache))  # (B,)
             for step in range(max_new_tokens):
-                tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
                 if eos_id is not None:
                     tok = tok.masked_fill(done, eos_id)  # finished rows only repeat EOS
                     done |= tok == eos_id
@@ -425,9 +453,9 @@ def generate(model: GPT2Model | Decoder, prompts: Sequence[Sequence[int]], max_n
                 if cache.pos == cache.max_len:  # full: restart on the last `keep` tokens of each row
                     if cache.start is not None:
                         cache.start.copy_(torch.tensor([max(0, s - (n - keep)) for s in start]))
-                    logits = dec.prefill(buf[:, n - keep:n], cache)
+                    tok = sample(dec.prefill(buf[:, n - keep:n], cache))
                 else:
-                    logits = dec.step(tok[:, None], cache)
+                    tok = dec.step(tok[:, None], cache, sample)  # a graphed decoder samples in its graph
         except KeyboardInterrupt:
             raise GenerationInterrupted(_rows(buf[:, P:n], eos_id)) from None
     return _rows(buf[:, P:n], eos_id)

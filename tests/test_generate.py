@@ -205,6 +205,53 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(monkeypatch, impl):
     assert captures == 2
 
 
+def test_a_graphed_decoder_samples_inside_its_graph(monkeypatch):
+    """Sampling from the default generator is captured with the decode step (the graph gives the
+    tokens: one replay a token), and gives the eager decoder's tokens from the same seed (on a CPU,
+    whose stand-in replay runs the step; a GPU's graph draws its own numbers: there the same seed
+    gives the same tokens twice). A generator of the caller's is used after the replay (the graph
+    gives logits), a new sampler captures again, and greedy decoding captures argmax."""
+    from gpt import generate as gen
+
+    config = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
+    model = spread_model(config, seed=3).to(DEVICE)
+    prompts, settings = [[1, 2, 3], [4, 5]], dict(temperature=0.9, top_k=20, top_p=0.95, eos_id=None)
+
+    def sampled(dec, seed, **extra):
+        torch.manual_seed(seed)
+        return generate(dec, prompts, 24, **settings, **extra)
+
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(gen, "_captures_graphs", lambda device: True)
+    captures = []
+    captured = gen.Captured
+    monkeypatch.setattr(gen, "Captured", lambda fn, stream: captures.append(fn) or captured(fn, stream))
+    dec = Decoder(model)
+    out = sampled(dec, 7)
+    assert len(captures) == 1 and dec.graphed.sample == gen.Sampler(0.9, 20, 0.95)
+    with torch.inference_mode():
+        tokens = captures[0]()  # what the graph records (it runs on a cache the next prefill resets)
+    assert tokens.dtype == torch.int64 and tokens.shape == (2,)  # the graph's output: the next tokens
+    if DEVICE.type == "cuda":
+        assert sampled(dec, 7) == out and len(captures) == 1
+    else:
+        assert out == sampled(Decoder(model, cuda_graph=False), 7)
+    assert all(0 <= t < 97 for row in out for t in row)
+    assert sampled(dec, 8) != out  # another seed: other draws (the graph does not replay old ones)
+
+    own = torch.Generator(DEVICE).manual_seed(5)
+    mine = generate(dec, prompts, 24, **settings, generator=own)
+    assert len(captures) == 2 and dec.graphed.sample is None  # the caller's generator: logits from the graph
+    with torch.inference_mode():
+        assert captures[1]().dtype == torch.float32
+    eager = generate(Decoder(model, cuda_graph=False), prompts, 24, **settings,
+                     generator=torch.Generator(DEVICE).manual_seed(5))
+    assert mine == eager
+
+    generate(dec, prompts, 24, temperature=0, eos_id=None)
+    assert len(captures) == 3 and dec.graphed.sample == gen.Sampler(0)
+
+
 def test_graphed_decoders_keep_a_cache_only_where_its_graph_stays_valid(monkeypatch):
     """A graphed decoder hands its cache to the next generation only for the same batch size, padding,
     dtype and implementation, and never under autocast with its cast cache on (the cached casts a
