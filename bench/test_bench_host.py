@@ -7,12 +7,14 @@ each public function is called on small CPU tensors with Triton's ``JITFunction.
 ``Autotuner.run`` replaced by no-ops (``stub_launches``), so what is timed is our validation,
 allocation, autograd node and block-size logic -- per call, in microseconds, the best of several
 rounds, against the C++-dispatched ``F.layer_norm`` on the same tensors as the peer (its whole
-call, compute included). Then the same calls with Triton's own dispatch on top (binding,
-specialisation, the autotuner, cache lookup: ``test_dispatched_host_us``, through the compile
-check's stand-in sm_90 driver, where ``JITFunction.run`` stops just before the driver's launch),
-and for the attention launches also with Triton's ``Autotuner`` on every launch, which
-``attention._Tuned`` skips once a key is tuned. A CUDA launch (~3-5 us of driver time) comes on top
-of all of these on a GPU; a CUDA graph (``--cuda-graph``) removes all of it.
+call, compute included). Then the same calls with Triton's launch path on top
+(``test_dispatched_host_us``, on the compile check's stand-in sm_90 driver whose launchers record
+the launch instead of making it): ours, past the JIT's per-call dispatch once a launch key is known
+(``kernels.launch.Direct``), against every launch through ``JITFunction.run`` (binding,
+specialisation, cache lookup, launch metadata) and, for the attention launches, through Triton's
+``Autotuner`` too (which ``attention._Tuned`` skips once a key is tuned). A CUDA launch (~3-5 us
+of driver time) comes on top of all of these on a GPU; a CUDA graph (``--cuda-graph``) removes all
+of it.
 
     python -m pytest bench/test_bench_host.py
 """
