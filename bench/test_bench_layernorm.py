@@ -13,6 +13,9 @@ the fused add moves 4 x size forward (x, residual in; y, x + residual out) and 4
 bytes, so GB/s ratios are time ratios. At about 8 FLOP per element forward and 12 backward, i.e.
 2-3 FLOP/byte in bf16, all of this is memory-bound (an H100's ridge point is ~300 FLOP/byte).
 
+``kernel_ms_one_row_tiles`` times the kernels with the forward's tiles of up to run 3 (one row a
+program), against the multi-row tiles of ``kernels.layernorm._tile`` that replaced them.
+
 Goal (issue 12): fwd+bwd at >= 85% of ``measured_copy_gbs()`` on tensors larger than L2 and
 >= 1.5x eager F.layer_norm at 16,384 x 512; results in bench/results/*-NVIDIA-*/.
 """
@@ -20,6 +23,7 @@ Goal (issue 12): fwd+bwd at >= 85% of ``measured_copy_gbs()`` on tensors larger 
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -80,6 +84,13 @@ def add_ln_triton(x, residual, weight, bias):
     return kernels.add_layer_norm(x, residual, weight, bias, EPS)
 
 
+def one_row_tiles(N: int) -> tuple[int, int, int]:
+    """``kernels.layernorm._tile`` as it was up to run 3: the forward one row a program, with 8-16
+    values a thread. Timed beside the multi-row tiles that replaced it, to keep the faster."""
+    block, warps = kernels.layernorm._block_and_warps(N)
+    return block, 1, warps
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     return torch.compile(fn, dynamic=False)
@@ -121,6 +132,8 @@ def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check
     gbs = {name: nbytes / (t * 1e-3) / 1e9 for name, t in ms.items()}
     kernel_ms = {name: device_time_ms(make_pass(fn, inputs, grads, which))
                  for name, fn in (("triton", ours), ("eager", ref))}
+    with mock.patch.object(kernels.layernorm, "_tile", one_row_tiles):  # the kernels' tiles before run 4
+        kernel_ms["one_row"] = device_time_ms(make_pass(ours, inputs, grads, which))
     benchmark.pedantic(synced(make_pass(ours, inputs, grads, which)), rounds=20, warmup_rounds=3)
     record(
         benchmark,
@@ -135,6 +148,8 @@ def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check
         kernel_ms=round(kernel_ms["triton"], 4),
         kernel_pct_copy_gbs=round(100 * nbytes / (kernel_ms["triton"] * 1e-3) / 1e9 / measured_copy_gbs(), 1),
         kernel_ratio_vs_eager=round(kernel_ms["eager"] / kernel_ms["triton"], 3),
+        kernel_ms_one_row_tiles=round(kernel_ms["one_row"], 4),
+        kernel_ratio_vs_one_row_tiles=round(kernel_ms["one_row"] / kernel_ms["triton"], 3),
         compiled_gbs=round(gbs["compiled"], 1),
         bytes=nbytes,
     )

@@ -48,8 +48,10 @@ def ref64(*tensors):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 96), (1023,), (5, 1023), (3, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 96), (1023,), (5, 1023), (3, 1), (37, 96), (9, 300)], ids=str)
 def test_layer_norm_matches_float64(dtype, shape):
+    """Shapes: ragged last tiles of rows (16 rows of 96 a tile, 4 of 300, 2 of 1023), several
+    backward programs (37 rows), one row, one column."""
     N = shape[-1]
     x = rand(shape, dtype, seed=1).requires_grad_()
     weight, bias = make_params(N)
