@@ -20,7 +20,8 @@ the kernel's global variables have not changed, and reading Triton's debug and i
 knobs (changing those mid-process needs ``through_jit``). Launch hooks (a profiler's) are honoured
 on every launch. Keyword arguments must be constexprs or launch options (their values are part of
 the key); runtime arguments go positionally. Under Triton's interpreter nothing is kept (the
-interpreter compiles nothing) and every launch is the interpreter's.
+interpreter compiles nothing) and every launch is the interpreter's; under a Triton outside the
+tested versions (``TESTED``) every launch is the JIT's.
 """
 
 from __future__ import annotations
@@ -29,11 +30,23 @@ import contextlib
 from typing import Iterator
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-_enabled = True
+TESTED = ((3, 6), (3, 9))  # Triton versions (major, minor) whose launch protocol tests/test_launch.py checked
+
+
+def protocol_known(version: str) -> bool:
+    """Whether Triton ``version`` launches compiled kernels as the tested versions do (the arguments
+    ``JITFunction.run`` gives ``CompiledKernel.run``, which this module repeats). Another version's
+    launches all go through its JIT: slower on the host, never wrong."""
+    major_minor = tuple(int(part) for part in version.split(".")[:2])
+    return TESTED[0] <= major_minor <= TESTED[1]
+
+
+_enabled = protocol_known(triton.__version__)
 
 
 @contextlib.contextmanager

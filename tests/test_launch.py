@@ -259,3 +259,16 @@ def test_the_interpreter_keeps_nothing():
     y = kernels.layer_norm(x, torch.ones(32), torch.zeros(32))
     assert torch.allclose(y, torch.nn.functional.layer_norm(x, (32,)), atol=1e-5)
     assert not kernels.layernorm._layer_norm_fwd.jit and kernels.layernorm._layer_norm_fwd.kernels == {}
+
+
+def test_direct_launches_only_where_the_launch_protocol_was_tested():
+    """The installed Triton's launches go direct (CI and the GPU image run tested versions); a
+    version outside the tested range would launch through its JIT."""
+    import triton
+
+    from kernels import launch
+
+    assert launch.protocol_known(triton.__version__) and launch._enabled
+    assert launch.protocol_known("3.6.0") and launch.protocol_known("3.9.1") and launch.protocol_known("3.7.0")
+    assert not launch.protocol_known("3.5.1") and not launch.protocol_known("3.10.0")
+    assert not launch.protocol_known("4.0.0")
