@@ -149,6 +149,14 @@ def sampling(benches: dict) -> tuple[str, str]:
         if info is not None:
             parts.append(f"{mode} {info['tokens_per_s']:,.0f} tokens/s = {_x(info['ratio_vs_hf'])} transformers "
                          f"({info['hf_tokens_per_s']:,.0f})")
+    inside, after = (benches.get(f"test_sampled_decoding_cuda[{w}]") for w in ("in_graph", "after_replay"))
+    if inside is not None:
+        text = (f"the seed's sampling drawn in the decode graph {inside['tokens_per_s']:,.0f} tokens/s = "
+                f"{_x(inside['ratio_vs_hf'])} transformers sampling ({inside['hf_tokens_per_s']:,.0f})")
+        if after is not None:
+            text += (f", {_x(inside['tokens_per_s'] / after['tokens_per_s'])} drawing after each replay "
+                     f"({after['tokens_per_s']:,.0f})")
+        parts.append(text)
     return ("; ".join(parts), "measured") if parts else ("not measured", "unmeasured")
 
 

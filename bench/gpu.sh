@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite for a lent H100/H200, in parts, for two device calls (a 15-minute lease: the machine's
 # start, ~10 min, then the rest): on an H200 on 2026-11-26 (run 3) tests, attention, kernels and step
-# took 6 min, the rest about 5. Each part caps its own time (the caps add up to 18.3 min), leaves its
+# took 6 min, the rest about 5. Each part caps its own time (the caps add up to 19 min), leaves its
 # results even when it fails, and (under the device tool) refreshes $OUT/results.tgz as soon as it
 # ends (the train part after each run), so a call cut short still brings back what finished. Every
 # pytest failure is written to failures_<part>.txt as it happens (FAILURES_LOG): a capped pass
@@ -18,7 +18,8 @@
 #            a forward); MFU at batches 128,
 #            512, 2048 with the costliest kernels; 116 s in run 3 (before the forward)          (<= 170 s)
 #   sample   decoding at batch 1, then at batch 64 with the split-K kernel, each its own JSON
-#            (eager, compiled, CUDA graph vs transformers); batch 1 alone took ~75 s in run 3  (<= 2 x 90 s)
+#            (eager, compiled, CUDA graph vs transformers); batch 1 alone took ~75 s in run 3;
+#            then the seed's sampling drawn inside the decode graph vs after each replay     (<= 2 x 90 + 40 s)
 #   train    python train.py, seed preset, 200 steps: impl torch and triton (the CUDA default: the
 #            step CUDA-graphed; triton's took 34 s in run 3); triton --no-cuda-graph, 60 steps  (<= 3 x 60 s)
 #   match    torch-vs-triton matching, the training loop, step memory                          (<= 50 s)
@@ -128,7 +129,8 @@ for part in "${PARTS[@]}"; do
       bench step 170 bench/test_bench_train.py ;;
     sample)  # batch 1 first, in a JSON of its own: run 3 lost all three modes to one cap
       bench sample 90 bench/test_bench_sample.py -k "test_sample_cuda and not 64"
-      bench sample_b64 90 bench/test_bench_sample.py -k "test_sample_cuda and 64 or test_decode_attention_cuda" ;;
+      bench sample_b64 90 bench/test_bench_sample.py -k "test_sample_cuda and 64 or test_decode_attention_cuda"
+      bench sample_sampled 40 bench/test_bench_sample.py -k test_sampled_decoding_cuda ;;
     match)
       bench match 50 bench/test_bench_match.py bench/test_bench_loop.py bench/test_bench_memory.py ;;
     profile)
@@ -156,7 +158,7 @@ for part in "${PARTS[@]}"; do
         pack
       done ;;
   esac
-  for json in "$RES/bench_$part.json" "$RES/bench_${part}_b64.json"; do
+  for json in "$RES/bench_$part.json" "$RES/bench_${part}"_*.json; do
     [ -e "$json" ] && { $PY -m bench.report "$json" || status=1; }
   done
   pack

@@ -26,6 +26,8 @@ generation pays one eager step and the capture, the timed ones replay that graph
 ``generate`` (bf16, same weights, its default attention) on the same card. Goal: compiled >= 5x
 transformers at batch 1. ``test_decode_attention_cuda`` times the split-K decode kernel against the
 one-program-per-row FlashAttention kernel and SDPA at batch 1, and checks bf16 against float64.
+``test_sampled_decoding_cuda`` times batch 1 with the seed's sampling drawn inside the decode graph
+against drawn after each replay (and transformers sampling alike).
 
     python -m pytest bench/test_bench_sample.py --benchmark-group-by=group -q
 
@@ -234,6 +236,41 @@ def test_sample_cuda(benchmark, cuda_models, batch, mode):
     ours_s = benchmark.stats.stats.min
     record(benchmark, tokens_per_s=round(tokens / ours_s, 1), hf_tokens_per_s=round(tokens / hf_s, 1),
            ratio_vs_hf=round(hf_s / ours_s, 2), tokens_agreeing_with_hf=round(agree, 3), mode=mode)
+
+
+@requires_cuda
+@pytest.mark.benchmark(group="sample")
+@pytest.mark.parametrize("where", ["in_graph", "after_replay"])
+def test_sampled_decoding_cuda(benchmark, cuda_models, where):
+    """Batch 1 with the seed's sampling (temperature 1, top-k 40, top-p 0.95) through the default
+    graphed ``Decoder``: drawn inside the decode graph (torch's default generator) or after each
+    replay (a ``generator`` of the caller's: the ~12 launches of sampling a token go from the host,
+    as every sample did before run 4); transformers ``generate`` samples with the same settings."""
+    model, hf = cuda_models
+    dec = Decoder(model)
+    generator = None if where == "in_graph" else torch.Generator("cuda").manual_seed(0)
+    prompt = torch.randint(0, 50000, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    sampling = dict(temperature=1.0, top_k=40, top_p=0.95)
+
+    def run():
+        out = generate(dec, prompt.tolist(), GPU_NEW_TOKENS, **sampling, eos_id=None, generator=generator)
+        torch.cuda.synchronize()
+        return out
+
+    def hf_run():
+        out = hf_generate(hf, prompt.cuda(), GPU_NEW_TOKENS, **sampling)
+        torch.cuda.synchronize()
+        return out
+
+    (out,) = run()  # warm-up: autotuning, graph recording
+    assert len(out) == GPU_NEW_TOKENS and all(0 <= t < model.config.vocab_size for t in out)
+    assert (dec.graphed.sample is not None) == (where == "in_graph")
+    hf_run()
+    (hf_s,) = best_seconds(hf_run)
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    ours_s = benchmark.stats.stats.min
+    record(benchmark, tokens_per_s=round(GPU_NEW_TOKENS / ours_s, 1), hf_tokens_per_s=round(GPU_NEW_TOKENS / hf_s, 1),
+           ratio_vs_hf=round(hf_s / ours_s, 2), where=where)
 
 
 @requires_cuda

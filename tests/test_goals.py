@@ -71,3 +71,15 @@ def test_train_runs_agree_and_the_eager_runs_speed_is_reported_apart(tmp_path):
     runs["triton"]["final_perplexity"] = 75.0  # 1.4% apart
     (tmp_path / "train_triton_history.json").write_text(json.dumps(runs["triton"]))
     assert table([tmp_path]).splitlines()[6].endswith("| no |")
+
+
+def test_sampling_drawn_in_the_graph_is_reported_against_after_the_replay(tmp_path):
+    benches = [_bench("test_sample_cuda[1-cuda_graph]", tokens_per_s=3000.0, ratio_vs_hf=9.0, hf_tokens_per_s=333.0),
+               _bench("test_sampled_decoding_cuda[in_graph]", tokens_per_s=2800.0, ratio_vs_hf=10.0, hf_tokens_per_s=280.0),
+               _bench("test_sampled_decoding_cuda[after_replay]", tokens_per_s=1400.0, ratio_vs_hf=5.0, hf_tokens_per_s=280.0)]
+    (tmp_path / "bench_sample.json").write_text(json.dumps({"benchmarks": benches}))
+    sampling = table([tmp_path]).splitlines()[-1]
+    assert "cuda_graph 3,000 tokens/s = 9.00x transformers (333)" in sampling
+    assert ("the seed's sampling drawn in the decode graph 2,800 tokens/s = 10.00x transformers sampling (280), "
+            "2.00x drawing after each replay (1,400)") in sampling
+    assert sampling.endswith("| measured |")
