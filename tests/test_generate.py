@@ -162,11 +162,10 @@ PROMPTS = ([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5]], [[7, 7, 2]], [[5, 1, 4,
 NEW_TOKENS = (30, 12, 20)  # each generation crosses the 16-token context
 
 
-def _graphed_generations(model, monkeypatch):
-    """Three greedy generations (padding, past the context) through one ``Decoder``, graphed by
-    default where graphs can be captured; on a CPU, which has none, the refusal is lifted and a
-    "replay" runs the step on the static token buffer. Returns the decoder, the outputs, and the
-    steps captured."""
+def _recording_captures(monkeypatch) -> list:
+    """Decoders graphed by default where graphs can be captured; on a CPU, which has none, the
+    refusal is lifted and a "replay" runs the step on the static token buffer. Returns the list the
+    captured functions are appended to."""
     from gpt import generate as gen
 
     if DEVICE.type != "cuda":
@@ -174,6 +173,13 @@ def _graphed_generations(model, monkeypatch):
     captures = []
     captured = gen.Captured
     monkeypatch.setattr(gen, "Captured", lambda fn, stream: captures.append(fn) or captured(fn, stream))
+    return captures
+
+
+def _graphed_generations(model, monkeypatch):
+    """Three greedy generations (padding, past the context) through one graphed ``Decoder``
+    (``_recording_captures``). Returns the decoder, the outputs, and the steps captured."""
+    captures = _recording_captures(monkeypatch)
     dec = Decoder(model)
     assert dec.cuda_graph and dec.summary.endswith("CUDA graph")
     outs = [generate(dec, PROMPTS[0], NEW_TOKENS[0], temperature=0, eos_id=None)]
@@ -221,11 +227,7 @@ def test_a_graphed_decoder_samples_inside_its_graph(monkeypatch):
         torch.manual_seed(seed)
         return generate(dec, prompts, 24, **settings, **extra)
 
-    if DEVICE.type != "cuda":
-        monkeypatch.setattr(gen, "_captures_graphs", lambda device: True)
-    captures = []
-    captured = gen.Captured
-    monkeypatch.setattr(gen, "Captured", lambda fn, stream: captures.append(fn) or captured(fn, stream))
+    captures = _recording_captures(monkeypatch)
     dec = Decoder(model)
     out = sampled(dec, 7)
     assert len(captures) == 1 and dec.graphed.sample == gen.Sampler(0.9, 20, 0.95)
