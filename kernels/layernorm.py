@@ -28,6 +28,7 @@ from .host import cdiv, next_power_of_2
 from .launch import Direct
 
 MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
+MAX_DX2_BLOCK = 4096  # the widest row whose backward writes its gradient in two dtypes without spilling
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -85,7 +86,8 @@ def _layer_norm_bwd_kernel(
     X,  # pointer to the forward's normalized input rows (M, N) (x + r when fused), row stride stride_x
     DY,  # pointer to the upstream grad of the normalized output (M, N), row stride stride_dy
     DS,  # pointer to the upstream grad of the sum output (M, N), row stride stride_ds; read only when HAS_DS
-    DX,  # pointer to the grad wrt the normalized input (M, N), contiguous, in X's dtype
+    DX,  # pointer to the grad wrt the normalized input (M, N), contiguous, in its own dtype
+    DX2,  # pointer to the same grad in a second dtype (M, N), contiguous; written only when HAS_DX2
     W,  # pointer to the weight (N,)
     Mean,  # pointer to the per-row mean saved by the forward (M,), fp32
     Rstd,  # pointer to the per-row 1 / sqrt(var + eps) saved by the forward (M,), fp32
@@ -98,9 +100,11 @@ def _layer_norm_bwd_kernel(
     N,
     rows_per_program,
     HAS_DS: tl.constexpr,
+    HAS_DX2: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program p handles rows [p * rows_per_program, ...) in order: dx per row, dw / db summed in fp32.
+    """Program p handles rows [p * rows_per_program, ...) in order: dx per row (in one dtype, or two:
+    add + LayerNorm's gradient for a bf16 branch and an fp32 residual), dw / db summed in fp32.
 
     With xhat = (x - mean) * rstd and g = w * dy:
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) (+ ds), dw = sum_rows dy * xhat, db = sum_rows dy.
@@ -126,6 +130,8 @@ def _layer_norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + row * N + cols, dx.to(DX2.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
     tl.store(DW + pid * N + cols, dw, mask=mask)
@@ -226,15 +232,19 @@ def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dt
     return y, s, mean, rstd
 
 
-def _backward(dy, ds, x, weight, mean, rstd):
-    """Launch the backward: returns (dx in x's dtype, (2, N) fp32 with dweight and dbias as its rows)."""
+def _backward(dy, ds, x, weight, mean, rstd, dtypes: tuple):
+    """Launch the backward: returns (dx in each of ``dtypes``, one or two; (2, N) fp32 with dweight
+    and dbias as its rows). Both dtypes come from one pass: no cast kernel for the second."""
     N = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)  # (M, N)
     ds2 = dy2 if ds is None else _rows(ds)
     weight = weight.contiguous()  # (N,)
     M = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, warps = _block_and_warps(N)
+    # A second dtype written by the kernel needs registers that rows of 8,192 do not have (it
+    # spilled there, at 128 registers: the compile check); those get it by a cast.
+    written = dtypes if block <= MAX_DX2_BLOCK else dtypes[:1]
+    dxs = tuple(torch.empty(x.shape, dtype=dtype, device=x.device) for dtype in written)
     # About 32 resident warps per SM to hide memory latency (the 50% occupancy these 64-register
     # kernels allow: the compile table's warps/SM), but at least 8 rows per program so that the
     # (P, N) fp32 partials (read again by the final sum) stay small next to the activations. Aiming
@@ -247,11 +257,11 @@ def _backward(dy, ds, x, weight, mean, rstd):
     # of separate buffers took 11.0 and 10.5 us at 16,384 x 512, half the backward (run 3's ncu.txt).
     partials = torch.empty((2, programs, N), dtype=torch.float32, device=x.device)
     _layer_norm_bwd[(programs,)](
-        x2, dy2, ds2, dx, weight, mean, rstd, partials[0], partials[1],
+        x2, dy2, ds2, dxs[0], dxs[-1], weight, mean, rstd, partials[0], partials[1],
         x2.stride(0), dy2.stride(0), ds2.stride(0), M, N, rows_per_program,
-        HAS_DS=ds is not None, BLOCK_N=block, num_warps=warps,
+        HAS_DS=ds is not None, HAS_DX2=len(dxs) == 2, BLOCK_N=block, num_warps=warps,
     )
-    return dx, partials.sum(1)
+    return dxs + tuple(dxs[0].to(dtype) for dtype in dtypes[len(written):]), partials.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +301,8 @@ def _(x, residual, weight, bias, eps, out_dtype):
 @torch.library.custom_op("tinygpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                        mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, ds, x, weight, mean, rstd)
+    (dx,), dwdb = _backward(dy, ds, x, weight, mean, rstd, (x.dtype,))
+    return dx, dwdb
 
 
 @_layer_norm_bwd_op.register_fake
@@ -311,10 +322,13 @@ def _fwd(x, residual, weight, bias, eps, out_dtype):
     return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
-def _bwd(dy, ds, x, weight, mean, rstd):
+def _bwd(dy, ds, x, weight, mean, rstd, dtypes: tuple):
+    """dx in each of ``dtypes`` (x's dtype first) and dweight / dbias; under torch.compile one dtype
+    from the op and casts for the others."""
     if not torch.compiler.is_compiling():
-        return _backward(dy, ds, x, weight, mean, rstd)
-    return torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, mean, rstd)
+        return _backward(dy, ds, x, weight, mean, rstd, dtypes)
+    dx, dwdb = torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, mean, rstd)
+    return tuple(dx.to(dtype) for dtype in dtypes), dwdb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +347,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, (dw, db) = _bwd(dy, None, x, weight, mean, rstd)
+        (dx,), (dw, db) = _bwd(dy, None, x, weight, mean, rstd, (x.dtype,))
         return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None, None
 
 
@@ -348,9 +362,15 @@ class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, mean, rstd = ctx.saved_tensors
-        dsum, (dw, db) = _bwd(dy, ds, s, weight, mean, rstd)  # dsum: grad of x + residual, both paths
         x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
-        return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(w_dtype), db.to(b_dtype), None, None
+        # The grad of x + residual goes to both, each in its own dtype. The kernel writes it in the
+        # sum's dtype and in x's when that differs (under autocast: the fp32 residual stream and a
+        # bf16 branch), so the backward runs no cast kernel; a third dtype (fp16 + bf16) is cast.
+        dtypes = (s.dtype,) if x_dtype == s.dtype else (s.dtype, x_dtype)
+        dsums, (dw, db) = _bwd(dy, ds, s, weight, mean, rstd, dtypes)
+        grad = dict(zip(dtypes, dsums))
+        dx, dr = (grad[d] if d in grad else dsums[0].to(d) for d in (x_dtype, r_dtype))
+        return dx, dr, dw.to(w_dtype), db.to(b_dtype), None, None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,9 +159,17 @@ def test_inference_calls_skip_autograd_and_give_the_same_values(monkeypatch, gra
     assert trained[0].grad_fn is not None  # the training path does make a node
 
 
-def test_add_layer_norm_mixed_dtypes():
-    """Under autocast the model adds a bf16 branch output to the fp32 residual stream: fp32 result."""
-    add_ln_check(torch.bfloat16, torch.float32, (3, 7, 48))
+@pytest.mark.parametrize("shape", [(3, 7, 48), (2, 5000)], ids=str)
+def test_add_layer_norm_mixed_dtypes(shape):
+    """Under autocast the model adds a bf16 branch output to the fp32 residual stream: fp32 result.
+    The backward writes the gradient in fp32 and bf16, or (rows wider than MAX_DX2_BLOCK) casts."""
+    add_ln_check(torch.bfloat16, torch.float32, shape)
+
+
+def test_add_layer_norm_of_two_half_dtypes():
+    """fp16 + bf16 sum in fp32: the kernel writes the sum's gradient in fp32 and fp16 (x's), and the
+    bf16 residual's is cast from the fp32 one."""
+    add_ln_check(torch.float16, torch.bfloat16, (3, 7, 48))
 
 
 @pytest.mark.parametrize("ln_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -329,7 +337,8 @@ def test_tiny_gpt2_matches_torch_impl():
 def test_under_autocast_the_hidden_states_are_never_cast(monkeypatch):
     """Under bf16 autocast (on the CPU here) the model's LayerNorms write bf16 for the Linears (and
     the head) that read them: no fp32 -> bf16 copy of a (B, T, C) activation in the forward, where
-    each of the 2 L + 1 LayerNorm outputs was cast before; the same loss and gradients as the torch
+    each of the 2 L + 1 LayerNorm outputs was cast before, nor in the backward, where the gradient
+    of each add's sum was cast for its bf16 branch; the same loss and gradients as the torch
     LayerNorm (which casts inside) to bf16's tolerance."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -354,13 +363,17 @@ def test_under_autocast_the_hidden_states_are_never_cast(monkeypatch):
         model = perturbed_model(config, device=DEVICE)
         if name != "torch":
             model.impl = TORCH_OPS._replace(name=name, layer_norm=kernels.layer_norm, add_layer_norm=kernels.add_layer_norm)
-        casts = Casts()
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), casts:
+        forward, backward = Casts(), Casts()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), forward:
             out = model(idx, targets)
-        out.loss.backward()
-        results[name] = out.loss, {n: p.grad for n, p in model.named_parameters()}, casts.count
-    assert results["ln-triton"][2] == 0
-    assert results["torch"][2] == 2 * config.num_layers + 1  # F.layer_norm's fp32 output, cast inside the op
+        with backward:
+            out.loss.backward()
+        results[name] = out.loss, {n: p.grad for n, p in model.named_parameters()}, (forward.count, backward.count)
+    # Forward: F.layer_norm's fp32 output, cast inside the op (2 L + 1). Backward: the grad of each of
+    # the 2 L bf16 branch + fp32 residual sums, cast to the branch's bf16 (the add+LayerNorm kernel
+    # writes it in both dtypes).
+    assert results["ln-triton"][2] == (0, 0)
+    assert results["torch"][2] == (2 * config.num_layers + 1, 2 * config.num_layers)
     torch.testing.assert_close(results["ln-triton"][0], results["torch"][0], atol=2e-2, rtol=2e-2)
     for name, grad in results["torch"][1].items():
         atol = 2e-2 * grad.abs().max().item()
