@@ -47,16 +47,19 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H = self.num_heads
         qkv = self.c_attn(x).view(B, T, 3, H, C // H)  # (B, T, 3, nh, hs)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs), strided views
-        kv_start = kv_len = None
-        if static:  # one token per row at the device position: the whole cache, masked by length
-            k, v, kv_len = cache.write(layer, k, v)  # (B, nh, max_len, hs), (1,)
-            kv_start = cache.start
-        elif cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
-            kv_start = cache.start
         p = self.attn_dropout if self.training else 0.0
-        y = ops.attention(q, k, v, kv_start=kv_start, kv_len=kv_len, dropout_p=p)  # (B, nh, T, hs)
+        if cache is None and ops.attention_qkv is not None:  # training, scoring: qkv's grad in one piece
+            y = ops.attention_qkv(qkv, dropout_p=p)  # (B, nh, T, hs)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs), strided views
+            kv_start = kv_len = None
+            if static:  # one token per row at the device position: the whole cache, masked by length
+                k, v, kv_len = cache.write(layer, k, v)  # (B, nh, max_len, hs), (1,)
+                kv_start = cache.start
+            elif cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+                kv_start = cache.start
+            y = ops.attention(q, k, v, kv_start=kv_start, kv_len=kv_len, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

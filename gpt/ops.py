@@ -360,6 +360,10 @@ class Ops(NamedTuple):
     attention: Callable  # (q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0) -> y, as causal_attention_ref
     # (h, weight, targets, ignore_index=-1, dtype=None) -> (loss, correct, count), as linear_cross_entropy_ref
     linear_cross_entropy: Callable
+    # (qkv (B, T, 3, nh, hs), dropout_p=0.0) -> y (B, nh, T, hs): ``attention`` of the fused
+    # projection's q, k, v without a cache, with qkv's gradient made in one piece; None: the model
+    # calls ``attention`` on the three views (whose gradients autograd then stacks, a copy)
+    attention_qkv: Optional[Callable] = None
 
 
 TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_torch, linear_cross_entropy_ref)
@@ -370,15 +374,23 @@ def triton_ops() -> Ops:
     """The Triton kernels, imported on first use (so the reference path never needs triton)."""
     import kernels
 
-    def attention(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
+    def _refuse_dropout(dropout_p: float) -> None:
         if dropout_p > 0.0:  # the kernel has no dropout: refuse rather than silently skip it
             raise ValueError(f"attention dropout {dropout_p} is not supported by impl='triton'; "
                              "set attn_dropout=0 or use impl='torch'")
+
+    def attention(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
+        _refuse_dropout(dropout_p)
         if kv_len is not None:  # the static decode step: split-K over the fixed cache
             return kernels.decode_attention(q, k, v, kv_len, kv_start=kv_start, scale=scale)
         return kernels.causal_attention(q, k, v, scale=scale, kv_start=kv_start)
 
-    return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy)
+    def attention_qkv(qkv, dropout_p: float = 0.0):
+        _refuse_dropout(dropout_p)
+        return kernels.causal_attention_qkv(qkv)
+
+    return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy,
+               attention_qkv)
 
 
 def resolve_impl(impl: str, device: torch.device, config=None) -> str:

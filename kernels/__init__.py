@@ -4,8 +4,8 @@ Importing this package needs triton but no GPU: kernels compile on first launch.
 ``TRITON_INTERPRET=1`` before triton is imported to run them in Triton's interpreter.
 """
 from .layernorm import add_layer_norm, layer_norm
-from .attention import causal_attention
+from .attention import causal_attention, causal_attention_qkv
 from .cross_entropy import linear_cross_entropy
 from .decode_attention import decode_attention
 
-__all__ = ["layer_norm", "add_layer_norm", "causal_attention", "decode_attention", "linear_cross_entropy"]
+__all__ = ["layer_norm", "add_layer_norm", "causal_attention", "causal_attention_qkv", "decode_attention", "linear_cross_entropy"]

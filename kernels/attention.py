@@ -632,15 +632,16 @@ def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
     return o, lse
 
 
-def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[torch.Tensor]):
-    """Launch the delta pre-pass, the dK/dV kernel and the dQ kernel: returns (dq, dk, dv)."""
+def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[torch.Tensor], out=None):
+    """Launch the delta pre-pass, the dK/dV kernel and the dQ kernel: returns (dq, dk, dv), written
+    into ``out`` (three (B, H, T, D) tensors of any strides) if given."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(B * H, cdiv(Tq, 64))](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     starts = q if kv_start is None else kv_start
     tq, tk, has_start = _bucket(Tq), _bucket(Tk), kv_start is not None
     key = (D, tq, tk, has_start, q.dtype, do.dtype)
@@ -731,6 +732,44 @@ class _EagerCausalAttention(torch.autograd.Function):
         q, k, v, o, lse, kv_start = ctx.saved_tensors
         dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.scale, kv_start)
         return dq, dk, dv, None, None
+
+
+def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, D): views of a fused projection's (B, T, 3, H, D) output."""
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+class _EagerPackedAttention(torch.autograd.Function):
+    """Causal attention of the q, k, v packed in one (B, T, 3, H, D) tensor, whose backward writes
+    dq, dk and dv into one (B, T, 3, H, D) gradient. Attention over the three views would hand
+    autograd three gradients, which the views' backward stacks into one: a copy of the whole fused
+    projection's gradient every layer and step."""
+
+    @staticmethod
+    def forward(ctx, qkv, scale):
+        o, lse = _attention_forward(*_split_qkv(qkv), scale, None)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, T, 3, H, D)
+        _attention_backward(do, *_split_qkv(qkv), o, lse, ctx.scale, None, out=_split_qkv(dqkv))
+        return dqkv, None
+
+
+def causal_attention_qkv(qkv: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """``causal_attention(q, k, v)`` of q, k, v = qkv[:, :, 0], [1], [2] transposed to (B, H, T, D),
+    from the fused projection's output qkv (B, T, 3, H, D) as the model trains; output (B, H, T, D).
+    Differentiable in qkv, whose gradient the kernels write in one piece."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"causal_attention_qkv: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qkv.requires_grad):
+        return causal_attention(*_split_qkv(qkv), scale=scale)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    return _EagerPackedAttention.apply(qkv, scale)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

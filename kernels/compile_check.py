@@ -344,8 +344,11 @@ def _attention_call(case: Case) -> None:
         return qkv, [t.transpose(1, 2) for t in qkv.view(B, T, 3, H, D).unbind(2)]
 
     def train(T, kv_start=None):
-        _, (q, k, v) = projection(T, requires_grad=True)
-        y = kernels.causal_attention(q, k, v, kv_start=kv_start)
+        """The model's training step: the packed projection (its gradient written in one piece), or
+        with kv_start the three views."""
+        qkv, (q, k, v) = projection(T, requires_grad=True)
+        y = (kernels.causal_attention_qkv(qkv.view(B, T, 3, H, D)) if kv_start is None
+             else kernels.causal_attention(q, k, v, kv_start=kv_start))
         merged = y.transpose(1, 2).reshape(B, T, H * D)  # the model's head merge: dO arrives strided
         merged.backward(torch.ones_like(merged))
 

@@ -205,11 +205,70 @@ def test_custom_op_passes_opcheck_and_compiles():
 
 
 # ----------------------------------------------------------------------------------------------
+# The fused projection's q, k, v in one tensor (the model's training path)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,B,H,T,D", [(torch.float32, 2, 3, 37, 16), (torch.float32, 1, 1, 1, 32),
+                                           (torch.float16, 1, 3, 65, 64)], ids=str)
+def test_packed_qkv_matches_the_views_and_float64(dtype, B, H, T, D):
+    """causal_attention_qkv(qkv) gives causal_attention's output on the three views and qkv's
+    gradient in one (B, T, 3, H, D) tensor: the views' gradients exactly (the same kernels), and
+    float64's within the dtype's tolerance."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+    do = upstream_grad((B, H, T, D), dtype)
+    out = kernels.causal_attention_qkv(qkv)
+    out.backward(do)
+    views = qkv.detach().clone().requires_grad_()
+    want = kernels.causal_attention(*(t.transpose(1, 2) for t in views.unbind(2)))
+    want.backward(do)
+    assert out.shape == (B, H, T, D) and qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    assert torch.equal(out, want) and torch.equal(qkv.grad, views.grad)
+    exact = qkv.detach().double().requires_grad_()
+    ref = causal_attention_ref(*(t.transpose(1, 2) for t in exact.unbind(2)))
+    ref.backward(do.double())
+    tol = FP32_TOL if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(qkv.grad.double(), exact.grad, atol=tol, rtol=tol)
+
+
+def test_packed_qkv_backward_stacks_nothing():
+    """The three views' gradients are stacked into qkv's by autograd (a copy of the whole gradient);
+    the packed attention's backward writes them in place: no stack or cat runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qkv = torch.randn(2, 19, 3, 3, 16, device=DEVICE, requires_grad=True)
+    for fn, stacked in ((lambda t: kernels.causal_attention(*(v.transpose(1, 2) for v in t.unbind(2))), True),
+                        (kernels.causal_attention_qkv, False)):
+        out = fn(qkv)
+        seen = Ops()
+        with seen:
+            out.backward(torch.ones_like(out))
+        assert ("stack" in seen.seen or "cat" in seen.seen) == stacked, seen.seen
+
+
+def test_packed_qkv_refuses_another_shape():
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3, H, D\), got shape \(2, 5, 48\)"):
+        kernels.causal_attention_qkv(torch.randn(2, 5, 48, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole model: the kernel in place of the reference attention
 # ----------------------------------------------------------------------------------------------
 
 TINY = GPTConfig(vocab_size=64, max_seq_length=32, num_layers=2, num_heads=3, d_model=48, d_ff=96, dropout=0.0)
-ATTN_TRITON = TORCH_OPS._replace(name="attn-triton", attention=triton_ops().attention)  # torch LayerNorm
+ATTN_TRITON = TORCH_OPS._replace(name="attn-triton", attention=triton_ops().attention,  # torch LayerNorm
+                                 attention_qkv=triton_ops().attention_qkv)
 
 
 def test_model_logits_loss_and_grads_match_torch():
