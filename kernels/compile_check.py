@@ -2,9 +2,10 @@
 
 Triton compiles for any CUDA target without a GPU. Here Triton's active driver is a stand-in that
 reports a target (sm_90 or sm_80) and its shared-memory limit, and our public functions
-(``kernels.causal_attention``, ``kernels.layer_norm``, ``kernels.add_layer_norm``,
-``kernels.linear_cross_entropy``, forward and backward, and ``kernels.decode_attention``) are called
-on CPU tensors shaped as the model makes them: strided views of the fused qkv projection, slices of
+(``kernels.causal_attention_qkv``, ``kernels.causal_attention``, ``kernels.layer_norm``,
+``kernels.add_layer_norm``, ``kernels.linear_cross_entropy``, forward and backward, and
+``kernels.decode_attention``) are called on CPU tensors shaped as the model makes them: the fused
+qkv projection (packed, or strided views of it), slices of
 a ``KVCache`` and its whole fixed-size layers, (B, T, N) rows, the final hidden states against the
 tied embedding. Each ``JITFunction.run`` becomes a warm-up
 (compile, no launch), and each autotuned kernel is compiled once per configuration that survives
