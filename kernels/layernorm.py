@@ -234,7 +234,8 @@ def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dt
 
 def _backward(dy, ds, x, weight, mean, rstd, dtypes: tuple):
     """Launch the backward: returns (dx in each of ``dtypes``, one or two; (2, N) fp32 with dweight
-    and dbias as its rows). Both dtypes come from one pass: no cast kernel for the second."""
+    and dbias as its rows). Both dtypes come from the one pass, no cast kernel, for rows up to
+    MAX_DX2_BLOCK wide; wider rows get the second by a cast."""
     N = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)  # (M, N)
     ds2 = dy2 if ds is None else _rows(ds)
