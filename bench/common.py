@@ -64,9 +64,43 @@ def device_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return sum(kernel_times_ms(fn, warmup, iters).values())
 
 
+def short_kernel_name(name: str) -> str:
+    """A profiler's kernel name without what every torch kernel repeats ('void ', 'at::native::',
+    '(anonymous namespace)::'), so that the functor (``GeluBackwardCUDAKernelImpl``,
+    ``CUDAFunctor_add<float>``) survives the cut to 110 characters."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::"):
+        name = name.replace(noise, "")
+    return name[:110]
+
+
 def top_kernels(times: dict[str, float], n: int = 8) -> list[str]:
     """The n costliest kernels of ``kernel_times_ms`` as short 'ms name' strings, for extra_info."""
-    return [f"{ms:.3f} ms {name[:80]}" for name, ms in list(times.items())[:n]]
+    return [f"{ms:.3f} ms {short_kernel_name(name)}" for name, ms in list(times.items())[:n]]
+
+
+KERNEL_GROUPS = ("gemm", "triton", "torch", "other")
+
+
+def kernel_group(name: str) -> str:
+    """Which of ``KERNEL_GROUPS`` a profiler kernel name belongs to: a cuBLAS / CUTLASS GEMM, a Triton
+    kernel (ours, ``_..._kernel``, or inductor's, ``triton_...``), one of torch's own CUDA kernels
+    (elementwise, reductions, the fused optimizer, the CUB sorts of an embedding's backward), else
+    other (memory copies and sets)."""
+    if any(tag in name for tag in ("nvjet", "gemm", "cutlass", "xmma", "cublas")):
+        return "gemm"
+    if "at::" in name or "cub::" in name:
+        return "torch"
+    if name.startswith(("_", "triton_")) and name.replace("_", "a").isalnum():
+        return "triton"
+    return "other"
+
+
+def kernel_groups_ms(times: dict[str, float]) -> dict[str, float]:
+    """``kernel_times_ms``'s times summed by ``kernel_group``: GEMMs against the rest of a step."""
+    groups = dict.fromkeys(KERNEL_GROUPS, 0.0)
+    for name, ms in times.items():
+        groups[kernel_group(name)] += ms
+    return {group: round(ms, 3) for group, ms in groups.items()}
 
 
 def record(benchmark, **info) -> None:

@@ -26,3 +26,26 @@ def test_whole_call_and_kernel_only_figures_are_told_apart():
     row = next(line for line in table(data).splitlines() if line.startswith("| `test_attention"))
     assert row == ("| `test_attention[B16]` | 0.144 | 7.4 TFLOP/s | 0.598x sdpa, 1.25x sdpa (kernels) | "
                    "0.7% peak_tflops, 59.3% copy_gbs (kernels) |")
+
+
+def test_step_profile_kernels_are_grouped_by_who_wrote_them():
+    """The MFU benchmark's ``kernel_groups_ms``: run 3's twelve costliest kernels at batch 2,048 (as
+    the profiler named them, cut to 80 characters) fall into GEMMs, our Triton kernels and torch's."""
+    import json
+
+    from bench.common import kernel_group, kernel_groups_ms, short_kernel_name
+
+    step = json.loads((RESULTS / "2026-11-26-NVIDIA-H200-run3" / "bench_step.json").read_text())
+    mfu = next(b for b in step["benchmarks"] if b["name"] == "test_train_step_mfu[2048]")
+    times = {}
+    for entry in mfu["extra_info"]["top_kernels"]:
+        ms, _, name = entry.partition(" ms ")
+        times[name] = float(ms)
+    groups = kernel_groups_ms(times)
+    assert groups == {"gemm": 187.778, "triton": 96.96, "torch": 30.034, "other": 0.0}
+    assert kernel_group("_layer_norm_bwd_kernel") == "triton" and kernel_group("triton_poi_fused_add_0") == "triton"
+    assert kernel_group("cudaMemsetAsync") == "other" and kernel_group("Memcpy DtoD (Device -> Device)") == "other"
+    assert kernel_group("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<x>") == "torch"
+    gelu = ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::"
+            "GeluBackwardCUDAKernelImpl(at::TensorIteratorBase&)::{lambda()#2}>(int, ...)")
+    assert short_kernel_name(gelu).startswith("vectorized_elementwise_kernel<4, GeluBackwardCUDAKernelImpl(")
