@@ -101,7 +101,11 @@ bench() {  # bench PART SECONDS PYTEST-ARGS...: one benchmark part, its JSON and
 }
 
 XDIST=()
-$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+TEST_THREADS=$(nproc)
+# With 8 test workers the cores are shared among them: each worker's torch would otherwise start a
+# thread per core (8 x 16 threads on 16 cores) for the tests that compute on the CPU (references,
+# train.py runs).
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8) && TEST_THREADS=$(( $(nproc) / 8 > 1 ? $(nproc) / 8 : 1 ))
 
 pack() {  # the results so far, back to the device tool's caller
   [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" "$RES"
@@ -116,7 +120,7 @@ for part in "${PARTS[@]}"; do
       # -v: every result is named as it comes, so a pass cut short by its cap still says what failed.
       # A Triton cache of its own: the attention autotuners keep their choices on disk (cache_results),
       # and choices timed among 8 test workers must not become the benchmark parts' choices.
-      TRITON_CACHE_DIR="${TMPDIR:-/tmp}/triton-cache-tests" \
+      TRITON_CACHE_DIR="${TMPDIR:-/tmp}/triton-cache-tests" OMP_NUM_THREADS=$TEST_THREADS \
       capped "${TESTS_CAP:-170}" $PY -m pytest -v ${TESTS:-tests} "${XDIST[@]}" --ignore=tests/test_compile_check.py \
         -p no:cacheprovider --durations=15 -rs > "$RES/pytest_tests.log" 2>&1 || status=1
       grep -v " PASSED \|PytestBenchmarkWarning\|warner(" "$RES/pytest_tests.log" | tail -n 60 ;;
