@@ -3,8 +3,8 @@ CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py
 
 * ``build_optimizer`` and ``lr_at``: the optimizer and the schedule of a ``TrainConfig``.
 * ``merge_micro_batches``: a step's micro-batches as fewer, larger forwards (same loss, same step).
-* ``train_step``: forward, backward, clipping and the update over a step's micro-batches. It never
-  waits on the device: loss, correct and counted targets come back in a device tensor that the
+* ``train_step``: forward, backward, clipping and the update over a step's micro-batches
+  (``accumulate_gradients``, then ``apply_gradients``). It never waits on the device: loss, correct and counted targets come back in a device tensor that the
   caller reads when it chooses (the loop: every ``--log-interval`` steps).
 * ``score`` / ``evaluate``: loss, perplexity and accuracy over every real token once
   (``TEST_PROTOCOL``), in forwards of ``default_eval_batch`` windows unless asked otherwise;
@@ -132,15 +132,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     ``model(x, y)`` returns an ``LMLoss``; a DDP model all-reduces on the last micro-batch only.
     ``scaler`` is fp16's loss scaler (None or disabled: no scaling). Returns the step's
     ``[sum of loss * count, correct, count]`` as a float64 tensor on the device: no host sync
-    (but fp16's), so the caller reads metrics when it chooses.
+    (but fp16's), so the caller reads metrics when it chooses. ``accumulate_gradients`` and
+    ``apply_gradients`` are its two halves (``gpt.graphstep`` all-reduces between them under torchrun).
     """
-    micro = list(micro_batches)
     if lr is not None:
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):  # a captured step's lr (gpt.graphstep): written in place
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+    metrics = accumulate_gradients(model, micro_batches, device=device, dtype=dtype, scaler=scaler)
+    apply_gradients(optimizer, grad_clip=grad_clip, scaler=scaler)
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Iterable, *, device: torch.device, dtype: str,
+                         scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+    """Forward and backward over ``micro_batches``, each loss divided by their number, the gradients
+    added to the parameters' ``.grad``: the step's ``[sum of loss * count, correct, count]`` (float64)."""
+    micro = list(micro_batches)
     metrics = torch.zeros(3, dtype=torch.float64, device=device)
     for i, (x, y) in enumerate(micro):
         if device.type == "cuda" and x.device.type == "cpu":  # batches from the host: copy without a sync
@@ -153,6 +164,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             loss = out.loss / len(micro)
             (loss if scaler is None else scaler.scale(loss)).backward()
         metrics += sums_of(out)
+    return metrics
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, *, grad_clip: float = 0.0,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """Clip the global norm of the parameters' gradients to ``grad_clip`` (0: no clipping), then step.
+    The gradients stay (the caller clears them)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
         if scaler is not None:
@@ -163,8 +181,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     else:
         scaler.step(optimizer)
         scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return metrics
 
 
 @torch.no_grad()

@@ -112,8 +112,8 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     run.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                      help="capture the training step in a CUDA graph after 3 eager steps, and the validation "
-                          "and test forwards after one, and replay them: no per-kernel launch cost (CUDA, one "
-                          "process, bf16 or fp32, not with --compile; default: on where it can run, else off)")
+                          "and test forwards after one, and replay them: no per-kernel launch cost (CUDA, torchrun "
+                          "too, bf16 or fp32, not with --compile; default: on where it can run, else off)")
     run.add_argument("--forward-tokens", type=int, metavar="N",
                      help="run a step's micro-batches merged into forwards of up to N tokens: the same sequences "
                           "and mean loss, so the same step, in fewer and larger kernels (the seed preset's 8 x 4 "

@@ -60,7 +60,7 @@ class RunOptions:
     dtype: str | None = None  # None: hardware.default_dtype(device, impl)
     compile: bool = False
     # Capture the step in a CUDA graph after 3 eager ones, and the validation and test forwards
-    # after one (gpt.graphstep); None: wherever it can be (one CUDA process, bf16 or fp32, no
+    # after one (gpt.graphstep); None: wherever it can be (CUDA, torchrun too, bf16 or fp32, no
     # --compile). The seed preset on an H200: 315,500 tokens/s graphed, 53,758 with eager steps
     # (impl torch; bench/results/2026-11-26-NVIDIA-H200-run3).
     cuda_graph: bool | None = None
@@ -166,7 +166,7 @@ class Trainer:
         # and on CUDA at least EVAL_FORWARD_TOKENS tokens.
         self.eval_batch = tc.eval_batch_size or default_eval_batch(tc.batch_size * self.accum,
                                                                    model_cfg.max_seq_length, self.device, tc.eval_tokens)
-        refusal = graph_refusal(self.device, self.world, self.dtype, opts.compile)
+        refusal = graph_refusal(self.device, self.dtype, opts.compile)
         if opts.cuda_graph and refusal is not None:
             raise GraphError(refusal)
         self.cuda_graph = refusal is None if opts.cuda_graph is None else opts.cuda_graph  # None: where it can
@@ -263,12 +263,16 @@ class Trainer:
             except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
                 raise TrainError(f"{self.out / LAST_NAME} cannot be resumed from: {one_line(e)}") from None
         self.fwd = torch.compile(self.raw) if opts.compile else self.raw  # evaluation calls this
-        self.model = self.fwd  # training calls this: DDP-wrapped under torchrun
-        if self.world > 1:
+        self.model = self.fwd  # training calls this: DDP-wrapped under torchrun when stepping eagerly
+        if self.world > 1 and not self.cuda_graph:
             self.model = DistributedDataParallel(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        elif self.world > 1:  # the graphed step all-reduces itself; from rank 0's weights, as DDP starts
+            for tensor in self.raw.state_dict().values():
+                dist.broadcast(tensor, 0)
         # After the restore: a captured step must see the optimizer state it will keep using.
         self.graphed = GraphedTrainStep(self.model, self.optimizer, device=self.device, dtype=self.dtype,
-                                        grad_clip=tc.grad_clip) if self.cuda_graph else None
+                                        grad_clip=tc.grad_clip, process_group=dist.group.WORLD if self.world > 1 else None
+                                        ) if self.cuda_graph else None
         self.graphed_eval = GraphedEval(self.raw, device=self.device, dtype=self.dtype,
                                         batch_size=self.eval_batch) if self.cuda_graph else None
         if summary_writer is not None:

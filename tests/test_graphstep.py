@@ -9,7 +9,11 @@ shape, the metrics -- and the refusals.
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,14 +125,13 @@ def test_a_graphed_runs_checkpoint_resumes_eagerly_and_graphed(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    ((torch.device("cpu"), 1, "fp32", False), "--cuda-graph needs a CUDA device, got cpu"),
-    ((torch.device("cuda"), 2, "bf16", False), "--cuda-graph runs in one process; torchrun started 2"),
-    ((torch.device("cuda"), 1, "fp16", False), "--cuda-graph cannot capture fp16's loss scaler"),
-    ((torch.device("cuda"), 1, "bf16", True), "--cuda-graph and --compile do not combine"),
+    ((torch.device("cpu"), "fp32", False), "--cuda-graph needs a CUDA device, got cpu"),
+    ((torch.device("cuda"), "fp16", False), "--cuda-graph cannot capture fp16's loss scaler"),
+    ((torch.device("cuda"), "bf16", True), "--cuda-graph and --compile do not combine"),
 ])
 def test_what_cannot_be_captured_is_refused(args, message):
     assert graph_refusal(*args).startswith(message)
-    assert graph_refusal(torch.device("cuda"), 1, "bf16", False) is None  # what can
+    assert graph_refusal(torch.device("cuda"), "bf16", False) is None  # what can (torchrun too)
 
 
 def test_a_capture_needs_a_warm_up():
@@ -298,3 +301,52 @@ def test_the_step_is_captured_by_default_where_it_can_be(base_args, tmp_path, ca
     assert replays.count("step") == (6 - 3 if refusal is None else 0)
     assert ("eval" in replays) == (refusal is None)  # the test pass's
     assert ("CUDA graph" in start) == (refusal is None), start
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun_worker(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    return subprocess.run([*TORCHRUN, str(ROOT / "tests" / "graphed_ddp.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_graphed_steps_under_torchrun_average_the_ranks_gradients(tmp_path):
+    """Two ranks (gloo), each with ``GraphedTrainStep(process_group=...)`` on micro-batches of its own:
+    the weights every rank ends with are those of one process stepping on both ranks' micro-batches
+    together (the mean of the ranks' mean gradients), through the warm-up, the capture, replays and an
+    eager step of another shape. Without the all-reduce each rank would follow its own data (the
+    last check)."""
+    import graphed_ddp as worker
+
+    done = torchrun_worker("step", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["captured"] for r in ranks)
+    assert [r["eager_steps"] for r in ranks] == [worker.WARMUP + 1] * 2  # the warm-up, and the other shape
+    assert [r["replays"] for r in ranks] == [2 * (len(worker.LRS) - worker.WARMUP - 1)] * 2  # two graphs a step
+
+    torch.manual_seed(0)
+    model = GPT2Model(worker.CFG, impl="auto").to(DEVICE)
+    opt = build_optimizer(model, TrainConfig(), DEVICE)
+    metrics = torch.stack([train_step(model, opt, worker.rank_batches(step, 0) + worker.rank_batches(step, 1),
+                                      device=DEVICE, dtype="fp32", grad_clip=1.0, lr=lr).cpu()
+                           for step, lr in enumerate(worker.LRS)])
+    torch.testing.assert_close(ranks[0]["metrics"] + ranks[1]["metrics"], metrics, atol=1e-6, rtol=1e-5)
+    for name, p in model.state_dict().items():
+        for r in ranks:
+            got, want = r["weights"][name], p.cpu()
+            if name.endswith("c_attn.bias"):  # the key bias: its gradient is 0 in exact arithmetic (softmax
+                keys = slice(worker.CFG.d_model, 2 * worker.CFG.d_model)  # ignores a constant added to a row's
+                got, want = got.clone(), want.clone()  # scores), so it learns Adam-normalized rounding noise,
+                got[keys] = want[keys] = 0  # which another order of the sums changes
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    torch.manual_seed(0)
+    alone = GPT2Model(worker.CFG, impl="auto").to(DEVICE)
+    opt = build_optimizer(alone, TrainConfig(), DEVICE)
+    for step, lr in enumerate(worker.LRS):
+        train_step(alone, opt, worker.rank_batches(step, 0), device=DEVICE, dtype="fp32", grad_clip=1.0, lr=lr)
+    assert not all(torch.allclose(ranks[0]["weights"][name], p.cpu(), atol=1e-6, rtol=1e-5)
+                   for name, p in alone.state_dict().items())

@@ -106,6 +106,28 @@ def test_torchrun_two_ranks_match_single_process_accumulation(base_args, tmp_pat
     assert a["train_log"]["losses"][-1] != b["train_log"]["losses"][0]  # training moved the loss
 
 
+def test_torchrun_two_ranks_graphed_match_ddp(base_args, tmp_path, history):
+    """Under torchrun the step is captured too (``GraphedTrainStep(process_group=...)``: the backward's
+    graph, one all-reduce, the update's graph). On a CPU the stand-in for the graph runs (the refusal
+    of a CPU lifted in ``tests/graphed_ddp.py``): the same losses as DDP's eager steps."""
+    args = [a for a in base_args if a != "--no-cuda-graph"] + [
+        "--max-steps", "8", "--eval-interval", "4", "--log-interval", "1", "--grad-accum", "2", "--lr", "1e-2",
+        "--warmup-steps", "0", "--device", "cpu", "--dropout", "0"]
+    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    runs = {}
+    for name, extra in (("ddp", ["--no-cuda-graph"]), ("graphed", [])):
+        run = _cli([*TORCHRUN, str(ROOT / "tests" / "graphed_ddp.py"), "train", *args, *extra,
+                    "--out-dir", str(tmp_path / name)], env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert ("CUDA graph" in run.stdout.splitlines()[0]) == (name == "graphed"), run.stdout.splitlines()[0]
+        runs[name] = history(tmp_path / name)
+    ddp, graphed = runs["ddp"], runs["graphed"]
+    assert graphed["train_log"]["losses"] == pytest.approx(ddp["train_log"]["losses"], rel=1e-5, abs=0)
+    assert graphed["val_losses"] == pytest.approx(ddp["val_losses"], rel=1e-5, abs=0)
+    assert graphed["final_perplexity"] == pytest.approx(ddp["final_perplexity"], rel=1e-5)
+    assert ddp["train_log"]["losses"][-1] != ddp["train_log"]["losses"][0]  # training moved the loss
+
+
 def _worker_pid(agent: int, rank: int) -> int | None:
     """The torchrun worker of ``rank`` under the process ``agent`` (from /proc), or None."""
     for entry in Path("/proc").iterdir():
