@@ -49,3 +49,22 @@ def test_step_profile_kernels_are_grouped_by_who_wrote_them():
     gelu = ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::"
             "GeluBackwardCUDAKernelImpl(at::TensorIteratorBase&)::{lambda()#2}>(int, ...)")
     assert short_kernel_name(gelu).startswith("vectorized_elementwise_kernel<4, GeluBackwardCUDAKernelImpl(")
+
+
+def test_pytest_bench_ends_with_the_figures_against_their_peers():
+    """``python -m pytest bench`` prints, after pytest-benchmark's own table, the report's table of
+    the benchmarks that ran: their headline figure and ratios against their peers (bench/conftest.py)."""
+    import subprocess
+    import sys
+
+    from bench.report import README
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_bench_host.py",
+                          "-k", "launcher_host_us and layer_norm and inference and not add"],
+                         cwd=README.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    ours = run.stdout.index("figures against their peers")
+    assert ours > run.stdout.index("Name (time in us)")  # pytest-benchmark's table comes first
+    rows = [line for line in run.stdout[ours:].splitlines() if line.startswith("| `test_")]
+    assert len(rows) == 1 and rows[0].startswith("| `test_launcher_host_us[layer_norm, inference]` |"), rows
+    assert "us of host time a call" in rows[0] and "x f_layer_norm |" in rows[0], rows[0]
