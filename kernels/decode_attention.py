@@ -224,19 +224,13 @@ def plan_splits(rows: int, slots: int, block_n: int, device: torch.device, num_s
     return cdiv(slots, chunk), chunk
 
 
-def _new_output(q: torch.Tensor) -> torch.Tensor:
-    """(B, H, 1, D) viewing a (B, 1, H, D) buffer, so the model's merge of heads is free."""
-    B, H, Tq, D = q.shape
-    return q.new_empty(B, Tq, H, D).transpose(1, 2)
-
-
 def _decode_forward(q, k, v, kv_len, kv_start, scale: float, num_splits: Optional[int] = None) -> torch.Tensor:
     _check_inputs(q, k, v, kv_len, kv_start)
     B, H, _, D = q.shape
     S = k.shape[2]
     block_n = _block_n(D)
     splits, chunk = plan_splits(B * H, S, block_n, q.device, num_splits)
-    o = _new_output(q)
+    o = attention._new_output(q)  # (B, H, 1, D) viewing (B, 1, H, D)
     single = splits == 1
     if single:  # no scratch: the first kernel writes the output
         part_o = part_m = part_l = o
@@ -277,7 +271,7 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
 @_decode_attention_op.register_fake
 def _(q, k, v, kv_len, kv_start, scale, num_splits):
     _check_inputs(q, k, v, kv_len, kv_start)
-    return _new_output(q)
+    return attention._new_output(q)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,

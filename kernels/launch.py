@@ -27,6 +27,8 @@ tested versions (``TESTED``) every launch is the JIT's.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from typing import Iterator
 
 import torch
@@ -65,6 +67,10 @@ _SCALARS = frozenset({int, float, bool, type(None)})  # what may follow the tens
 MAX_KEYS = 1024  # per kernel; past it, new keys go through the JIT (float arguments are keyed by value)
 
 
+def _or(values: list) -> int:
+    return functools.reduce(operator.or_, values, 0)
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook does anything (Triton 3.6+ keeps an empty ``HookChain`` by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -98,19 +104,25 @@ class Direct:
         if n is None:
             n = self.tensors = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
         rest = args[n:]
-        types = tuple(map(type, rest))  # an int 1 and True, or 2 and 2.0, are equal but typed apart
         device = driver.active.get_current_device()
         try:
-            key = (device, *kwargs.items(), *map(type, kwargs.values()),
-                   *[(t.dtype, not t.data_ptr() & 15) for t in args[:n]], *rest, *types)
-        except AttributeError:  # not a tensor among the first n
-            key = None
-        if key is None or not _SCALARS.issuperset(types):
+            tensors = args[:n]
+            pointers = [t.data_ptr() for t in tensors]
+            # Alignment as Triton specialises it: all tensors' addresses on 16 bytes (the usual case),
+            # else each one's.
+            aligned = not (_or(pointers) & 15) or tuple(not p & 15 for p in pointers)
+            # (an int 1 and True, or 2 and 2.0, are equal but typed apart: the types are in the key)
+            key = (device, aligned, *kwargs.items(), *map(type, kwargs.values()), *[t.dtype for t in tensors],
+                   *rest, *map(type, rest))
+            entry = self.kernels.get(key)
+        except (AttributeError, TypeError):  # not a tensor among the first n; an unhashable argument
             self.fn[grid](*args, **kwargs)
             return
-        entry = self.kernels.get(key)
         if entry is None:
-            self._first_launch(key, grid, args, kwargs)
+            if _SCALARS.issuperset(map(type, rest)):  # (a key kept has passed this check)
+                self._first_launch(key, grid, args, kwargs)
+            else:
+                self.fn[grid](*args, **kwargs)
             return
         kernel, constexprs = entry
         stream = driver.active.get_current_stream(device)

@@ -45,8 +45,7 @@ def _layer_norm_fwd_kernel(
     Y,  # pointer to the normalized output (M, N), contiguous
     W,  # pointer to the weight (N,)
     B,  # pointer to the bias (N,)
-    Mean,  # pointer to the per-row mean (M,), fp32
-    Rstd,  # pointer to the per-row 1 / sqrt(var + eps) (M,), fp32
+    Stats,  # pointer to the per-row statistics (2, M), fp32: the mean, then 1 / sqrt(var + eps)
     stride_x,
     stride_r,
     M,
@@ -77,8 +76,8 @@ def _layer_norm_fwd_kernel(
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    tl.store(Stats + rows, mean, mask=row_ok)
+    tl.store(Stats + M + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -89,10 +88,8 @@ def _layer_norm_bwd_kernel(
     DX,  # pointer to the grad wrt the normalized input (M, N), contiguous, in its own dtype
     DX2,  # pointer to the same grad in a second dtype (M, N), contiguous; written only when HAS_DX2
     W,  # pointer to the weight (N,)
-    Mean,  # pointer to the per-row mean saved by the forward (M,), fp32
-    Rstd,  # pointer to the per-row 1 / sqrt(var + eps) saved by the forward (M,), fp32
-    DW,  # pointer to this launch's per-program partial weight grads (P, N), fp32
-    DB,  # pointer to this launch's per-program partial bias grads (P, N), fp32
+    Stats,  # pointer to the per-row statistics saved by the forward (2, M), fp32: mean, 1 / sqrt(var + eps)
+    DWB,  # pointer to this launch's per-program partial grads (2, P, N), fp32: weight's, then bias's
     stride_x,
     stride_dy,
     stride_ds,
@@ -120,8 +117,8 @@ def _layer_norm_bwd_kernel(
     for row in range(row_start, row_end):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
+        mean = tl.load(Stats + row)
+        rstd = tl.load(Stats + M + row)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         g = w * dy
         c1 = tl.sum(xhat * g, axis=0) / N
@@ -134,8 +131,8 @@ def _layer_norm_bwd_kernel(
             tl.store(DX2 + row * N + cols, dx.to(DX2.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
-    tl.store(DW + pid * N + cols, dw, mask=mask)
-    tl.store(DB + pid * N + cols, db, mask=mask)
+    tl.store(DWB + pid * N + cols, dw, mask=mask)
+    tl.store(DWB + (tl.num_programs(0) + pid) * N + cols, db, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,10 +169,16 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (M, N) rows with unit column stride (a view when possible, else a contiguous copy)."""
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t as rows of its last dim with unit column stride, and the stride between rows: t itself when
+    contiguous (no view made: a view costs a call ~1 us of host time), else a 2-D view when one
+    exists, else a contiguous copy."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+    if t2.stride(-1) != 1 and t2.shape[-1] != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
 
 
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -210,42 +213,42 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dtype]):
-    """Launch the forward on x (or x + residual): returns (y, s or None, mean, rstd), y in
-    ``out_dtype`` (None: s's dtype, x's without a residual)."""
+    """Launch the forward on x (or x + residual): returns (y, s or None, stats), y in ``out_dtype``
+    (None: s's dtype, x's without a residual), stats the (2, M) fp32 mean and 1 / std of the rows."""
     N = x.shape[-1]
-    x2 = _rows(x)  # (M, N)
-    M = x2.shape[0]
+    M = x.numel() // N
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
-    s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x, dtype=out_dtype or s_dtype, memory_format=torch.contiguous_format)
+    s = None if residual is None else torch.empty_like(x, dtype=s_dtype, memory_format=torch.contiguous_format)
+    stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
     weight, bias = weight.contiguous(), bias.contiguous()  # (N,), unit stride (no-ops for parameters)
     if M > 0:
-        r2 = x2 if residual is None else _rows(residual)
+        x2, stride_x = _rows(x)
+        r2, stride_r = (x2, stride_x) if residual is None else _rows(residual)
         block, rows, warps = _tile(N)
         _layer_norm_fwd[(cdiv(M, rows),)](
-            x2, r2, y if s is None else s, y, weight, bias, mean, rstd,
-            x2.stride(0), r2.stride(0), M, N, eps,
+            x2, r2, y if s is None else s, y, weight, bias, stats,
+            stride_x, stride_r, M, N, eps,
             HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block, num_warps=warps,
         )
-    return y, s, mean, rstd
+    return y, s, stats
 
 
-def _backward(dy, ds, x, weight, mean, rstd, dtypes: tuple):
+def _backward(dy, ds, x, weight, stats, dtypes: tuple):
     """Launch the backward: returns (dx in each of ``dtypes``, one or two; (2, N) fp32 with dweight
     and dbias as its rows). Both dtypes come from the one pass, no cast kernel, for rows up to
     MAX_DX2_BLOCK wide; wider rows get the second by a cast."""
     N = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)  # (M, N)
-    ds2 = dy2 if ds is None else _rows(ds)
+    M = x.numel() // N
+    x2, stride_x = _rows(x)
+    dy2, stride_dy = _rows(dy)
+    ds2, stride_ds = (dy2, stride_dy) if ds is None else _rows(ds)
     weight = weight.contiguous()  # (N,)
-    M = x2.shape[0]
     block, warps = _block_and_warps(N)
     # A second dtype written by the kernel needs registers that rows of 8,192 do not have (it
     # spilled there, at 128 registers: the compile check); those get it by a cast.
     written = dtypes if block <= MAX_DX2_BLOCK else dtypes[:1]
-    dxs = tuple(torch.empty(x.shape, dtype=dtype, device=x.device) for dtype in written)
+    dxs = tuple(torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format) for dtype in written)
     # About 32 resident warps per SM to hide memory latency (the 50% occupancy these 64-register
     # kernels allow: the compile table's warps/SM), but at least 8 rows per program so that the
     # (P, N) fp32 partials (read again by the final sum) stay small next to the activations. Aiming
@@ -258,8 +261,8 @@ def _backward(dy, ds, x, weight, mean, rstd, dtypes: tuple):
     # of separate buffers took 11.0 and 10.5 us at 16,384 x 512, half the backward (run 3's ncu.txt).
     partials = torch.empty((2, programs, N), dtype=torch.float32, device=x.device)
     _layer_norm_bwd[(programs,)](
-        x2, dy2, ds2, dxs[0], dxs[-1], weight, mean, rstd, partials[0], partials[1],
-        x2.stride(0), dy2.stride(0), ds2.stride(0), M, N, rows_per_program,
+        x2, dy2, ds2, dxs[0], dxs[-1], weight, stats, partials,
+        stride_x, stride_dy, stride_ds, M, N, rows_per_program,
         HAS_DS=ds is not None, HAS_DX2=len(dxs) == 2, BLOCK_N=block, num_warps=warps,
     )
     return dxs + tuple(dxs[0].to(dtype) for dtype in dtypes[len(written):]), partials.sum(1)
@@ -272,42 +275,44 @@ def _backward(dy, ds, x, weight, mean, rstd, dtypes: tuple):
 
 @torch.library.custom_op("tinygpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                       out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = _forward(x, None, weight, bias, eps, out_dtype)
-    return y, mean, rstd
+                       out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, stats = _forward(x, None, weight, bias, eps, out_dtype)
+    return y, stats
+
+
+def _fake_stats(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((2, x.numel() // x.shape[-1]), dtype=torch.float32)
 
 
 @_layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
+    return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format), _fake_stats(x)
 
 
 @torch.library.custom_op("tinygpt::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                            eps: float, out_dtype: Optional[torch.dtype]
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, mean, rstd = _forward(x, residual, weight, bias, eps, out_dtype)
-    return y, s, mean, rstd
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, stats = _forward(x, residual, weight, bias, eps, out_dtype)
+    return y, s, stats
 
 
 @_add_layer_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, eps, out_dtype):
     dtype = torch.promote_types(x.dtype, residual.dtype)
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return (x.new_empty(x.shape, dtype=out_dtype or dtype), x.new_empty(x.shape, dtype=dtype), stats,
-            torch.empty_like(stats))
+    return (torch.empty_like(x, dtype=out_dtype or dtype, memory_format=torch.contiguous_format),
+            torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format), _fake_stats(x))
 
 
 @torch.library.custom_op("tinygpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                       mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    (dx,), dwdb = _backward(dy, ds, x, weight, mean, rstd, (x.dtype,))
+                       stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    (dx,), dwdb = _backward(dy, ds, x, weight, stats, (x.dtype,))
     return dx, dwdb
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, ds, x, weight, mean, rstd):
+def _(dy, ds, x, weight, stats):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((2, x.shape[-1]), dtype=torch.float32)
 
 
@@ -318,17 +323,17 @@ def _fwd(x, residual, weight, bias, eps, out_dtype):
     if not torch.compiler.is_compiling():
         return _forward(x, residual, weight, bias, eps, out_dtype)
     if residual is None:
-        y, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps, out_dtype)
-        return y, None, mean, rstd
+        y, stats = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps, out_dtype)
+        return y, None, stats
     return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
-def _bwd(dy, ds, x, weight, mean, rstd, dtypes: tuple):
+def _bwd(dy, ds, x, weight, stats, dtypes: tuple):
     """dx in each of ``dtypes`` (x's dtype first) and dweight / dbias; under torch.compile one dtype
     from the op and casts for the others."""
     if not torch.compiler.is_compiling():
-        return _backward(dy, ds, x, weight, mean, rstd, dtypes)
-    dx, dwdb = torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, mean, rstd)
+        return _backward(dy, ds, x, weight, stats, dtypes)
+    dx, dwdb = torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, stats)
     return tuple(dx.to(dtype) for dtype in dtypes), dwdb
 
 
@@ -340,35 +345,37 @@ def _bwd(dy, ds, x, weight, mean, rstd, dtypes: tuple):
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        y, _, mean, rstd = _fwd(x, None, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y, _, stats = _fwd(x, None, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, stats)
         ctx.param_dtypes = (weight.dtype, bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        (dx,), (dw, db) = _bwd(dy, None, x, weight, mean, rstd, (x.dtype,))
+        x, weight, stats = ctx.saved_tensors
+        (dx,), dwdb = _bwd(dy, None, x, weight, stats, (x.dtype,))
+        dw, db = dwdb[0], dwdb[1]  # (indexing: iterating a tensor unbinds it, ~2 us of host time)
         return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None, None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype):
-        y, s, mean, rstd = _fwd(x, residual, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(s, weight, mean, rstd)
+        y, s, stats = _fwd(x, residual, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(s, weight, stats)
         ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
         return y, s
 
     @staticmethod
     def backward(ctx, dy, ds):
-        s, weight, mean, rstd = ctx.saved_tensors
+        s, weight, stats = ctx.saved_tensors
         x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
         # The grad of x + residual goes to both, each in its own dtype. The kernel writes it in the
         # sum's dtype and in x's when that differs (under autocast: the fp32 residual stream and a
         # bf16 branch), so the backward runs no cast kernel; a third dtype (fp16 + bf16) is cast.
         dtypes = (s.dtype,) if x_dtype == s.dtype else (s.dtype, x_dtype)
-        dsums, (dw, db) = _bwd(dy, ds, s, weight, mean, rstd, dtypes)
+        dsums, dwdb = _bwd(dy, ds, s, weight, stats, dtypes)
+        dw, db = dwdb[0], dwdb[1]
         grad = dict(zip(dtypes, dsums))
         dx, dr = (grad[d] if d in grad else dsums[0].to(d) for d in (x_dtype, r_dtype))
         return dx, dr, dw.to(w_dtype), db.to(b_dtype), None, None
@@ -399,7 +406,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _check("layer_norm", x, weight, bias, out_dtype=out_dtype)
     if _needs_graph(x, weight, bias):
         return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)
-    return _forward(x, None, weight, bias, float(eps), out_dtype)[0]  # eager inference: no autograd node at all
+    y, _, _ = _forward(x, None, weight, bias, float(eps), out_dtype)  # eager inference: no autograd node at all
+    return y
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -409,5 +417,5 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     _check("add_layer_norm", x, weight, bias, residual, out_dtype)
     if _needs_graph(x, residual, weight, bias):
         return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), out_dtype)
-    y, s, _, _ = _forward(x, residual, weight, bias, float(eps), out_dtype)
+    y, s, _ = _forward(x, residual, weight, bias, float(eps), out_dtype)
     return y, s

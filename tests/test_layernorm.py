@@ -265,10 +265,11 @@ def test_custom_ops_pass_opcheck():
     for out_dtype in (None, torch.bfloat16):
         torch.library.opcheck(torch.ops.tinygpt.layer_norm_fwd, (x, w, b, 1e-5, out_dtype))
         torch.library.opcheck(torch.ops.tinygpt.add_layer_norm_fwd, (x, r, w, b, 1e-5, out_dtype))
-    _, mean, rstd = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5, None)
+    _, stats = torch.ops.tinygpt.layer_norm_fwd(x, w, b, 1e-5, None)
+    torch.testing.assert_close(stats, torch.stack([x.mean(-1), (x.var(-1, unbiased=False) + 1e-5).rsqrt()]))
     dy, ds = rand((6, 48), torch.float32, seed=13), rand((6, 48), torch.float32, seed=14)
-    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, None, x, w, mean, rstd))
-    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, ds, x, w, mean, rstd))
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, None, x, w, stats))
+    torch.library.opcheck(torch.ops.tinygpt.layer_norm_bwd, (dy, ds, x, w, stats))
 
 
 def test_torch_compile_traces_custom_ops_fullgraph():
