@@ -190,3 +190,53 @@ def test_add_layer_norm_autocast(benchmark, rows, N, which):
     run_case(benchmark, add_ln_autocast_triton, add_ln_autocast_torch, [x, residual, weight, bias], 2, which,
              AUTOCAST_BYTES[which], "x + residual (fp32), F.layer_norm, .to(bf16) (eager; torch.compile)",
              check_ref=add_ln_torch, grad_dtypes=[DTYPE, torch.float32])  # (all fp32 in the check)
+
+
+P_DROP = 0.1  # the seed model's dropout
+
+
+def add_ln_dropout_torch(x, residual, weight, bias):
+    """The model's branch dropout, add and LayerNorm under autocast, eagerly: F.dropout on the bf16
+    branch (writing its mask), the fp32 add, F.layer_norm, the cast for the next Linear."""
+    s = F.dropout(x, P_DROP) + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, EPS).to(DTYPE), s
+
+
+def add_ln_dropout_triton(x, residual, weight, bias):
+    return kernels.add_layer_norm(x, residual, weight, bias, EPS, out_dtype=DTYPE, dropout_p=P_DROP)
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("rows,N", ADD_SHAPES, ids=[f"{r}x{n}" for r, n in ADD_SHAPES])
+def test_add_layer_norm_dropout(benchmark, rows, N, which):
+    """As the model trains under bf16 autocast: dropout(bf16 branch) + fp32 residual, the LayerNorm
+    in bf16; ours draws the mask in the kernel (and again in the backward: no mask in memory), the
+    peer runs F.dropout first. The masks differ (different streams), so the check is on the mask:
+    the branch's gradient is zero on about P_DROP of the elements, and 1 / (1 - P_DROP) times the
+    residual's elsewhere. Bytes as ``test_add_layer_norm_autocast`` (the peer moves more: its
+    dropout's pass and mask)."""
+    x, residual, weight, bias = leaves(rows, N, 2)
+    residual = residual.detach().float().requires_grad_()
+    inputs = [x, residual, weight, bias]
+    grads = [torch.randn(rows, N, device=DEVICE, dtype=dt) for dt in (DTYPE, torch.float32)]
+    torch.autograd.backward(add_ln_dropout_triton(*inputs), grads)
+    dropped = x.grad == 0
+    assert abs(dropped.float().mean().item() - P_DROP) < 0.01
+    torch.testing.assert_close(x.grad[~dropped].float(), (residual.grad[~dropped] / (1 - P_DROP)),
+                               atol=2e-2, rtol=2e-2)  # bf16 rounding of the branch's gradient
+    for t in inputs:
+        t.grad = None
+    nbytes = AUTOCAST_BYTES[which] * rows * N * 2
+    ms = {name: cuda_time_ms(make_pass(fn, inputs, grads, which))
+          for name, fn in (("triton", add_ln_dropout_triton), ("eager", add_ln_dropout_torch),
+                           ("compiled", compiled(add_ln_dropout_torch)))}
+    kernel_ms = {name: device_time_ms(make_pass(fn, inputs, grads, which))
+                 for name, fn in (("triton", add_ln_dropout_triton), ("eager", add_ln_dropout_torch))}
+    benchmark.pedantic(synced(make_pass(add_ln_dropout_triton, inputs, grads, which)), rounds=20, warmup_rounds=3)
+    record(benchmark, gbs=round(nbytes / (ms["triton"] * 1e-3) / 1e9, 1), ms=round(ms["triton"], 4),
+           pct_copy_gbs=round(100 * nbytes / (ms["triton"] * 1e-3) / 1e9 / measured_copy_gbs(), 1),
+           peer="F.dropout, x + residual (fp32), F.layer_norm, .to(bf16) (eager; torch.compile)",
+           ratio_vs_eager=round(ms["eager"] / ms["triton"], 3), ratio_vs_compiled=round(ms["compiled"] / ms["triton"], 3),
+           kernel_ms=round(kernel_ms["triton"], 4), kernel_ratio_vs_eager=round(kernel_ms["eager"] / kernel_ms["triton"], 3),
+           bytes=nbytes)

@@ -40,7 +40,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # fused q, k, v projection
         self.c_proj = nn.Linear(config.d_model, config.d_model)
         self.attn_dropout = config.attn_dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ops: Ops, cache: Optional[KVCache] = None, layer: int = 0,
                 static: bool = False) -> torch.Tensor:
@@ -61,7 +60,7 @@ class CausalSelfAttention(nn.Module):
                 kv_start = cache.start
             y = ops.attention(q, k, v, kv_start=kv_start, kv_len=kv_len, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)  # (its dropout is the next add + LayerNorm's)
 
 
 class MLP(nn.Module):
@@ -69,10 +68,9 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, config.d_ff)
         self.c_proj = nn.Linear(config.d_ff, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (its dropout is the next add + LayerNorm's)
 
 
 class Block(nn.Module):
@@ -80,9 +78,11 @@ class Block(nn.Module):
 
     ``forward(x, delta)`` takes the residual stream ``x`` and the previous block's output ``delta``
     not yet added to it (None for the first block), and returns this block's ``(delta, x)`` in the
-    same form: the block's output is ``x + delta``. Carrying the add over to the next LayerNorm
-    (``add_layer_norm``) reads and writes the residual stream once per LayerNorm instead of twice,
-    and keeps every block a self-contained module (per-block checkpointing, regional compile, tests).
+    same form: the block's output is ``x + dropout(delta)``. Carrying the add over to the next
+    LayerNorm (``add_layer_norm``) reads and writes the residual stream once per LayerNorm instead
+    of twice, and keeps every block a self-contained module (per-block checkpointing, regional
+    compile, tests). The branches' dropout (GPT-2's on the attention and MLP outputs) is applied by
+    that add + LayerNorm too: the Triton kernel draws the mask itself, in the same pass.
     """
 
     def __init__(self, config: GPTConfig):
@@ -91,16 +91,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNormParams(config.d_model, config.layer_norm_eps)
         self.mlp = MLP(config)
+        self.dropout = config.dropout  # on the attention's and the MLP's outputs, in training
 
     def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor], ops: Ops,
                 cache: Optional[KVCache] = None, layer: int = 0, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         act = compute_dtype(x.device.type)  # under autocast: the LayerNorms write what the Linears read
+        p = self.dropout if self.training else 0.0
         if delta is None:
             h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act)
         else:
-            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act)
+            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act, p)
         a = self.attn(h, ops, cache, layer, static)
-        h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, act)
+        h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, act, p)
         return self.mlp(h), x
 
 
@@ -201,7 +203,8 @@ class GPT2Model(nn.Module):
         for layer, block in enumerate(self.h):
             delta, x = block(x, delta, ops, cache, layer, static)
         h, _ = ops.add_layer_norm(delta, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps,
-                                  compute_dtype(x.device.type))  # the head's dtype under autocast
+                                  compute_dtype(x.device.type),  # the head's dtype under autocast
+                                  self.config.dropout if self.training else 0.0)  # the last MLP's dropout
         if static:
             cache.length += 1
         elif cache is not None:

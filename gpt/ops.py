@@ -43,8 +43,12 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return y.to(out_dtype or x.dtype)
 
 
-def add_layer_norm_ref(x, residual, weight, bias, eps, out_dtype: Optional[torch.dtype] = None):
-    """The pre-LN block's residual add and the next LayerNorm: returns (LN(x + residual), x + residual)."""
+def add_layer_norm_ref(x, residual, weight, bias, eps, out_dtype: Optional[torch.dtype] = None,
+                       dropout_p: float = 0.0):
+    """The pre-LN block's residual add and the next LayerNorm: returns (LN(x + residual), x + residual),
+    with x = dropout(x) first when ``dropout_p`` > 0 (the branch's dropout, drawn by ``F.dropout``)."""
+    if dropout_p > 0.0:
+        x = F.dropout(x, p=dropout_p, training=True)
     s = x + residual
     return layer_norm_ref(s, weight, bias, eps, out_dtype), s
 
@@ -355,7 +359,8 @@ class Ops(NamedTuple):
 
     name: str
     layer_norm: Callable  # (x, weight, bias, eps, out_dtype=None) -> y
-    # (x, residual, weight, bias, eps, out_dtype=None) -> (LN(x + residual), x + residual)
+    # (x, residual, weight, bias, eps, out_dtype=None, dropout_p=0.0) -> (LN(x' + residual), x' + residual)
+    # with x' = dropout(x, dropout_p), as add_layer_norm_ref
     add_layer_norm: Callable
     attention: Callable  # (q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p=0.0) -> y, as causal_attention_ref
     # (h, weight, targets, ignore_index=-1, dtype=None) -> (loss, correct, count), as linear_cross_entropy_ref

@@ -301,6 +301,8 @@ LAYER_NORM_CASES = {
                                 "the LayerNorm written in bf16 for the next Linear (out_dtype)",
     "layer_norm fp32->bf16": "autocast: the first block's LayerNorm of the fp32 residual stream, fp32 "
                              "weights, written in bf16 (out_dtype)",
+    "add_layer_norm bf16+fp32 dropout": "the same add as training runs it, with the branch's dropout: the "
+                                        "mask drawn in the forward and drawn again in the backward",
 }
 DECODE_CASES = {
     "static step": "the static decode step: one token per row against the whole fixed-size cache, "
@@ -395,7 +397,8 @@ def _layer_norm_call(case: Case) -> None:
         y.backward(torch.ones_like(y))
     else:
         residual = leaf(*shape, dt=torch.float32 if autocast else dtype)
-        y, s = kernels.add_layer_norm(leaf(*shape), residual, weight, bias, out_dtype=out_dtype)
+        p = 0.1 if "dropout" in case.what else 0.0
+        y, s = kernels.add_layer_norm(leaf(*shape), residual, weight, bias, out_dtype=out_dtype, dropout_p=p)
         torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
 
 

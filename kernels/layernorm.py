@@ -38,6 +38,20 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _dropout_keep(Seed, rows, N, p, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether dropout keeps each element of ``rows`` (ROWS,) x BLOCK_N columns in a call: one Philox
+    draw of the call's seed per 4 columns of a row (``tl.rand4x``: 4 uniform values a draw, a quarter
+    of ``tl.rand``'s integer work, which would outweigh these kernels' memory time), counter
+    row * cdiv(N, 4) + column // 4 (32-bit: the stream repeats past 2^34 elements), kept with
+    probability 1 - p. The backward draws the same mask again instead of reading a saved one."""
+    groups = tl.arange(0, BLOCK_N // 4)
+    counters = (rows[:, None] * ((N + 3) // 4) + groups[None, :]).to(tl.int32)  # (ROWS, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.rand4x(tl.load(Seed), counters)
+    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, BLOCK_N))  # column 4 j + k: r_k[j]
+    return u >= p
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X,  # pointer to the input rows (M, N), row stride stride_x, unit column stride
     R,  # pointer to the residual rows (M, N), row stride stride_r; read only when HAS_RESIDUAL
@@ -46,17 +60,20 @@ def _layer_norm_fwd_kernel(
     W,  # pointer to the weight (N,)
     B,  # pointer to the bias (N,)
     Stats,  # pointer to the per-row statistics (2, M), fp32: the mean, then 1 / sqrt(var + eps)
+    Seed,  # pointer to the dropout's seed (1,), int64; read only when HAS_DROPOUT
     stride_x,
     stride_r,
     M,
     N,
     eps,
+    p,  # the dropout's probability of zeroing an element of x (HAS_DROPOUT)
     HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,  # x replaced by dropout(x) before the add (needs HAS_RESIDUAL)
     ROWS: tl.constexpr,  # rows per program: one (ROWS, BLOCK_N) tile
     BLOCK_N: tl.constexpr,
 ):
-    """ROWS rows per program: y = (x - mean) * rstd * w + b, with x replaced by x + r when fused.
-    The weight and bias are read once for the tile's rows."""
+    """ROWS rows per program: y = (x - mean) * rstd * w + b, with x replaced by x + r when fused
+    (by dropout(x) + r with HAS_DROPOUT). The weight and bias are read once for the tile's rows."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -65,6 +82,8 @@ def _layer_norm_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            x = tl.where(_dropout_keep(Seed, rows, N, p, ROWS, BLOCK_N), x * (1.0 / (1.0 - p)), 0.0)
         s = (x + r).to(S.dtype.element_ty)  # rounded like torch's x + r, and normalized as stored
         tl.store(S + rows[:, None] * N + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
@@ -90,18 +109,22 @@ def _layer_norm_bwd_kernel(
     W,  # pointer to the weight (N,)
     Stats,  # pointer to the per-row statistics saved by the forward (2, M), fp32: mean, 1 / sqrt(var + eps)
     DWB,  # pointer to this launch's per-program partial grads (2, P, N), fp32: weight's, then bias's
+    Seed,  # pointer to the forward's dropout seed (1,), int64; read only when HAS_DROPOUT
     stride_x,
     stride_dy,
     stride_ds,
     M,
     N,
     rows_per_program,
+    p,  # the forward's dropout probability (HAS_DROPOUT)
     HAS_DS: tl.constexpr,
     HAS_DX2: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,  # DX2 is the gradient of the dropped-out branch: dx * keep / (1 - p)
     BLOCK_N: tl.constexpr,
 ):
     """Program p handles rows [p * rows_per_program, ...) in order: dx per row (in one dtype, or two:
-    add + LayerNorm's gradient for a bf16 branch and an fp32 residual), dw / db summed in fp32.
+    add + LayerNorm's gradient for a bf16 branch and an fp32 residual; with HAS_DROPOUT the second
+    through the forward's dropout mask, drawn again from its seed), dw / db summed in fp32.
 
     With xhat = (x - mean) * rstd and g = w * dy:
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) (+ ds), dw = sum_rows dy * xhat, db = sum_rows dy.
@@ -128,7 +151,11 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DX2:
-            tl.store(DX2 + row * N + cols, dx.to(DX2.dtype.element_ty), mask=mask)
+            dx2 = dx
+            if HAS_DROPOUT:
+                keep = tl.reshape(_dropout_keep(Seed, row + tl.arange(0, 1), N, p, 1, BLOCK_N), (BLOCK_N,))
+                dx2 = tl.where(keep, dx * (1.0 / (1.0 - p)), 0.0)
+            tl.store(DX2 + row * N + cols, dx2.to(DX2.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
     tl.store(DWB + pid * N + cols, dw, mask=mask)
@@ -212,9 +239,11 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         raise ValueError(f"{name}: tensors on {x.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
 
 
-def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dtype]):
-    """Launch the forward on x (or x + residual): returns (y, s or None, stats), y in ``out_dtype``
-    (None: s's dtype, x's without a residual), stats the (2, M) fp32 mean and 1 / std of the rows."""
+def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dtype],
+             seed: Optional[torch.Tensor] = None, p: float = 0.0):
+    """Launch the forward on x (or x + residual; dropout(x, p) + residual with a ``seed``, see
+    ``_dropout_seed``): returns (y, s or None, stats), y in ``out_dtype`` (None: s's dtype, x's
+    without a residual), stats the (2, M) fp32 mean and 1 / std of the rows."""
     N = x.shape[-1]
     M = x.numel() // N
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -227,17 +256,19 @@ def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dt
         r2, stride_r = (x2, stride_x) if residual is None else _rows(residual)
         block, rows, warps = _tile(N)
         _layer_norm_fwd[(cdiv(M, rows),)](
-            x2, r2, y if s is None else s, y, weight, bias, stats,
-            stride_x, stride_r, M, N, eps,
-            HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block, num_warps=warps,
+            x2, r2, y if s is None else s, y, weight, bias, stats, stats if seed is None else seed,
+            stride_x, stride_r, M, N, eps, p,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block,
+            num_warps=warps,
         )
     return y, s, stats
 
 
-def _backward(dy, ds, x, weight, stats, dtypes: tuple):
+def _backward(dy, ds, x, weight, stats, dtypes: tuple, seed: Optional[torch.Tensor] = None, p: float = 0.0):
     """Launch the backward: returns (dx in each of ``dtypes``, one or two; (2, N) fp32 with dweight
     and dbias as its rows). Both dtypes come from the one pass, no cast kernel, for rows up to
-    MAX_DX2_BLOCK wide; wider rows get the second by a cast."""
+    MAX_DX2_BLOCK wide; wider rows get the second by a cast. With the forward's dropout ``seed``
+    the second is the dropped-out branch's gradient (two dtypes, rows up to MAX_DX2_BLOCK)."""
     N = x.shape[-1]
     M = x.numel() // N
     x2, stride_x = _rows(x)
@@ -261,9 +292,10 @@ def _backward(dy, ds, x, weight, stats, dtypes: tuple):
     # of separate buffers took 11.0 and 10.5 us at 16,384 x 512, half the backward (run 3's ncu.txt).
     partials = torch.empty((2, programs, N), dtype=torch.float32, device=x.device)
     _layer_norm_bwd[(programs,)](
-        x2, dy2, ds2, dxs[0], dxs[-1], weight, stats, partials,
-        stride_x, stride_dy, stride_ds, M, N, rows_per_program,
-        HAS_DS=ds is not None, HAS_DX2=len(dxs) == 2, BLOCK_N=block, num_warps=warps,
+        x2, dy2, ds2, dxs[0], dxs[-1], weight, stats, partials, stats if seed is None else seed,
+        stride_x, stride_dy, stride_ds, M, N, rows_per_program, p,
+        HAS_DS=ds is not None, HAS_DX2=len(dxs) == 2, HAS_DROPOUT=seed is not None, BLOCK_N=block,
+        num_warps=warps,
     )
     return dxs + tuple(dxs[0].to(dtype) for dtype in dtypes[len(written):]), partials.sum(1)
 
@@ -319,20 +351,20 @@ def _(dy, ds, x, weight, stats):
 # In eager mode the launchers are called directly: a Python custom op's dispatch cost ~140 us a call
 # on this project's shared CPU (5 us for the direct call), more than the kernel takes at GPT-2
 # sizes on a GPU. Under torch.compile the ops are used.
-def _fwd(x, residual, weight, bias, eps, out_dtype):
+def _fwd(x, residual, weight, bias, eps, out_dtype, seed=None, p=0.0):
     if not torch.compiler.is_compiling():
-        return _forward(x, residual, weight, bias, eps, out_dtype)
+        return _forward(x, residual, weight, bias, eps, out_dtype, seed, p)
     if residual is None:
         y, stats = torch.ops.tinygpt.layer_norm_fwd(x, weight, bias, eps, out_dtype)
         return y, None, stats
     return torch.ops.tinygpt.add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
-def _bwd(dy, ds, x, weight, stats, dtypes: tuple):
-    """dx in each of ``dtypes`` (x's dtype first) and dweight / dbias; under torch.compile one dtype
-    from the op and casts for the others."""
+def _bwd(dy, ds, x, weight, stats, dtypes: tuple, seed=None, p=0.0):
+    """dx in each of ``dtypes`` (x's dtype first) and dweight / dbias; under torch.compile (no
+    dropout there: ``add_layer_norm``) one dtype from the op and casts for the others."""
     if not torch.compiler.is_compiling():
-        return _backward(dy, ds, x, weight, stats, dtypes)
+        return _backward(dy, ds, x, weight, stats, dtypes, seed, p)
     dx, dwdb = torch.ops.tinygpt.layer_norm_bwd(dy, ds, x, weight, stats)
     return tuple(dx.to(dtype) for dtype in dtypes), dwdb
 
@@ -360,25 +392,28 @@ class LayerNormFunction(torch.autograd.Function):
 
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
-        y, s, stats = _fwd(x, residual, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(s, weight, stats)
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype, p):
+        seed = _dropout_seed(x.device) if p > 0 else None
+        y, s, stats = _fwd(x, residual, weight, bias, eps, out_dtype, seed, p)
+        ctx.save_for_backward(s, weight, stats, seed)
         ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+        ctx.p = p
         return y, s
 
     @staticmethod
     def backward(ctx, dy, ds):
-        s, weight, stats = ctx.saved_tensors
+        s, weight, stats, seed = ctx.saved_tensors
         x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
         # The grad of x + residual goes to both, each in its own dtype. The kernel writes it in the
         # sum's dtype and in x's when that differs (under autocast: the fp32 residual stream and a
         # bf16 branch), so the backward runs no cast kernel; a third dtype (fp16 + bf16) is cast.
-        dtypes = (s.dtype,) if x_dtype == s.dtype else (s.dtype, x_dtype)
-        dsums, dwdb = _bwd(dy, ds, s, weight, stats, dtypes)
+        # After dropout x's gradient is always the second, through the mask.
+        dtypes = (s.dtype,) if x_dtype == s.dtype and seed is None else (s.dtype, x_dtype)
+        dsums, dwdb = _bwd(dy, ds, s, weight, stats, dtypes, seed, ctx.p)
         dw, db = dwdb[0], dwdb[1]
-        grad = dict(zip(dtypes, dsums))
-        dx, dr = (grad[d] if d in grad else dsums[0].to(d) for d in (x_dtype, r_dtype))
-        return dx, dr, dw.to(w_dtype), db.to(b_dtype), None, None
+        dr = dsums[0] if r_dtype == s.dtype else dsums[0].to(r_dtype)
+        dx = dsums[-1] if x_dtype == dtypes[-1] else dsums[0].to(x_dtype)
+        return dx, dr, dw.to(w_dtype), db.to(b_dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,11 +446,31 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
+                   dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual) in one pass; the sum in x + residual's promoted dtype,
-    the LayerNorm in ``out_dtype`` (None: the sum's), as ``layer_norm``."""
+    the LayerNorm in ``out_dtype`` (None: the sum's), as ``layer_norm``.
+
+    ``dropout_p``: x is dropout(x) first (the pre-LN block's dropout on a branch's output before
+    the residual add), fused: the mask is drawn in the kernel from a seed the call takes from
+    torch's generator (so a CUDA graph draws a new one every replay) and drawn again in the
+    backward, never stored. Not the stream ``F.dropout`` draws. Rows wider than MAX_DX2_BLOCK or
+    narrower than 4, and calls under torch.compile, run ``F.dropout`` before the fused add instead.
+    """
     _check("add_layer_norm", x, weight, bias, residual, out_dtype)
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"add_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
+    if p > 0 and (torch.compiler.is_compiling() or not 4 <= x.shape[-1] <= MAX_DX2_BLOCK):
+        x, p = torch.nn.functional.dropout(x, p), 0.0
     if _needs_graph(x, residual, weight, bias):
-        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), out_dtype)
-    y, s, _ = _forward(x, residual, weight, bias, float(eps), out_dtype)
+        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), out_dtype, p)
+    seed = _dropout_seed(x.device) if p > 0 else None
+    y, s, _ = _forward(x, residual, weight, bias, float(eps), out_dtype, seed, p)
     return y, s
+
+
+def _dropout_seed(device: torch.device) -> torch.Tensor:
+    """A call's dropout seed (1,) int64 on ``device``, from torch's generator: reproducible under
+    ``torch.manual_seed``, and redrawn by every replay of a CUDA graph that captured it."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import kernels
 from gpt import GPTConfig
 from gpt.ops import TORCH_OPS
-from kernels.layernorm import MAX_N
+from kernels.layernorm import MAX_DX2_BLOCK, MAX_N
 
 from conftest import DEVICE, perturbed_model
 
@@ -170,6 +170,90 @@ def test_add_layer_norm_of_two_half_dtypes():
     """fp16 + bf16 sum in fp32: the kernel writes the sum's gradient in fp32 and fp16 (x's), and the
     bf16 residual's is cast from the fp32 one."""
     add_ln_check(torch.float16, torch.bfloat16, (3, 7, 48))
+
+
+def dropout_kept(x, r_dtype, weight, bias, p, seed):
+    """The elements the next ``add_layer_norm(x, ..., dropout_p=p)`` keeps after
+    ``torch.manual_seed(seed)``: where its sum with a zero residual is nonzero (x has no zeros)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        _, s = kernels.add_layer_norm(x, torch.zeros(x.shape, dtype=r_dtype, device=x.device), weight, bias, dropout_p=p)
+    return s != 0
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("shape", [(37, 96), (3, 1023), (2, 4096)], ids=str)
+def test_add_layer_norm_dropout_matches_float64(x_dtype, r_dtype, shape):
+    """dropout(x) + residual, then LayerNorm, against float64 with the same mask: the sum, the
+    output, and every gradient (x's through the mask, drawn again by the backward). 37 rows make
+    several backward programs; 4,096 is MAX_DX2_BLOCK, the widest row the kernel drops out."""
+    N, p = shape[-1], 0.3
+    x = rand(shape, x_dtype, seed=1).requires_grad_()
+    r = rand(shape, r_dtype, seed=2, shift=-1.0).requires_grad_()
+    weight, bias = make_params(N)
+    s_dtype = torch.promote_types(x_dtype, r_dtype)
+    dy, ds = rand(shape, s_dtype, seed=3, scale=1.0, shift=0.0), rand(shape, s_dtype, seed=4, scale=1.0, shift=0.0)
+    keep = dropout_kept(x.detach(), r_dtype, weight, bias, p, seed=7)
+    n = keep.numel()
+    assert abs(keep.sum().item() / n - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # about 1 - p of them kept
+    torch.manual_seed(7)
+    y, s = kernels.add_layer_norm(x, r, weight, bias, 1e-5, dropout_p=p)
+    torch.autograd.backward((y, s), (dy, ds))
+    assert x.grad.dtype == x_dtype and r.grad.dtype == r_dtype
+
+    xr, rr, wr, br = ref64(x, r, weight, bias)
+    dropped = torch.where(keep, xr * (1 / (1 - p)), 0.0)  # x * (1 / (1 - p)) in fp32, rounded once with the sum
+    close(s, (dropped + rr).detach(), s_dtype, "dropout(x) + residual")
+    sr = dropped + rr + (s.detach().double() - (dropped + rr)).detach()  # the kernel's rounded sum, identity grad
+    yr = F.layer_norm(sr, (N,), wr, br, 1e-5)
+    torch.autograd.backward((yr, sr), (dy.double(), ds.double()))
+    close(y, yr, s_dtype, "y")
+    close(x.grad, xr.grad, x_dtype, "dx")
+    close(r.grad, rr.grad, r_dtype, "dresidual")
+    close(weight.grad, wr.grad, torch.float32, "dweight")
+    close(bias.grad, br.grad, torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("N", [3, MAX_DX2_BLOCK + 904])
+def test_add_layer_norm_dropout_of_other_rows_is_f_dropout_first(x_dtype, r_dtype, N):
+    """Rows wider than MAX_DX2_BLOCK or narrower than 4 (one Philox draw covers 4 columns): the call
+    is F.dropout, then the fused add + LayerNorm, from the same draws of torch's generator: the
+    same values and gradients, bit for bit."""
+    shape, p = (2 if N > 4 else 400, N), 0.3
+    weight, bias = make_params(shape[-1])
+    dy, ds = rand(shape, torch.float32, seed=3, scale=1.0), rand(shape, torch.float32, seed=4, scale=1.0)
+    runs = []
+    for fused in (True, False):
+        x = rand(shape, x_dtype, seed=1).requires_grad_()
+        r = rand(shape, r_dtype, seed=2).requires_grad_()
+        w, b = (t.detach().clone().requires_grad_() for t in (weight, bias))
+        torch.manual_seed(7)
+        if fused:
+            y, s = kernels.add_layer_norm(x, r, w, b, dropout_p=p)
+        else:
+            y, s = kernels.add_layer_norm(F.dropout(x, p), r, w, b)
+        torch.autograd.backward((y, s), (dy, ds))
+        runs.append((y, s, x.grad, r.grad, w.grad, b.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert (runs[0][2] == 0).float().mean().item() == pytest.approx(p, abs=0.03)  # x's grad went through a mask
+
+
+def test_add_layer_norm_dropout_draws_a_new_mask_every_call():
+    """Each call draws its seed from torch's generator: two calls, two masks; the same seed, the
+    same mask; no dropout without dropout_p; and dropout_p outside [0, 1) is refused."""
+    x = rand((8, 96), torch.float32, seed=1)
+    weight, bias = make_params(96)
+    first = dropout_kept(x, torch.float32, weight, bias, 0.5, seed=3)
+    for k in (1, 2, 3):  # the 4 columns of one Philox draw take its 4 values, not one of them
+        assert 0.3 < (first[:, 0::4] == first[:, k::4]).float().mean().item() < 0.7
+    assert not torch.equal(first, dropout_kept(x, torch.float32, weight, bias, 0.5, seed=4))
+    assert torch.equal(first, dropout_kept(x, torch.float32, weight, bias, 0.5, seed=3))
+    assert dropout_kept(x, torch.float32, weight, bias, 0.0, seed=3).all()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout_p must be in"):
+            kernels.add_layer_norm(x, x, weight, bias, dropout_p=bad)
 
 
 @pytest.mark.parametrize("ln_dtype", [torch.bfloat16, torch.float16], ids=str)

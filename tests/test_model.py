@@ -158,6 +158,41 @@ def test_block_is_a_pre_ln_block_with_the_add_carried_over():
     torch.testing.assert_close(first_out + first_resid, first_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_branch_dropout_is_applied_by_the_next_add_layer_norm_in_training_only(monkeypatch):
+    """GPT-2's dropout on each attention and MLP output is applied by the add + LayerNorm that
+    follows it (where the Triton kernel draws the mask in its own pass): in training every such
+    call gets the config's dropout, in eval none. With impl torch a training forward is the textbook
+    one -- F.dropout on the embeddings and after each branch, in that order -- draw for draw."""
+    cfg = GPTConfig(**{**ODD.to_dict(), "dropout": 0.25})
+    model = perturbed_model(cfg, device="cpu")
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    seen = []
+    spy = TORCH_OPS._replace(add_layer_norm=lambda *a: seen.append(a[6] if len(a) > 6 else 0.0)
+                             or TORCH_OPS.add_layer_norm(*a))
+    model.impl = spy
+    for training, expected in ((True, 0.25), (False, 0.0)):
+        seen.clear()
+        model.train(training)
+        model.hidden_states(idx)
+        assert seen == [expected] * (2 * cfg.num_layers), training  # ln_2 of each block, ln_1 after the first, ln_f
+
+    model.impl, _ = "torch", model.train()
+    torch.manual_seed(3)
+    ours = model.hidden_states(idx)
+    torch.manual_seed(3)
+    C = cfg.d_model
+    x = F.dropout(model.wte(idx) + model.wpe(torch.arange(9)), 0.25)
+    for block in model.h:
+        a, _ = textbook_block(block, x)  # x + c_proj(attention): the branch is a - x
+        x = x + F.dropout(a - x, 0.25)
+        m = block.mlp(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps))
+        x = x + F.dropout(m, 0.25)
+    textbook = F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+    torch.testing.assert_close(ours, textbook, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(4)
+    assert not torch.allclose(model.hidden_states(idx), ours)  # another draw
+
+
 def test_per_block_activation_checkpointing_gives_the_same_gradients():
     """Blocks are self-contained modules: recomputing each one in backward changes nothing."""
     model = perturbed_model(ODD, device="cpu")
