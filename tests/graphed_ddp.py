@@ -22,10 +22,9 @@ LRS = [2.0**-k for k in (7, 8, 8, 9, 10, 9, 11)]
 OTHER_SHAPE_STEP = 5  # its micro-batches have 2 rows, not 3: an eager step after the capture
 
 
-def rank_batches(step: int, rank: int, micro: int = 2) -> list:
-    """Rank ``rank``'s ``micro`` (x, y) CPU micro-batches of ``step``: different on every rank and step."""
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    rows = 2 if step == OTHER_SHAPE_STEP else 3
+def micro_batches(seed: int, rows: int = 3, micro: int = 2) -> list:
+    """``micro`` (x, y) pairs of (rows, 16) CPU tokens drawn from ``seed``, some targets ignored."""
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(micro):
         x = torch.randint(0, CFG.vocab_size, (rows, 16), generator=g)
@@ -33,6 +32,11 @@ def rank_batches(step: int, rank: int, micro: int = 2) -> list:
         y[0, -3:] = -1
         out.append((x, y))
     return out
+
+
+def rank_batches(step: int, rank: int) -> list:
+    """Rank ``rank``'s micro-batches of ``step``: different on every rank and step."""
+    return micro_batches(1000 * step + rank, rows=2 if step == OTHER_SHAPE_STEP else 3)
 
 
 def device_of(rank: int) -> torch.device:

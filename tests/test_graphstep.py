@@ -25,25 +25,12 @@ from gpt.train import main
 from gpt.step import build_optimizer, evaluate, evaluate_seed_protocol, train_step
 
 from conftest import DEVICE
+from graphed_ddp import CFG, micro_batches
 
-CFG = GPTConfig(vocab_size=101, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=64, dropout=0.0)
 WARMUP = 2
 LRS = [2.0**-k for k in (7, 8, 8, 9, 10, 9, 11, 12, 10)]  # exact in fp32: the lr tensor holds what eager uses
 
-
-def micro_batches(step: int, rows: int = 3, micro: int = 2) -> list:
-    """``micro`` (x, y) pairs of (rows, 16) CPU tokens, different every step, some targets ignored."""
-    g = torch.Generator().manual_seed(100 + step)
-    out = []
-    for _ in range(micro):
-        x = torch.randint(0, CFG.vocab_size, (rows, 16), generator=g)
-        y = torch.randint(0, CFG.vocab_size, (rows, 16), generator=g)
-        y[0, -3:] = -1
-        out.append((x, y))
-    return out
-
-
-PLAN = [micro_batches(i, rows=2 if i == 6 else 3) for i in range(len(LRS))]  # step 6: another shape
+PLAN = [micro_batches(100 + i, rows=2 if i == 6 else 3) for i in range(len(LRS))]  # step 6: another shape
 
 
 def train(dtype: str, graphed: bool):
