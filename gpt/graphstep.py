@@ -25,10 +25,11 @@ Under torchrun the step is two graphs, its forward and backward, then its update
 gradients' all-reduce between them (``process_group``: DDP's averaging, on one flat buffer).
 
 Needs (``graph_refusal`` says what is missing; train.py captures by default where nothing is, and
-refuses ``--cuda-graph`` in one line where something is): CUDA, no fp16 loss scaler (its skipped steps are host decisions), no ``--compile``
-(``torch.compile(mode="reduce-overhead")`` graphs a compiled model itself). A step whose
-micro-batches differ in shape from the captured ones runs eagerly. The optimizer's state must not be
-replaced after the capture (``load_state_dict`` makes new tensors): a run resumes before it.
+refuses ``--cuda-graph`` in one line where something is): CUDA, no fp16 loss scaler (its skipped
+steps are host decisions), no ``--compile`` (``torch.compile(mode="reduce-overhead")`` graphs a
+compiled model itself). A step whose micro-batches differ in shape from the captured ones runs
+eagerly. The optimizer's state must not be replaced after the capture (``load_state_dict`` makes new
+tensors): a run resumes before it.
 """
 
 from __future__ import annotations
