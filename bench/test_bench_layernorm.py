@@ -1,4 +1,5 @@
-"""Fused Triton LayerNorm (and residual add + LayerNorm) vs F.layer_norm, eager and torch.compile'd.
+"""Fused Triton LayerNorm (and residual add + LayerNorm) vs F.layer_norm, eager and torch.compile'd;
+the MLP's bias + GELU (``test_bias_gelu``) vs F.gelu likewise.
 
 bf16 activations, fp32 weights (as under autocast), rows 4k-64k, N = 512 (the seed model's width)
 and 768 / 1024 / 4096. Each pass -- fwd, bwd, fwd+bwd -- is timed with CUDA events over 20
@@ -120,9 +121,11 @@ def check_against_reference(ours, ref, inputs, grads):
         t.grad = None
 
 
-def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check_ref=None, grad_dtypes=None):
+def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check_ref=None, grad_dtypes=None,
+             layer_norm=True):
     """Check ours against ``check_ref`` (default: the peer ``ref``) in fp32, then time ours and the peers.
-    ``grad_dtypes``: the upstream gradients' dtypes, one per output (default: the activations')."""
+    ``grad_dtypes``: the upstream gradients' dtypes, one per output (default: the activations').
+    ``layer_norm``: ours is a LayerNorm, also timed with the forward's tiles of up to run 3."""
     rows, N = inputs[0].shape
     grads = [torch.randn(rows, N, device=DEVICE, dtype=dt) for dt in grad_dtypes or [DTYPE] * n_outs]
     check_against_reference(ours, check_ref or ref, inputs, grads)
@@ -132,8 +135,9 @@ def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check
     gbs = {name: nbytes / (t * 1e-3) / 1e9 for name, t in ms.items()}
     kernel_ms = {name: device_time_ms(make_pass(fn, inputs, grads, which))
                  for name, fn in (("triton", ours), ("eager", ref))}
-    with mock.patch.object(kernels.layernorm, "_tile", one_row_tiles):  # the kernels' tiles before run 4
-        kernel_ms["one_row"] = device_time_ms(make_pass(ours, inputs, grads, which))
+    if layer_norm:
+        with mock.patch.object(kernels.layernorm, "_tile", one_row_tiles):  # the kernels' tiles before run 4
+            kernel_ms["one_row"] = device_time_ms(make_pass(ours, inputs, grads, which))
     benchmark.pedantic(synced(make_pass(ours, inputs, grads, which)), rounds=20, warmup_rounds=3)
     record(
         benchmark,
@@ -148,8 +152,8 @@ def run_case(benchmark, ours, ref, inputs, n_outs, which, act_bytes, peer, check
         kernel_ms=round(kernel_ms["triton"], 4),
         kernel_pct_copy_gbs=round(100 * nbytes / (kernel_ms["triton"] * 1e-3) / 1e9 / measured_copy_gbs(), 1),
         kernel_ratio_vs_eager=round(kernel_ms["eager"] / kernel_ms["triton"], 3),
-        kernel_ms_one_row_tiles=round(kernel_ms["one_row"], 4),
-        kernel_ratio_vs_one_row_tiles=round(kernel_ms["one_row"] / kernel_ms["triton"], 3),
+        **({"kernel_ms_one_row_tiles": round(kernel_ms["one_row"], 4),
+            "kernel_ratio_vs_one_row_tiles": round(kernel_ms["one_row"] / kernel_ms["triton"], 3)} if layer_norm else {}),
         compiled_gbs=round(gbs["compiled"], 1),
         bytes=nbytes,
     )
@@ -240,3 +244,24 @@ def test_add_layer_norm_dropout(benchmark, rows, N, which):
            ratio_vs_eager=round(ms["eager"] / ms["triton"], 3), ratio_vs_compiled=round(ms["compiled"] / ms["triton"], 3),
            kernel_ms=round(kernel_ms["triton"], 4), kernel_ratio_vs_eager=round(kernel_ms["eager"] / kernel_ms["triton"], 3),
            bytes=nbytes)
+
+
+GELU_SHAPES = [(16384, 2048), (65536, 2048)]  # the seed model's MLP at batch 64 and 256 x 256 tokens
+GELU_BYTES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x element size per (rows, N) element: u in, g out; dg, u in, du out
+
+
+def bias_gelu_torch(u, bias):
+    return F.gelu(u + bias.to(u.dtype), approximate="tanh")
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("rows,N", GELU_SHAPES, ids=[f"{r}x{n}" for r, n in GELU_SHAPES])
+def test_bias_gelu(benchmark, rows, N, which):
+    """The MLP's bias + tanh-GELU (bf16, fp32 bias), its bias gradient made in the backward's pass,
+    against eager and compiled ``F.gelu(u + b)`` (whose backward sums u's gradient over the rows
+    for the bias in a pass of its own). In the model the eager peer's bias add is the Linear's
+    epilogue, so the forward ratio flatters us; the backward's is the model's."""
+    u, _, bias = leaves(rows, N, 1)
+    run_case(benchmark, kernels.bias_gelu, bias_gelu_torch, [u, bias], 1, which, GELU_BYTES[which],
+             "F.gelu(u + b, approximate='tanh') (eager; torch.compile)", layer_norm=False)

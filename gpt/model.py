@@ -4,9 +4,10 @@ The architecture is OpenAI's GPT-2 (pre-LayerNorm blocks, learned positions, tan
 LayerNorm, LM head tied to the token embedding, biases everywhere), with parameter names that map
 one-to-one onto ``transformers.GPT2LMHeadModel`` (see ``gpt/hf.py``).
 
-The three hot ops -- LayerNorm, residual add fused with LayerNorm, and causal attention -- come
-from ``select_ops(model.impl, device)``: ``"torch"`` is the readable reference math, ``"triton"``
-the kernels in ``kernels/``, ``"auto"`` Triton on CUDA and torch elsewhere. ``model.impl`` can be
+The hot ops -- LayerNorm, residual add fused with LayerNorm (and the branch's dropout), causal
+attention, the MLP's bias + GELU and the LM head with its loss -- come from
+``select_ops(model.impl, device)``: ``"torch"`` is the readable reference math, ``"triton"`` the
+kernels in ``kernels/``, ``"auto"`` Triton on CUDA and torch elsewhere. ``model.impl`` can be
 changed at any time.
 """
 
@@ -69,8 +70,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.d_model, config.d_ff)
         self.c_proj = nn.Linear(config.d_ff, config.d_model)
 
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (its dropout is the next add + LayerNorm's)
+    def forward(self, x: torch.Tensor, ops: Optional[Ops] = None) -> torch.Tensor:
+        if ops is None or ops.bias_gelu is None:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, d_ff)
+        else:  # the bias added, and its gradient made, in the GELU's own passes
+            h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        return self.c_proj(h)  # (its dropout is the next add + LayerNorm's)
 
 
 class Block(nn.Module):
@@ -103,7 +108,7 @@ class Block(nn.Module):
             h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, act, p)
         a = self.attn(h, ops, cache, layer, static)
         h, x = ops.add_layer_norm(a, x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, act, p)
-        return self.mlp(h), x
+        return self.mlp(h, ops), x
 
 
 class LMLoss(NamedTuple):

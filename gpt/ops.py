@@ -369,6 +369,9 @@ class Ops(NamedTuple):
     # projection's q, k, v without a cache, with qkv's gradient made in one piece; None: the model
     # calls ``attention`` on the three views (whose gradients autograd then stacks, a copy)
     attention_qkv: Optional[Callable] = None
+    # (u, bias) -> gelu(u + bias) (tanh), the MLP's first Linear run without its bias, with the bias
+    # gradient made in the GELU backward's pass; None: the Linear adds its bias, then F.gelu
+    bias_gelu: Optional[Callable] = None
 
 
 TORCH_OPS = Ops("torch", layer_norm_ref, add_layer_norm_ref, causal_attention_torch, linear_cross_entropy_ref)
@@ -395,7 +398,7 @@ def triton_ops() -> Ops:
         return kernels.causal_attention_qkv(qkv)
 
     return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy,
-               attention_qkv)
+               attention_qkv, kernels.bias_gelu)
 
 
 def resolve_impl(impl: str, device: torch.device, config=None) -> str:

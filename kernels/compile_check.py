@@ -20,7 +20,8 @@ the autocast mix (bf16 branch + fp32 residual); the LM head + cross-entropy row 
 vocabulary of 50,257 (4,096-wide tiles, 8 warps) and of 97 (one 128-wide tile, 1 warp) with logits
 in fp32, fp16 and bf16, training (gradient written) and evaluation (no_grad: statistics only); the
 split-K decode kernels for every head dim in fp32, fp16 and bf16, with and without kv_start, in one
-split and cut into 2, 8 and 64 key chunks (``DECODE_CASES``). fp32 attention, a test path whose dots
+split and cut into 2, 8 and 64 key chunks (``DECODE_CASES``); the MLP's bias + GELU forward and
+backward for N in {2048, 3072, 300} in fp32, fp16, bf16 and with an fp32 bias (``BIAS_GELU_CASES``). fp32 attention, a test path whose dots
 run on FMA with one configuration, is left out: each of its compiles takes ~20 s at D = 128. Every kernel of
 ``KERNEL_MODULES`` and every CUDA autotune configuration must be reached (``uncovered``).
 
@@ -74,7 +75,8 @@ from kernels.launch import through_jit
 from kernels.decode_attention import SUPPORTED_HEAD_DIMS as DECODE_HEAD_DIMS
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("kernels.attention", "kernels.layernorm", "kernels.cross_entropy", "kernels.decode_attention")
+KERNEL_MODULES = ("kernels.attention", "kernels.layernorm", "kernels.cross_entropy", "kernels.decode_attention",
+                  "kernels.bias_gelu")
 TABLE = REPO / "bench" / "results" / "2026-11-26-static" / "compile.md"
 COMMAND = f"python -m kernels.compile_check --out {TABLE.relative_to(REPO)}"
 
@@ -267,13 +269,14 @@ def compiling_for(arch: Arch) -> Iterator[list[Compiled]]:
 ATTENTION_DTYPES = ("float16", "bfloat16")
 LAYER_NORM_NS = (128, 512, 768, 1024, 4096, 8192)
 CROSS_ENTROPY_VS = (50257, 97)  # GPT-2's vocabulary (full 4,096-wide tiles + a ragged one); one small tile
+BIAS_GELU_NS = (2048, 3072, 300)  # the seed model's and GPT-2 small's MLP widths; a ragged column block
 HEADS = 3  # neither 1 nor a multiple of 16, as the JIT would specialise those
 
 
 @dataclass(frozen=True)
 class Case:
-    """One call pattern: ``family`` (attention / decode / layernorm / cross_entropy), what it is, dtype, head dim,
-    N or the vocabulary size V."""
+    """One call pattern: ``family`` (attention / decode / layernorm / cross_entropy / bias_gelu), what it is,
+    dtype, head dim, N or the vocabulary size V."""
 
     family: str
     what: str
@@ -282,7 +285,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        unit = {"attention": "D", "decode": "D", "layernorm": "N", "cross_entropy": "V"}[self.family]
+        unit = {"attention": "D", "decode": "D", "layernorm": "N", "cross_entropy": "V", "bias_gelu": "N"}[self.family]
         return f"{self.what} {self.dtype} {unit}={self.size}"
 
 
@@ -312,6 +315,10 @@ DECODE_CASES = {
     "split-K 8": "the same cut into 8 key chunks, no padding",
     "split-K 64": "the same cut into 64 key chunks (the most the launcher picks)",
 }
+BIAS_GELU_CASES = {
+    "mlp": "the MLP's bias + GELU after its first Linear, forward and backward, bias in the input dtype",
+    "mlp bf16+fp32": "autocast: the Linear's bf16 output and the fp32 bias",
+}
 CROSS_ENTROPY_CASES = {
     "lm_head train": "fp32 hidden states and tied fp32 weight, logits in the case's dtype, loss.backward()",
     "lm_head eval": "the same under no_grad: statistics only, no gradient written",
@@ -328,6 +335,9 @@ def cases() -> list[Case]:
             out += [Case("layernorm", what, dtype, n) for dtype in dtypes]
     out += [Case("decode", what, dtype, d) for d in DECODE_HEAD_DIMS
             for dtype in ("float32", "float16", "bfloat16") for what in DECODE_CASES]
+    for n in BIAS_GELU_NS:
+        out += [Case("bias_gelu", "mlp", dtype, n) for dtype in ("float32", "float16", "bfloat16")]
+        out.append(Case("bias_gelu", "mlp bf16+fp32", "bfloat16", n))
     out += [Case("cross_entropy", what, dtype, v) for v in CROSS_ENTROPY_VS
             for dtype in ("float32", "float16", "bfloat16") for what in CROSS_ENTROPY_CASES]
     return out
@@ -433,10 +443,20 @@ def _decode_call(case: Case) -> None:
         kernels.decode_attention(q, k, v, kv_len, kv_start=cache.start, num_splits=splits)
 
 
+def _bias_gelu_call(case: Case) -> None:
+    from kernels.bias_gelu import bias_gelu
+
+    dtype, N = getattr(torch, case.dtype), case.size
+    u = torch.randn(2, 64, N, dtype=dtype).requires_grad_()  # (B, T, N): the first Linear's output
+    bias = torch.randn(N, dtype=torch.float32 if "fp32" in case.what else dtype).requires_grad_()
+    g = bias_gelu(u, bias)
+    g.backward(torch.ones_like(g))
+
+
 def launch(case: Case) -> None:
     """Make the calls of one case (under ``compiling_for`` they compile instead of running)."""
     calls = {"attention": _attention_call, "decode": _decode_call, "layernorm": _layer_norm_call,
-             "cross_entropy": _cross_entropy_call}
+             "cross_entropy": _cross_entropy_call, "bias_gelu": _bias_gelu_call}
     calls[case.family](case)
 
 
@@ -671,10 +691,11 @@ def markdown(rows: list[dict], out: Path = TABLE) -> str:
         "configuration kept by the launch-time prune for the case's query length bucket; LayerNorm "
         f"for N in {{{', '.join(map(str, LAYER_NORM_NS))}}}; the LM head + cross-entropy row kernel for V in "
         f"{{{', '.join(map(str, CROSS_ENTROPY_VS))}}}, logits in fp32, fp16 and bf16; the split-K decode kernels for D in "
-        "{16, 32, 64, 128} in fp32, fp16 and bf16 (one query row: no dots). One row per distinct compiled "
+        "{16, 32, 64, 128} in fp32, fp16 and bf16 (one query row: no dots); the MLP's bias + GELU for N in "
+        f"{{{', '.join(map(str, BIAS_GELU_NS))}}} in fp32, fp16 and bf16. One row per distinct compiled "
         "kernel; *cases* lists the calls that reach it: "
         + "; ".join(f"*{k}*: {v}" for k, v in {**ATTENTION_CASES, **LAYER_NORM_CASES, **DECODE_CASES,
-                                                  **CROSS_ENTROPY_CASES}.items())
+                                                  **CROSS_ENTROPY_CASES, **BIAS_GELU_CASES}.items())
         + ". fp32 attention (a test path: FMA dots, one configuration) is not compiled here.",
         "",
         "Columns: *regs* per thread, *spill* = stack / local bytes (cuobjdump), *shared* = Triton's "
