@@ -71,7 +71,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.d_ff, config.d_model)
 
     def forward(self, x: torch.Tensor, ops: Optional[Ops] = None) -> torch.Tensor:
-        if ops is None or ops.bias_gelu is None:
+        # A decoding form of the Linear (gpt.quantize.Int8Linear, gpt.generate.RowLinear) keeps its forward.
+        if ops is None or ops.bias_gelu is None or type(self.c_fc) is not nn.Linear:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, d_ff)
         else:  # the bias added, and its gradient made, in the GELU's own passes
             h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)

@@ -92,3 +92,31 @@ def test_bad_input_is_one_line_value_error():
         kernels.bias_gelu(u, torch.zeros(7, device=DEVICE))
     with pytest.raises(ValueError, match="float dtypes"):
         kernels.bias_gelu(u.long(), torch.zeros(8, device=DEVICE))
+
+
+def test_the_model_uses_it_only_on_a_plain_linear():
+    """The MLP runs its first Linear without the bias and then ``bias_gelu`` (the same hidden states
+    as impl torch's Linear + F.gelu); a decoding form of that Linear (here int8, which has no float
+    weight to multiply) keeps its own forward."""
+    from gpt import GPTConfig
+    from gpt.ops import TORCH_OPS
+    from gpt.quantize import quantize_linears_
+
+    from conftest import perturbed_model
+
+    cfg = GPTConfig(vocab_size=97, max_seq_length=16, num_layers=2, num_heads=2, d_model=32, d_ff=300, dropout=0.0)
+    model = perturbed_model(cfg, device=DEVICE)
+    fused = TORCH_OPS._replace(name="bias-gelu", bias_gelu=kernels.bias_gelu)
+    idx = torch.randint(0, cfg.vocab_size, (2, 11), device=DEVICE)
+    calls = []
+    with torch.no_grad():
+        ref = model.hidden_states(idx)
+        model.impl = fused._replace(bias_gelu=lambda u, b: calls.append(1) or kernels.bias_gelu(u, b))
+        torch.testing.assert_close(model.hidden_states(idx), ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == cfg.num_layers
+        for block in model.h:
+            quantize_linears_(block.mlp)
+        model.impl = "torch"
+        ref = model.hidden_states(idx)
+        model.impl = fused
+        assert torch.equal(model.hidden_states(idx), ref)
