@@ -4,8 +4,9 @@ CUDA-graphed step (``gpt.graphstep``), the benchmarks and ``bench/time_budget.py
 * ``build_optimizer`` and ``lr_at``: the optimizer and the schedule of a ``TrainConfig``.
 * ``merge_micro_batches``: a step's micro-batches as fewer, larger forwards (same loss, same step).
 * ``train_step``: forward, backward, clipping and the update over a step's micro-batches
-  (``accumulate_gradients``, then ``apply_gradients``). It never waits on the device: loss, correct and counted targets come back in a device tensor that the
-  caller reads when it chooses (the loop: every ``--log-interval`` steps).
+  (``accumulate_gradients``, then ``apply_gradients``). It never waits on the device: loss, correct
+  and counted targets come back in a device tensor that the caller reads when it chooses (the
+  loop: every ``--log-interval`` steps).
 * ``score`` / ``evaluate``: loss, perplexity and accuracy over every real token once
   (``TEST_PROTOCOL``), in forwards of ``default_eval_batch`` windows unless asked otherwise;
   ``evaluate_seed_protocol`` scores a model the way the seed did (stories padded to 256 with EOS,
