@@ -128,6 +128,45 @@ def test_attention(benchmark, B, H, T, which):
     )
 
 
+DROPOUT_P = 0.1  # GPT-2's attn_pdrop
+
+
+@pytest.mark.benchmark(group="kernels")
+@pytest.mark.parametrize("which", ("fwd", "fwd+bwd"))
+@pytest.mark.parametrize("B,H,T", [(16, 8, 256), (4, 12, 1024)], ids=lambda v: str(v))
+def test_attention_dropout(benchmark, B, H, T, which):
+    """Dropout 0.1 on the probabilities (the mask drawn by Philox in the forward and again in both
+    backward kernels) against SDPA's FlashAttention-2 backend with the same dropout_p, and against
+    our kernels without dropout: what the mask costs. The masks differ (two generators), so values
+    are checked by tests/test_attention.py (float64 with the recovered mask), not here."""
+    inputs = leaves(B, H, T)
+    grad = torch.randn_like(inputs[0])
+
+    def ours_dropout(q, k, v):
+        return kernels.causal_attention(q, k, v, dropout_p=DROPOUT_P)
+
+    def sdpa_dropout(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=DROPOUT_P)
+
+    flops = FLOP_FACTOR[which] * 4 * B * H * T * T * D / 2
+    fns = (("triton", ours_dropout), ("sdpa", sdpa_dropout), ("triton_no_dropout", ours))
+    ms = {name: cuda_time_ms(make_pass(fn, inputs, grad, which)) for name, fn in fns}
+    kernel_ms = {name: device_time_ms(make_pass(fn, inputs, grad, which)) for name, fn in fns}
+    benchmark.pedantic(synced(make_pass(ours_dropout, inputs, grad, which)), rounds=10, warmup_rounds=2)
+    record(
+        benchmark,
+        tflops=round(flops / (ms["triton"] * 1e-3) / 1e12, 1),
+        ms=round(ms["triton"], 4),
+        ratio_vs_sdpa=round(ms["sdpa"] / ms["triton"], 3),
+        kernel_tflops=round(flops / (kernel_ms["triton"] * 1e-3) / 1e12, 1),
+        kernel_ratio_vs_sdpa=round(kernel_ms["sdpa"] / kernel_ms["triton"], 3),
+        kernel_ratio_vs_no_dropout=round(kernel_ms["triton_no_dropout"] / kernel_ms["triton"], 3),
+        peer=f"F.scaled_dot_product_attention(is_causal=True, dropout_p={DROPOUT_P}), FLASH_ATTENTION backend",
+        T=T, B=B, H=H, D=D, dropout_p=DROPOUT_P,
+    )
+
+
 @pytest.mark.benchmark(group="kernels")
 @pytest.mark.parametrize("cache_len", CACHE_LENS)
 def test_attention_decode(benchmark, cache_len):

@@ -382,44 +382,35 @@ def triton_ops() -> Ops:
     """The Triton kernels, imported on first use (so the reference path never needs triton)."""
     import kernels
 
-    def _refuse_dropout(dropout_p: float) -> None:
-        if dropout_p > 0.0:  # the kernel has no dropout: refuse rather than silently skip it
-            raise ValueError(f"attention dropout {dropout_p} is not supported by impl='triton'; "
-                             "set attn_dropout=0 or use impl='torch'")
-
     def attention(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
-        _refuse_dropout(dropout_p)
-        if kv_len is not None:  # the static decode step: split-K over the fixed cache
+        if kv_len is not None:  # the static decode step (inference: no dropout): split-K over the fixed cache
             return kernels.decode_attention(q, k, v, kv_len, kv_start=kv_start, scale=scale)
-        return kernels.causal_attention(q, k, v, scale=scale, kv_start=kv_start)
-
-    def attention_qkv(qkv, dropout_p: float = 0.0):
-        _refuse_dropout(dropout_p)
-        return kernels.causal_attention_qkv(qkv)
+        return kernels.causal_attention(q, k, v, scale=scale, kv_start=kv_start, dropout_p=dropout_p)
 
     return Ops("triton", kernels.layer_norm, kernels.add_layer_norm, attention, kernels.linear_cross_entropy,
-               attention_qkv, kernels.bias_gelu)
+               kernels.causal_attention_qkv, kernels.bias_gelu)
 
 
 def resolve_impl(impl: str, device: torch.device, config=None) -> str:
     """"torch" or "triton" for ``impl`` on ``device``. "auto": Triton on CUDA where the kernels cover
-    the model (``config``, a ``GPTConfig``: a supported head dim and no attention dropout), torch
-    elsewhere, so a model the kernels cannot run still runs (e.g. the tiny preset's head dim 8)."""
+    the model (``config``, a ``GPTConfig``: a supported head dim, and a Hopper GPU for attention
+    dropout), torch elsewhere, so a model the kernels cannot run still runs (e.g. the tiny preset's
+    head dim 8)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         if torch.device(device).type != "cuda":
             return "torch"
-        return "triton" if config is None or triton_covers(config) else "torch"
+        return "triton" if config is None or triton_covers(config, device) else "torch"
     return impl
 
 
-def triton_covers(config) -> bool:
-    """Whether the Triton kernels run this model (a ``GPTConfig``): a head dim they have and no
-    attention dropout."""
-    from kernels.attention import SUPPORTED_HEAD_DIMS
+def triton_covers(config, device) -> bool:
+    """Whether the Triton kernels run this model (a ``GPTConfig``) on ``device``: a head dim they
+    have, and with attention dropout a device whose kernels draw it (``dropout_supported``)."""
+    from kernels.attention import SUPPORTED_HEAD_DIMS, dropout_supported
 
-    return config.head_dim in SUPPORTED_HEAD_DIMS and config.attn_dropout == 0
+    return config.head_dim in SUPPORTED_HEAD_DIMS and (config.attn_dropout == 0 or dropout_supported(device))
 
 
 def select_ops(impl: str | Ops, device: torch.device, config=None) -> Ops:

@@ -104,8 +104,8 @@ def build_parser(preset: str = DEFAULTS.preset) -> argparse.ArgumentParser:
                                          f"(default: {DEFAULTS.cache_dir})")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     run.add_argument("--impl", choices=IMPLS, help=f"hot-op implementation; auto: triton on CUDA where the "
-                                                   "kernels cover the model (head dim 16, 32, 64 or 128, no "
-                                                   f"attention dropout), torch elsewhere (default: {DEFAULTS.impl})")
+                                                   "kernels cover the model (head dim 16, 32, 64 or 128), "
+                                                   f"torch elsewhere (default: {DEFAULTS.impl})")
     run.add_argument("--dtype", choices=sorted(DTYPES),
                      help=f"autocast dtype (default: bf16 on CUDA and on a CPU with AMX, {CPU_DEFAULT_DTYPE} on "
                           "other CPUs and for --impl triton on a CPU, whose interpreter has no bf16 dots)")

@@ -213,10 +213,10 @@ class Trainer:
                 import kernels
             except (ImportError, AttributeError) as e:
                 raise TrainError(f"--impl triton: the Triton kernels are unavailable ({e})") from None
-            if not triton_covers(cfg):
+            if not triton_covers(cfg, self.device):
                 raise TrainError(f"--impl triton: the kernels need a head dim in {kernels.attention.SUPPORTED_HEAD_DIMS} "
-                                 f"and no attention dropout (this model: head dim {cfg.head_dim}, attn dropout "
-                                 f"{cfg.attn_dropout}); use --impl torch or auto")
+                                 f"and, for attention dropout, a Hopper GPU or newer (this model: head dim "
+                                 f"{cfg.head_dim}, attn dropout {cfg.attn_dropout}); use --impl torch or auto")
         summary_writer = tensorboard_writer_class() if opts.tensorboard and self.master else None
         self.tokenizer = get_tokenizer(opts.tokenizer)
         if opts.tokenizer is None and self.tokenizer.source.startswith("dir:"):  # found via $GPT2_TOKENIZER_DIR:

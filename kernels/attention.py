@@ -18,6 +18,13 @@ dK and dV per key block over the query blocks that see it; another accumulates d
 over its key blocks. Every output element is written by one program: no atomics, bitwise
 deterministic. The grid is (batch*head, block) with the longest causal blocks launched first.
 
+Dropout on the probabilities (``dropout_p``, training): the forward drops them from the values'
+sum only (softmax's normalizer and the saved log-sum-exp stay those of every probability) and
+scales by the inverse keep rate once per row; the backward's delta = rowsum(dO * O) is unchanged,
+dV takes the kept probabilities and dP the kept entries of dO V^T. Every kernel draws the mask again
+from the call's seed (``_dropout_keep``: a function of the seed and the element, not of the block
+shape), so nothing is stored between forward and backward.
+
 Launch configurations: fixed under Triton's interpreter (TRITON_INTERPRET=1); on CUDA, autotuned
 once per (head dim, power-of-two query / key length buckets, dtype, kv_start or not) from a list
 aimed at Hopper, pruned by head dim and a shared-memory estimate. ``python -m kernels.compile_check``
@@ -32,6 +39,7 @@ steps against a fixed-size cache have their own split-K kernel: ``kernels/decode
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -40,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, dropout_seed, next_power_of_2
 from .launch import Direct
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -48,12 +56,38 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE_KEY = ["HEAD_DIM", "TQ_BUCKET", "TK_BUCKET", "HAS_KV_START"]  # + tensor dtypes (added by triton)
+_AUTOTUNE_KEY = ["HEAD_DIM", "TQ_BUCKET", "TK_BUCKET", "HAS_KV_START", "HAS_DROPOUT"]  # + tensor dtypes (added by triton)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(
+    seed,  # the call's dropout seed (int64 scalar)
+    bh, offs_m, start_n, threshold,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Whether attention dropout keeps the probability of query ``offs_m[i]`` (BLOCK_M,) for key
+    start_n + j, j < BLOCK_N, in head ``bh``: a (BLOCK_M, BLOCK_N) mask that depends on the seed and
+    the element only, never on the block shape, so the forward and both backward kernels draw the
+    same one. One Philox4x32-10 draw, counter (key // 8, query, bh, 0), gives 4 x 32 random bits: 8
+    16-bit uniforms, for keys 8 g .. 8 g + 7 (two from each word, low half first). A probability is
+    kept when its uniform is >= ``threshold`` = dropout_p * 2^16 (rounded), i.e. with probability
+    1 - threshold / 2^16. Eight decisions a draw, not ``tl.rand``'s one or ``tl.rand4x``'s four:
+    Philox's ~100 integer instructions a draw would otherwise outweigh the tile's dots. start_n is
+    a multiple of BLOCK_N (a multiple of 8)."""
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    zero = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, zero + groups[None, :], zero + offs_m[:, None], zero + bh, zero)
+    # tl.join stacks on a new last axis: the last join's is the half, the one before the word's index
+    # (k = 2 x + y for join(join(w0, w2), join(w1, w3))), so key 8 g + 2 k + h gets half h of r_k[g].
+    low = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))  # (M, N // 8, 2, 2)
+    high = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    u = tl.reshape(tl.join(low, high), (BLOCK_M, BLOCK_N)).to(tl.int32)  # 16-bit values
+    return u >= threshold
 
 
 @triton.jit
@@ -63,9 +97,13 @@ def _fwd_inner(
     v_base,  # pointer to V[b, h, 0, 0]
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    seed, bh, drop_threshold,  # dropout (HAS_DROPOUT): the call's seed, the head, the keep threshold
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """Fold key blocks [lo, hi) into the running (acc, max, sum) of one query block."""
+    """Fold key blocks [lo, hi) into the running (acc, max, sum) of one query block. With dropout the
+    sum is softmax's, over every probability, and acc sums the kept ones' values only (the caller
+    scales by 1 / (1 - p))."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -90,6 +128,8 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -103,13 +143,16 @@ def _attn_fwd_kernel(
     O,  # (B, H, Tq, D) output, any strides; written
     LSE,  # (B, H, Tq) fp32, contiguous; written: log2-domain log-sum-exp of scaled scores (+inf: empty row)
     KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    SEED,  # (1,) int64 the call's dropout seed; read only if HAS_DROPOUT
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, Tq, Tk, sm_scale_log2,
+    drop_threshold,  # dropout_p * 2^16: a probability is kept when its 16-bit uniform is >= this
+    keep_scale,  # 1 / (1 - drop_threshold / 2^16): the kept probabilities' scale
     TQ_BUCKET, TK_BUCKET,  # autotuning key only
-    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks start first
@@ -128,26 +171,30 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     hi = tl.minimum((pid_m + 1) * BLOCK_M + causal_offset, Tk)  # causal limit of the block's last row
     if HAS_KV_START:
         kv_start = tl.load(KV_START + b).to(tl.int32)
         lo = (kv_start // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                   offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
-                                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                                   offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2, seed, bh, drop_threshold,
+                                   HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
     else:
         # Key blocks ending at or before the first row's causal limit are fully visible to every row.
         full_hi = ((pid_m * BLOCK_M + causal_offset + 1) // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                   offs_m, 0, full_hi, causal_offset, 0, Tk, sm_scale_log2,
-                                   HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                                   offs_m, 0, full_hi, causal_offset, 0, Tk, sm_scale_log2, seed, bh, drop_threshold,
+                                   HEAD_DIM, BLOCK_M, BLOCK_N, False, DOT_PRECISION, HAS_DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                   offs_m, full_hi, hi, causal_offset, 0, Tk, sm_scale_log2,
-                                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                                   offs_m, full_hi, hi, causal_offset, 0, Tk, sm_scale_log2, seed, bh, drop_threshold,
+                                   HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
 
     empty = l_i == 0.0  # no allowed key: output zeros, and lse = +inf makes every P zero in backward
     l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        o = acc * (keep_scale / l_safe)[:, None]
+    else:
+        o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -187,9 +234,13 @@ def _bwd_dkdv_inner(
     delta_base,  # pointer to DELTA[b, h, 0]
     stride_qt, stride_qd, stride_dot, stride_dod,
     offs_n, lo, hi, causal_offset, kv_start, Tq, sm_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    seed, bh, start_n, drop_threshold, keep_scale,  # dropout (HAS_DROPOUT); start_n: the key block's first key
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """Accumulate one key block's dK (unscaled) and dV over query blocks [lo, hi)."""
+    """Accumulate one key block's dK (unscaled) and dV over query blocks [lo, hi). With dropout, dV
+    takes the kept probabilities (scaled) and dP the kept entries of dO V^T (scaled): the gradient
+    through the forward's mask, drawn again."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -205,8 +256,14 @@ def _bwd_dkdv_inner(
         if MASKED:
             allowed = (offs_n[:, None] <= offs_m[None, :] + causal_offset) & (offs_n[:, None] >= kv_start)
             p_t = tl.where(allowed, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep_t = tl.trans(_dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
+            dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
@@ -223,6 +280,7 @@ def _attn_bwd_dkdv_kernel(
     DK,  # (B, H, Tk, D) gradient of keys, any strides; written
     DV,  # (B, H, Tk, D) gradient of values, any strides; written
     KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    SEED,  # (1,) int64 the forward's dropout seed; read only if HAS_DROPOUT
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -230,8 +288,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, Tq, Tk, sm_scale, sm_scale_log2,
+    drop_threshold, keep_scale,  # the forward's dropout, as in _attn_fwd_kernel
     TQ_BUCKET, TK_BUCKET,  # autotuning key only
-    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(1)  # heaviest (first) key blocks start first
@@ -253,6 +312,8 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    start_n = pid_n * BLOCK_N
     # The first query that sees any key of this block: i + causal_offset >= pid_n * BLOCK_N.
     lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
     if HAS_KV_START:
@@ -260,7 +321,8 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qt, stride_qd, stride_dot, stride_dod,
                                  offs_n, lo, Tq, causal_offset, kv_start, Tq, sm_scale_log2,
-                                 HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+                                 seed, bh, start_n, drop_threshold, keep_scale,
+                                 HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
     else:
         # Query blocks whose first row already sees the block's last key need no causal mask.
         full_lo = tl.cdiv(tl.maximum((pid_n + 1) * BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
@@ -268,11 +330,13 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qt, stride_qd, stride_dot, stride_dod,
                                  offs_n, lo, mid, causal_offset, 0, Tq, sm_scale_log2,
-                                 HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+                                 seed, bh, start_n, drop_threshold, keep_scale,
+                                 HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qt, stride_qd, stride_dot, stride_dod,
                                  offs_n, mid, Tq, causal_offset, 0, Tq, sm_scale_log2,
-                                 HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+                                 seed, bh, start_n, drop_threshold, keep_scale,
+                                 HEAD_DIM, BLOCK_M, BLOCK_N, False, DOT_PRECISION, HAS_DROPOUT)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=key_ok)
@@ -287,9 +351,12 @@ def _bwd_dq_inner(
     v_base,  # pointer to V[b, h, 0, 0]
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    seed, bh, drop_threshold, keep_scale,  # dropout (HAS_DROPOUT)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """Accumulate one query block's dQ (unscaled) over key blocks [lo, hi)."""
+    """Accumulate one query block's dQ (unscaled) over key blocks [lo, hi); with dropout dP keeps
+    the forward's kept entries of dO V^T (scaled)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -308,6 +375,9 @@ def _bwd_dq_inner(
             allowed = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & (offs_n[None, :] >= kv_start)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -323,14 +393,16 @@ def _attn_bwd_dq_kernel(
     DELTA,  # (B, H, Tq) fp32, contiguous: rowsum(dO * O)
     DQ,  # (B, H, Tq, D) gradient of queries, any strides; written
     KV_START,  # (B,) int64 first allowed key of each batch row; read only if HAS_KV_START
+    SEED,  # (1,) int64 the forward's dropout seed; read only if HAS_DROPOUT
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, Tq, Tk, sm_scale, sm_scale_log2,
+    drop_threshold, keep_scale,  # the forward's dropout, as in _attn_fwd_kernel
     TQ_BUCKET, TK_BUCKET,  # autotuning key only
-    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks start first
@@ -351,21 +423,25 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     hi = tl.minimum((pid_m + 1) * BLOCK_M + causal_offset, Tk)
     if HAS_KV_START:
         kv_start = tl.load(KV_START + b).to(tl.int32)
         lo = (kv_start // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                            offs_m, lo, hi, causal_offset, kv_start, Tk, sm_scale_log2,
-                           HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                           seed, bh, drop_threshold, keep_scale,
+                           HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
     else:
         full_hi = ((pid_m * BLOCK_M + causal_offset + 1) // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                            offs_m, 0, full_hi, causal_offset, 0, Tk, sm_scale_log2,
-                           HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                           seed, bh, drop_threshold, keep_scale,
+                           HEAD_DIM, BLOCK_M, BLOCK_N, False, DOT_PRECISION, HAS_DROPOUT)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                            offs_m, full_hi, hi, causal_offset, 0, Tk, sm_scale_log2,
-                           HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                           seed, bh, drop_threshold, keep_scale,
+                           HEAD_DIM, BLOCK_M, BLOCK_N, True, DOT_PRECISION, HAS_DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -470,13 +546,15 @@ class _Prune:
 
         The held tiles, ``num_stages`` buffers of the two streamed tiles (the pipeline; sm_80 and the
         mma path keep one fewer) and of two fp32 statistics per streamed row (dK/dV's lse and delta),
-        and 2 KiB for barriers and static shared memory. ``kernels.compile_check`` holds it to 1-2x
-        the compiled kernels' shared memory on sm_90 and sm_80.
+        and 2 KiB for barriers and static shared memory; with dropout 2 bytes per score of the tile,
+        the mask's layout conversions (1-1.6 bytes measured on sm_90). ``kernels.compile_check``
+        holds it to 1-2x the compiled kernels' shared memory on sm_90 and sm_80.
         """
         d, elem = args["HEAD_DIM"], args["Q"].element_size()
         held, streamed = config.kwargs[self.held_rows], config.kwargs[self.streamed_rows]
         stages = config.num_stages
-        return (self.held_tiles * held * d + stages * 2 * streamed * d) * elem + stages * 2 * streamed * 4 + 2048
+        mask = 2 * held * streamed if args.get("HAS_DROPOUT") else 0
+        return (self.held_tiles * held * d + stages * 2 * streamed * d) * elem + stages * 2 * streamed * 4 + mask + 2048
 
     def __call__(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -616,8 +694,21 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided((B, H, Tq, D), (Tq * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
 
 
-def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
-    """Launch the forward kernel: returns the output (B, H, Tq, D) and the log2-domain lse (B, H, Tq)."""
+DROPOUT_BITS = 16  # dropout_p is rounded to a multiple of 2^-16 (see _dropout_keep)
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """The kernels' (threshold, keep scale) for ``dropout_p`` in [0, 1): a probability is dropped with
+    probability threshold / 2^16, dropout_p rounded to a multiple of 2^-16 (0.1 -> 0.100006), and
+    the kept ones are scaled by the inverse of the exact keep rate."""
+    threshold = min(round(dropout_p * (1 << DROPOUT_BITS)), (1 << DROPOUT_BITS) - 1)
+    return threshold, (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
+
+
+def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor], dropout_p: float = 0.0,
+                       seed: Optional[torch.Tensor] = None):
+    """Launch the forward kernel: returns the output (B, H, Tq, D) and the log2-domain lse (B, H, Tq).
+    With ``seed`` ((1,) int64), dropout of probability ``dropout_p`` on the attention probabilities."""
     _check_inputs(q, k, v, kv_start)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -627,20 +718,22 @@ def _attention_forward(q, k, v, scale: float, kv_start: Optional[torch.Tensor]):
     def grid(meta):
         return B * H, cdiv(Tq, meta["BLOCK_M"])
 
-    tq, tk, has_start = _bucket(Tq), _bucket(Tk), kv_start is not None
+    tq, tk, has_start, has_dropout = _bucket(Tq), _bucket(Tk), kv_start is not None, seed is not None
     _attn_fwd.launch(
-        grid, (D, tq, tk, has_start, q.dtype),
-        q, k, v, o, lse, q if kv_start is None else kv_start,
+        grid, (D, tq, tk, has_start, has_dropout, q.dtype),
+        q, k, v, o, lse, q if kv_start is None else kv_start, q if seed is None else seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, Tq, Tk, scale * LOG2E, tq, tk,
-        HEAD_DIM=D, HAS_KV_START=has_start, DOT_PRECISION=_dot_precision(q.dtype),
+        H, Tq, Tk, scale * LOG2E, *_dropout_args(dropout_p), tq, tk,
+        HEAD_DIM=D, HAS_KV_START=has_start, HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, lse
 
 
-def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[torch.Tensor], out=None):
+def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[torch.Tensor],
+                        dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None, out=None):
     """Launch the delta pre-pass, the dK/dV kernel and the dQ kernel: returns (dq, dk, dv), written
-    into ``out`` (three (B, H, T, D) tensors of any strides) if given."""
+    into ``out`` (three (B, H, T, D) tensors of any strides) if given. ``dropout_p`` and ``seed``:
+    the forward's (its mask is drawn again)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     delta = torch.empty_like(lse)
@@ -648,10 +741,11 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=64,
     )
     dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    starts = q if kv_start is None else kv_start
-    tq, tk, has_start = _bucket(Tq), _bucket(Tk), kv_start is not None
-    key = (D, tq, tk, has_start, q.dtype, do.dtype)
-    common = dict(HEAD_DIM=D, HAS_KV_START=has_start, DOT_PRECISION=_dot_precision(q.dtype))
+    starts, seeds = q if kv_start is None else kv_start, q if seed is None else seed
+    tq, tk, has_start, has_dropout = _bucket(Tq), _bucket(Tk), kv_start is not None, seed is not None
+    key = (D, tq, tk, has_start, has_dropout, q.dtype, do.dtype)
+    dropout = _dropout_args(dropout_p)
+    common = dict(HEAD_DIM=D, HAS_KV_START=has_start, HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype))
 
     def grid_keys(meta):
         return B * H, cdiv(Tk, meta["BLOCK_N"])
@@ -661,15 +755,15 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
 
     _attn_bwd_dkdv.launch(
         grid_keys, key,
-        q, k, v, do, lse, delta, dk, dv, starts,
+        q, k, v, do, lse, delta, dk, dv, starts, seeds,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, Tq, Tk, scale, scale * LOG2E, tq, tk, **common,
+        H, Tq, Tk, scale, scale * LOG2E, *dropout, tq, tk, **common,
     )
     _attn_bwd_dq.launch(
         grid_queries, key,
-        q, k, v, do, lse, delta, dq, starts,
+        q, k, v, do, lse, delta, dq, starts, seeds,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Tq, Tk, scale, scale * LOG2E, tq, tk, **common,
+        H, Tq, Tk, scale, scale * LOG2E, *dropout, tq, tk, **common,
     )
     return dq, dk, dv
 
@@ -681,12 +775,13 @@ def _attention_backward(do, q, k, v, o, lse, scale: float, kv_start: Optional[to
 
 @torch.library.custom_op("tinygpt::causal_attention_fwd", mutates_args=())
 def _causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          kv_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_forward(q, k, v, scale, kv_start)
+                          kv_start: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v, scale, kv_start, dropout_p, seed)
 
 
 @_causal_attention_fwd.register_fake
-def _causal_attention_fwd_fake(q, k, v, scale, kv_start):
+def _causal_attention_fwd_fake(q, k, v, scale, kv_start, dropout_p, seed):
     _check_inputs(q, k, v, kv_start)
     B, H, Tq, _ = q.shape
     return _new_output(q), q.new_empty(B, H, Tq, dtype=torch.float32)
@@ -694,28 +789,28 @@ def _causal_attention_fwd_fake(q, k, v, scale, kv_start):
 
 @torch.library.custom_op("tinygpt::causal_attention_bwd", mutates_args=())
 def _causal_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, scale: float, kv_start: Optional[torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_backward(do, q, k, v, o, lse, scale, kv_start)
+                          lse: torch.Tensor, scale: float, kv_start: Optional[torch.Tensor], dropout_p: float,
+                          seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(do, q, k, v, o, lse, scale, kv_start, dropout_p, seed)
 
 
 @_causal_attention_bwd.register_fake
-def _causal_attention_bwd_fake(do, q, k, v, o, lse, scale, kv_start):
+def _causal_attention_bwd_fake(do, q, k, v, o, lse, scale, kv_start, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, kv_start = inputs
+    q, k, v, scale, kv_start, dropout_p, seed = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_start)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, o, lse, kv_start, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, kv_start = ctx.saved_tensors
-    dq, dk, dv = _causal_attention_bwd(do, q, k, v, o, lse, ctx.scale, kv_start)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, kv_start, seed = ctx.saved_tensors
+    dq, dk, dv = _causal_attention_bwd(do, q, k, v, o, lse, ctx.scale, kv_start, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
 
 
 _causal_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -727,17 +822,17 @@ class _EagerCausalAttention(torch.autograd.Function):
     Under torch.compile the custom ops above are used."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, kv_start):
-        o, lse = _attention_forward(q, k, v, scale, kv_start)
-        ctx.save_for_backward(q, k, v, o, lse, kv_start)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, scale, kv_start, dropout_p, seed):
+        o, lse = _attention_forward(q, k, v, scale, kv_start, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, kv_start, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.scale, kv_start)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, kv_start, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.scale, kv_start, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None
 
 
 def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -752,43 +847,90 @@ class _EagerPackedAttention(torch.autograd.Function):
     projection's gradient every layer and step."""
 
     @staticmethod
-    def forward(ctx, qkv, scale):
-        o, lse = _attention_forward(*_split_qkv(qkv), scale, None)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.scale = scale
+    def forward(ctx, qkv, scale, dropout_p, seed):
+        o, lse = _attention_forward(*_split_qkv(qkv), scale, None, dropout_p, seed)
+        ctx.save_for_backward(qkv, o, lse, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
+        qkv, o, lse, seed = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, T, 3, H, D)
-        _attention_backward(do, *_split_qkv(qkv), o, lse, ctx.scale, None, out=_split_qkv(dqkv))
-        return dqkv, None
+        _attention_backward(do, *_split_qkv(qkv), o, lse, ctx.scale, None, ctx.dropout_p, seed,
+                            out=_split_qkv(dqkv))
+        return dqkv, None, None, None
 
 
-def causal_attention_qkv(qkv: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """``causal_attention(q, k, v)`` of q, k, v = qkv[:, :, 0], [1], [2] transposed to (B, H, T, D),
-    from the fused projection's output qkv (B, T, 3, H, D) as the model trains; output (B, H, T, D).
-    Differentiable in qkv, whose gradient the kernels write in one piece."""
+DROPOUT_MIN_CAPABILITY = (9, 0)  # below Hopper the dropout variants spill registers (kernels.compile_check)
+
+
+def _dropout(dropout_p: float, device: torch.device) -> tuple[float, Optional[torch.Tensor]]:
+    """(dropout_p, the call's seed or None without dropout), dropout_p and the device checked."""
+    p = float(dropout_p)
+    if p == 0.0:
+        return p, None
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if not dropout_supported(device):
+        have = ".".join(map(str, _cuda_capability(torch.device(device))))
+        raise ValueError(f"causal_attention: dropout_p > 0 needs compute capability "
+                         f"{'.'.join(map(str, DROPOUT_MIN_CAPABILITY))} or newer (Hopper); this GPU has {have}")
+    return p, dropout_seed(device)
+
+
+def dropout_supported(device) -> bool:
+    """Whether the kernels draw attention dropout on ``device``: a CUDA GPU of compute capability
+    ``DROPOUT_MIN_CAPABILITY`` or newer (on Ampere the dropout variants of the backward kernels
+    spill registers at head dims 64 and 128, which ``kernels.compile_check`` forbids), or the CPU
+    under Triton's interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _launchable(device)
+    return _cuda_capability(device) >= DROPOUT_MIN_CAPABILITY
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device ``index``, asked once (a launch's host time counts)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def causal_attention_qkv(qkv: torch.Tensor, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``causal_attention(q, k, v, dropout_p=dropout_p)`` of q, k, v = qkv[:, :, 0], [1], [2]
+    transposed to (B, H, T, D), from the fused projection's output qkv (B, T, 3, H, D) as the model
+    trains; output (B, H, T, D). Differentiable in qkv, whose gradient the kernels write in one piece."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"causal_attention_qkv: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qkv.requires_grad):
-        return causal_attention(*_split_qkv(qkv), scale=scale)
+        return causal_attention(*_split_qkv(qkv), scale=scale, dropout_p=dropout_p)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
-    return _EagerPackedAttention.apply(qkv, scale)
+    return _EagerPackedAttention.apply(qkv, scale, *_dropout(dropout_p, qkv.device))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                     kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     kv_start: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal softmax attention of q (B, H, Tq, D) over k, v (B, H, Tk, D); output (B, H, Tq, D).
 
     Same semantics as ``gpt.ops.causal_attention_ref`` (query i attends to keys
     j <= i + Tk - Tq and j >= kv_start[b]; rows with no allowed key give zeros). ``scale`` defaults
     to 1 / sqrt(D). Differentiable in q, k and v.
+
+    ``dropout_p``: dropout on the attention probabilities (softmax's normalizer is over all of them;
+    the kept ones are scaled by 1 / (1 - p)), as the reference's ``F.dropout`` but drawn in the
+    kernels: the mask comes from Philox with a seed the call takes from torch's generator (so
+    ``torch.manual_seed`` reproduces it and a CUDA graph draws a new one every replay), it is drawn
+    again in the backward and never stored, and dropout_p is rounded to a multiple of 2^-16
+    (``_dropout_keep``). Not the stream ``F.dropout`` draws.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p, seed = _dropout(dropout_p, q.device)
     if torch.compiler.is_compiling():
-        return _causal_attention_fwd(q, k, v, scale, kv_start)[0]
+        return _causal_attention_fwd(q, k, v, scale, kv_start, dropout_p, seed)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerCausalAttention.apply(q, k, v, scale, kv_start)
-    return _attention_forward(q, k, v, scale, kv_start)[0]  # eager inference: no autograd node at all
+        return _EagerCausalAttention.apply(q, k, v, scale, kv_start, dropout_p, seed)
+    return _attention_forward(q, k, v, scale, kv_start, dropout_p, seed)[0]  # eager inference: no autograd node at all

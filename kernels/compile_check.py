@@ -13,7 +13,8 @@ its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strid
 divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
 
 Compiled (``cases()``): attention in fp16 and bf16 for every supported head dim -- training forward
-and backward (T = 256, and T = 16 for the 16-row configurations), backward with kv_start, a prompt
+and backward (T = 256, and T = 16 for the 16-row configurations; T = 256 with dropout, for sm_90
+only, as the launchers refuse attention dropout below it), backward with kv_start, a prompt
 prefilled into the KV cache, one-token decode with and without kv_start; LayerNorm and add +
 LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
 the autocast mix (bf16 branch + fp32 residual); the LM head + cross-entropy row kernel for a
@@ -276,12 +277,17 @@ HEADS = 3  # neither 1 nor a multiple of 16, as the JIT would specialise those
 @dataclass(frozen=True)
 class Case:
     """One call pattern: ``family`` (attention / decode / layernorm / cross_entropy / bias_gelu), what it is,
-    dtype, head dim, N or the vocabulary size V."""
+    dtype, head dim, N or the vocabulary size V; ``archs``: the architectures it is compiled for
+    (None: every one), where the launchers refuse it on the others."""
 
     family: str
     what: str
     dtype: str
     size: int
+    archs: Optional[tuple[str, ...]] = None
+
+    def on(self, arch: str) -> bool:
+        return self.archs is None or arch in self.archs
 
     @property
     def label(self) -> str:
@@ -292,6 +298,8 @@ class Case:
 ATTENTION_CASES = {
     "train T=256": "forward and backward on the fused projection's views, T a multiple of 16",
     "train T=16": "forward and backward of short sequences (query bucket 16: BLOCK_M = 16 configs)",
+    "train T=256 dropout": "the same with dropout on the probabilities: the mask drawn in the forward and "
+                           "drawn again in both backward kernels (sm_90 only: the launchers refuse it below)",
     "backward kv_start T=37": "forward and backward with left padding masked (kv_start), odd T",
     "prefill T=37 cache": "a prompt written to the KV cache and attended with the cache's kv_start",
     "decode Tq=1 cache": "one token against the cache slice with kv_start, as the model decodes",
@@ -327,7 +335,8 @@ CROSS_ENTROPY_CASES = {
 
 def cases() -> list[Case]:
     """Every call pattern compiled for each architecture."""
-    out = [Case("attention", what, dtype, d)
+    # Attention dropout: Hopper only (attention.DROPOUT_MIN_CAPABILITY; on sm_80 its backward spills).
+    out = [Case("attention", what, dtype, d, ("sm_90",) if "dropout" in what else None)
            for d in attention.SUPPORTED_HEAD_DIMS for dtype in ATTENTION_DTYPES for what in ATTENTION_CASES]
     for n in LAYER_NORM_NS:
         for what in LAYER_NORM_CASES:
@@ -356,11 +365,11 @@ def _attention_call(case: Case) -> None:
         qkv = torch.randn(B, T, 3 * H * D, dtype=dtype, requires_grad=requires_grad)
         return qkv, [t.transpose(1, 2) for t in qkv.view(B, T, 3, H, D).unbind(2)]
 
-    def train(T, kv_start=None):
+    def train(T, kv_start=None, dropout_p=0.0):
         """The model's training step: the packed projection (its gradient written in one piece), or
         with kv_start the three views."""
         qkv, (q, k, v) = projection(T, requires_grad=True)
-        y = (kernels.causal_attention_qkv(qkv.view(B, T, 3, H, D)) if kv_start is None
+        y = (kernels.causal_attention_qkv(qkv.view(B, T, 3, H, D), dropout_p=dropout_p) if kv_start is None
              else kernels.causal_attention(q, k, v, kv_start=kv_start))
         merged = y.transpose(1, 2).reshape(B, T, H * D)  # the model's head merge: dO arrives strided
         merged.backward(torch.ones_like(merged))
@@ -381,6 +390,7 @@ def _attention_call(case: Case) -> None:
     calls: dict[str, Callable[[], None]] = {
         "train T=256": lambda: train(256),
         "train T=16": lambda: train(16),
+        "train T=256 dropout": lambda: train(256, dropout_p=0.1),
         "backward kv_start T=37": lambda: train(37, kv_start=torch.tensor([0, 5])),
         "prefill T=37 cache": lambda: cached(37, decode=False, kv_start=True),
         "decode Tq=1 cache": lambda: cached(37, decode=True, kv_start=True),
@@ -544,7 +554,7 @@ def compile_all(archs=tuple(ARCHS), jobs: int = 2) -> list[dict]:
     """
     every = cases()
     order = sorted(range(len(every)), key=lambda i: (every[i].family != "attention", -every[i].size))
-    units = [(a, i) for i in order for a in archs]
+    units = [(a, i) for i in order for a in archs if every[i].on(a)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import attention
-from .host import cdiv, next_power_of_2
+from .host import cdiv, dropout_seed, next_power_of_2
 from .launch import Direct
 
 MAX_N = 8192  # the whole row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
@@ -242,7 +242,7 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def _forward(x, residual, weight, bias, eps: float, out_dtype: Optional[torch.dtype],
              seed: Optional[torch.Tensor] = None, p: float = 0.0):
     """Launch the forward on x (or x + residual; dropout(x, p) + residual with a ``seed``, see
-    ``_dropout_seed``): returns (y, s or None, stats), y in ``out_dtype`` (None: s's dtype, x's
+    ``kernels.host.dropout_seed``): returns (y, s or None, stats), y in ``out_dtype`` (None: s's dtype, x's
     without a residual), stats the (2, M) fp32 mean and 1 / std of the rows."""
     N = x.shape[-1]
     M = x.numel() // N
@@ -393,7 +393,7 @@ class LayerNormFunction(torch.autograd.Function):
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype, p):
-        seed = _dropout_seed(x.device) if p > 0 else None
+        seed = dropout_seed(x.device) if p > 0 else None
         y, s, stats = _fwd(x, residual, weight, bias, eps, out_dtype, seed, p)
         ctx.save_for_backward(s, weight, stats, seed)
         ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
@@ -465,12 +465,6 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         x, p = torch.nn.functional.dropout(x, p), 0.0
     if _needs_graph(x, residual, weight, bias):
         return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), out_dtype, p)
-    seed = _dropout_seed(x.device) if p > 0 else None
+    seed = dropout_seed(x.device) if p > 0 else None
     y, s, _ = _forward(x, residual, weight, bias, float(eps), out_dtype, seed, p)
     return y, s
-
-
-def _dropout_seed(device: torch.device) -> torch.Tensor:
-    """A call's dropout seed (1,) int64 on ``device``, from torch's generator: reproducible under
-    ``torch.manual_seed``, and redrawn by every replay of a CUDA graph that captured it."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

@@ -7,13 +7,14 @@ and sm_80 (spills, shared memory against the launch-time estimate) is tests/test
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import kernels
 from gpt import GPTConfig
 from gpt.kvcache import KVCache
-from gpt.ops import TORCH_OPS, causal_attention_ref, triton_ops
+from gpt.ops import TORCH_OPS, attention_mask, causal_attention_ref, triton_ops
 from kernels import attention
 from kernels.attention import SUPPORTED_HEAD_DIMS
 
@@ -57,18 +58,18 @@ def upstream_grad(out_shape, dtype, seed=1):
     return torch.randn(B, Tq, H, D, generator=g, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)
 
 
-def check_against_float64(q, k, v, kv_start=None):
-    """Kernel output and gradients vs float64 math, with the tolerance of q's dtype."""
+def check_against_float64(q, k, v, kv_start=None, ours=kernels.causal_attention, ref=causal_attention_ref):
+    """Kernel output and gradients (``ours``) vs float64 math (``ref``), with the tolerance of q's dtype."""
     do = upstream_grad(q.shape, q.dtype)
-    ours = run(kernels.causal_attention, q, k, v, do, kv_start)
-    exact = run(causal_attention_ref, q.double(), k.double(), v.double(), do.double(), kv_start)
+    ours = run(ours, q, k, v, do, kv_start)
+    exact = run(ref, q.double(), k.double(), v.double(), do.double(), kv_start)
     names = ("out", "dq", "dk", "dv")
     if q.dtype == torch.float32:
         for name, a, e in zip(names, ours, exact):
             assert a.dtype == torch.float32 and a.shape == e.shape, name
             torch.testing.assert_close(a.double(), e, atol=FP32_TOL, rtol=FP32_TOL, msg=name)
         return
-    peer = run(causal_attention_ref, q, k, v, do, kv_start)  # PyTorch in the same half dtype
+    peer = run(ref, q, k, v, do, kv_start)  # PyTorch in the same half dtype
     for name, a, p, e in zip(names, ours, peer, exact):
         assert a.dtype == q.dtype and a.shape == e.shape, name
         ours_err = (a.double() - e).abs().max().item()
@@ -193,8 +194,9 @@ def test_custom_op_passes_opcheck_and_compiles():
     q, k, v = (t.detach().clone().requires_grad_() for t in cache_views(1, 2, 5, 9, 16, torch.float32))
     kv_start = torch.tensor([2], device=DEVICE)
     op = torch.ops.tinygpt.causal_attention_fwd.default
-    torch.library.opcheck(op, (q, k, v, 0.25, kv_start), test_utils=("test_schema", "test_faketensor",
-                                                                     "test_autograd_registration"))
+    for p, seed in ((0.0, None), (0.5, torch.tensor([7], device=DEVICE))):
+        torch.library.opcheck(op, (q, k, v, 0.25, kv_start, p, seed),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     compiled = torch.compile(kernels.causal_attention, backend="aot_eager", fullgraph=True)
     out = compiled(q, k, v, kv_start=kv_start)
     out.sum().backward()
@@ -202,6 +204,159 @@ def test_custom_op_passes_opcheck_and_compiles():
                 torch.ones(out.shape, dtype=torch.float64, device=DEVICE), kv_start)
     for a, e in zip((out, q.grad, k.grad, v.grad), exact):
         torch.testing.assert_close(a.detach().double(), e, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout on the attention probabilities
+# ----------------------------------------------------------------------------------------------
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(seed: int, c0, c1, c2, c3) -> list:
+    """Philox4x32-10 (Salmon et al., 2011) in numpy, written from the paper's constants: the four
+    32-bit output words of counters (c0, c1, c2, c3) (broadcast arrays) under the 64-bit key
+    ``seed``, independent of Triton's ``tl.philox``."""
+    c = [np.asarray(x, dtype=np.uint64) & _M32 for x in np.broadcast_arrays(c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]  # exact in 64 bits
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _M32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _M32, (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c
+
+
+def kept(seed: int, B: int, H: int, Tq: int, Tk: int, p: float) -> torch.Tensor:
+    """The kernels' dropout mask (B, H, Tq, Tk), bool, as documented in ``attention._dropout_keep``:
+    Philox counter (key // 8, query, b * H + h, 0); key 8 g + 2 k + h takes half h (low first) of
+    word k; kept when that 16-bit value is >= round(p * 2^16)."""
+    groups = -(-Tk // 8)
+    bh, i, g = np.meshgrid(np.arange(B * H), np.arange(Tq), np.arange(groups), indexing="ij")
+    words = philox4x32_10(seed, g, i, bh, 0)
+    halves = np.stack([np.stack([w & np.uint64(0xFFFF), w >> np.uint64(16)], axis=-1) for w in words], axis=-2)
+    values = halves.reshape(B * H, Tq, groups * 8)[..., :Tk]  # (.., g, k, h) -> key 8 g + 2 k + h
+    return torch.from_numpy(values >= round(p * 65536)).reshape(B, H, Tq, Tk)
+
+
+def seed_after(manual_seed: int, device) -> int:
+    """The dropout seed a kernel call draws first after ``torch.manual_seed(manual_seed)``."""
+    torch.manual_seed(manual_seed)
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device).item())
+
+
+def dropped_reference(keep: torch.Tensor, p: float):
+    """causal_attention_ref with the probabilities multiplied by ``keep`` / (1 - p'), p' = p rounded
+    to a multiple of 2^-16 (the kernels' rate), in any dtype: fn(q, k, v, kv_start=None)."""
+    scale_kept = 65536 / (65536 - round(p * 65536))
+
+    def fn(q, k, v, kv_start=None):
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(~attention_mask(Tq, Tk, q.device, kv_start), float("-inf"))
+        att = torch.nan_to_num(torch.softmax(att.float(), dim=-1).to(q.dtype), nan=0.0)
+        return (att * keep.to(q.device) * scale_kept).to(q.dtype) @ v
+
+    return fn
+
+
+def with_dropout(p: float, manual_seed: int):
+    """kernels.causal_attention with dropout p, its seed drawn right after torch.manual_seed."""
+    def fn(q, k, v, kv_start=None):
+        torch.manual_seed(manual_seed)
+        return kernels.causal_attention(q, k, v, kv_start=kv_start, dropout_p=p)
+
+    return fn
+
+
+DROPOUT_CASES = [  # (dtype, B, H, Tq, Tk, D, kv_start): ragged lengths, one query, a cache, odd heads
+    (torch.float32, 2, 3, 37, 37, 16, None),
+    (torch.float32, 1, 1, 1, 1, 32, None),
+    (torch.float32, 2, 1, 9, 45, 64, [0, 4]),
+    (torch.float16, 1, 3, 70, 70, 32, None),
+    (torch.bfloat16, 2, 3, 130, 130, 64, None),
+    (torch.bfloat16, 1, 2, 256, 256, 128, None),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,Tq,Tk,D,starts", DROPOUT_CASES, ids=str)
+def test_dropout_matches_float64_with_the_kernels_mask(dtype, B, H, Tq, Tk, D, starts):
+    """Output and every gradient against float64 math that drops the probabilities the numpy
+    Philox above says the kernels keep: the forward and both backward kernels draw that mask."""
+    if dtype == torch.bfloat16 and DEVICE.type != "cuda":
+        pytest.skip(CUDA_ONLY_REASON)
+    p = 0.3
+    q, k, v = cache_views(B, H, Tq, Tk, D, dtype, seed=Tq) if Tq < Tk else qkv_views(B, H, Tq, D, dtype, seed=Tq)
+    keep = kept(seed_after(7, DEVICE), B, H, Tq, Tk, p)
+    assert 0.6 < keep.float().mean() < 0.8 or keep.numel() < 100
+    kv_start = None if starts is None else torch.tensor(starts, device=DEVICE)
+    check_against_float64(q, k, v, kv_start, ours=with_dropout(p, 7), ref=dropped_reference(keep, p))
+
+
+def test_dropout_draws_a_new_mask_every_call_from_torchs_generator():
+    """The seed comes from torch's generator: the same manual seed, the same output bit for bit;
+    the next call, another mask. dropout_p 0 is no dropout at all; outside [0, 1) it is refused."""
+    q, k, v = qkv_views(1, 2, 33, 16, torch.float32)
+    first = with_dropout(0.5, 3)(q, k, v)
+    assert torch.equal(first, with_dropout(0.5, 3)(q, k, v))
+    assert not torch.equal(first, kernels.causal_attention(q, k, v, dropout_p=0.5))
+    assert torch.equal(with_dropout(0.0, 3)(q, k, v), kernels.causal_attention(q, k, v))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            kernels.causal_attention(q, k, v, dropout_p=bad)
+
+
+def test_dropout_needs_hopper_on_cuda(monkeypatch):
+    """On CUDA the kernels draw attention dropout from compute capability 9.0 (their dropout
+    variants spill registers on sm_80): below it a one-line error, and impl auto picks torch
+    (tests/test_model.py). Without dropout any GPU."""
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
+    assert not attention.dropout_supported("cuda:0")
+    with pytest.raises(ValueError, match=r"dropout_p > 0 needs compute capability 9.0 or newer \(Hopper\); "
+                                         r"this GPU has 8.0"):
+        attention._dropout(0.1, torch.device("cuda:0"))
+    assert attention._dropout(0.0, torch.device("cuda:0")) == (0.0, None)
+    monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
+    assert attention.dropout_supported("cuda:0")
+
+
+def test_dropout_mask_keeps_each_of_a_draws_eight_keys_independently():
+    """Each Philox draw decides 8 adjacent keys: every one of the 8 positions is kept at the rate
+    1 - p' (p' = p rounded to 2^-16), and neighbours within a draw are uncorrelated, within 5
+    standard errors over 2^20 decisions; p = 0.1 is rounded to 6554 / 2^16."""
+    p = 0.1
+    keep = kept(12345, 4, 4, 256, 256, p).reshape(-1, 8).double()  # rows: one draw each
+    rate = 1 - round(p * 65536) / 65536
+    assert rate == pytest.approx(1 - 0.100006, abs=1e-6)
+    n = keep.shape[0]
+    se = math.sqrt(rate * (1 - rate) / n)
+    assert ((keep.mean(0) - rate).abs() < 5 * se).all(), keep.mean(0)
+    centered = keep - keep.mean(0)
+    corr = (centered[:, :-1] * centered[:, 1:]).mean(0) / (rate * (1 - rate))
+    assert (corr.abs() < 5 / math.sqrt(n)).all(), corr
+    assert abs(keep.mean().item() - rate) < 5 * se / math.sqrt(8)
+
+
+def test_dropout_on_the_packed_projection_and_under_compile_is_the_same_call():
+    """causal_attention_qkv(qkv, dropout_p) draws what causal_attention does on the views (output
+    and qkv's gradient bit for bit), and so does the torch.compile path (the custom ops)."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 21, 3, 3, 16, generator=g, dtype=torch.float64).to(DEVICE, torch.float32).requires_grad_()
+    do = upstream_grad((2, 3, 21, 16), torch.float32)
+    torch.manual_seed(9)
+    out = kernels.causal_attention_qkv(qkv, dropout_p=0.25)
+    out.backward(do)
+    views = qkv.detach().clone().requires_grad_()
+    want = with_dropout(0.25, 9)(*(t.transpose(1, 2) for t in views.unbind(2)))
+    want.backward(do)
+    assert torch.equal(out, want) and torch.equal(qkv.grad, views.grad)
+    compiled_qkv = qkv.detach().clone().requires_grad_()
+    compiled = torch.compile(lambda t: kernels.causal_attention_qkv(t, dropout_p=0.25), backend="aot_eager",
+                             fullgraph=True)
+    torch.manual_seed(9)
+    out_c = compiled(compiled_qkv)
+    out_c.backward(do)
+    torch.testing.assert_close(out_c, out, atol=0, rtol=0)
+    torch.testing.assert_close(compiled_qkv.grad, qkv.grad, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +479,36 @@ def test_model_left_padded_decode_matches_unpadded():
     assert math.isfinite(step.abs().sum().item())
 
 
+def test_model_training_drops_attention_probabilities_with_the_kernels_mask():
+    """A training forward with attn_dropout passes it to the kernels, whose every layer draws its
+    own seed: the same hidden states as the model with each layer's attention computed by float64
+    math from the mask of the seed that layer drew. In eval no dropout: impl torch's output."""
+    cfg = GPTConfig(**{**TINY.to_dict(), "attn_dropout": 0.4})
+    model = perturbed_model(cfg, device=DEVICE)
+    idx = torch.randint(0, cfg.vocab_size, (2, 19), device=DEVICE)
+    model.impl = ATTN_TRITON
+    model.train()
+    torch.manual_seed(21)
+    ours = model.hidden_states(idx)
+
+    def drawn(qkv, dropout_p):  # the layer's seed, drawn as the kernel call draws it, and its mask
+        assert dropout_p == 0.4
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device=qkv.device).item())
+        B, T, _, H, D = qkv.shape
+        q, k, v = (t.transpose(1, 2).double() for t in qkv.unbind(2))
+        return dropped_reference(kept(seed, B, H, T, T, dropout_p), dropout_p)(q, k, v).to(qkv.dtype)
+
+    model.impl = TORCH_OPS._replace(attention_qkv=drawn)
+    torch.manual_seed(21)
+    torch.testing.assert_close(ours, model.hidden_states(idx), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, model.hidden_states(idx))  # the next forward: other masks
+    model.eval()
+    model.impl = ATTN_TRITON
+    evaluated = model.hidden_states(idx)
+    model.impl = "torch"
+    torch.testing.assert_close(evaluated, model.hidden_states(idx), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("prune,configs", [
     (attention._prune_fwd, attention._CUDA_FWD),
     (attention._prune_dkdv, attention._CUDA_DKDV),
@@ -357,14 +542,14 @@ def autotuner_key(tuner, args, kwargs) -> tuple:
 
 def attention_launches():
     """Forward and backward launches over what the autotuner's key depends on: head dims, dtypes,
-    length buckets (16 and 32 here), with and without kv_start."""
+    length buckets (16 and 32 here), with and without kv_start, with and without dropout."""
     for D in (16, 32):
         for dtype in (torch.float32, torch.float16):
             for Tq, Tk in ((3, 3), (17, 17), (5, 30)):
-                for with_start in (False, True):
+                for with_start, p in ((False, 0.0), (True, 0.0), (False, 0.2)):
                     q, k, v = (t.detach().requires_grad_() for t in cache_views(2, 3, Tq, Tk, D, dtype, seed=Tq))
                     kv_start = torch.tensor([0, 2], device=DEVICE) if with_start else None
-                    out = kernels.causal_attention(q, k, v, kv_start=kv_start)
+                    out = kernels.causal_attention(q, k, v, kv_start=kv_start, dropout_p=p)
                     out.backward(torch.ones_like(out))
 
 
@@ -404,7 +589,7 @@ def test_the_tuning_key_separates_what_the_autotuners_key_separates(monkeypatch)
 
     monkeypatch.setattr(attention._Tuned, "launch", recorded)
     attention_launches()
-    assert len(keys) == 3 * 2 * 2 * 3 * 2  # kernels x head dims x dtypes x length buckets x kv_start
+    assert len(keys) == 3 * 2 * 2 * 3 * 3  # kernels x head dims x dtypes x length buckets x (kv_start, dropout)
     joined = {key: found for key, found in keys.items() if len(found) > 1}
     assert not joined
 

@@ -219,8 +219,8 @@ def test_per_block_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(model(idx).logsumexp(-1).mean(), plain)
 
 
-def test_auto_impl_runs_triton_only_where_the_kernels_cover_the_model():
-    pytest.importorskip("kernels")
+def test_auto_impl_runs_triton_only_where_the_kernels_cover_the_model(monkeypatch):
+    kernels = pytest.importorskip("kernels")
     from gpt.ops import resolve_impl
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name only: no GPU needed
@@ -228,7 +228,10 @@ def test_auto_impl_runs_triton_only_where_the_kernels_cover_the_model():
     assert resolve_impl("auto", cuda) == "triton"
     assert resolve_impl("auto", cpu, GPTConfig()) == "torch"
     assert resolve_impl("auto", cuda, GPTConfig(d_model=32, num_heads=4)) == "torch"  # head dim 8: no kernel
-    assert resolve_impl("auto", cuda, GPTConfig(attn_dropout=0.1)) == "torch"  # no dropout in the kernel
+    for capability, impl in (((9, 0), "triton"), ((8, 0), "torch")):  # dropout in the kernels: Hopper on
+        monkeypatch.setattr(kernels.attention, "_capability", lambda index: capability)
+        assert resolve_impl("auto", torch.device("cuda:0"), GPTConfig(attn_dropout=0.1)) == impl
+        assert resolve_impl("auto", torch.device("cuda:0"), GPTConfig()) == "triton"
     assert resolve_impl("triton", cuda, GPTConfig(d_model=32, num_heads=4)) == "triton"  # asked for: its error
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve_impl("fast", cpu)

@@ -436,7 +436,8 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
         "forward_tokens_negative": "--forward-tokens must be >= 0 (0 = one forward per micro-batch), got -1",
         "resume_without_ckpt": f"no run to continue in {out_dir} (it holds", "corrupt_ckpt": "corrupt or truncated",
         "text_as_ckpt": "not a loadable checkpoint of this project", "triton_missing": "Triton kernels are unavailable",
-        "triton_head_dim": "the kernels need a head dim in (16, 32, 64, 128) and no attention dropout (this model: head dim 8",
+        "triton_head_dim": "the kernels need a head dim in (16, 32, 64, 128) and, for attention dropout, a Hopper GPU or newer (this model: "
+                           "head dim 8, attn dropout 0.0); use --impl torch or auto",
         "bad_device": "--device 'tpu' is not a device name", "no_tensorboard": "pip install tensorboard",
         "refusal": "continue it with --resume, replace it with --overwrite, or choose another --out-dir",
         "resume_and_overwrite": "choose one", "weight_decay_on": "invalid choice",
