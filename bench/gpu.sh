@@ -9,7 +9,7 @@
 #
 #   tests    python -m pytest tests on the GPU (xdist where installed): every kernel test on CUDA,
 #            bf16 included; the static compile gate is left to CI; 92% done at 120 s in run 3   (<= 170 s)
-#   attention  attention vs SDPA-FA2 (training shapes, decode), bf16 checked first            (<= 100 s)
+#   attention  attention vs SDPA-FA2 (training shapes, with dropout, decode), bf16 checked first (<= 100 s)
 #   kernels  LayerNorm vs copy bandwidth and eager (add + LayerNorm with the branch's dropout too; the MLP's bias + GELU),
 #            the fused LM head vs F.linear + F.cross_entropy, its row kernel's tile / warps / grid
 #            sweep vs a device copy, per-kernel device times, the launchers' host time a call  (<= 150 s)

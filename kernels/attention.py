@@ -454,18 +454,23 @@ def _attn_bwd_dq_kernel(
 
 class _Config(triton.Config):
     """BLOCK_M query rows by BLOCK_N key rows, for head dims up to ``max_head_dim`` (above it the
-    compiled kernel spills registers on sm_80 or sm_90: see ``kernels.compile_check``).
+    compiled kernel spills registers on sm_80 or sm_90: see ``kernels.compile_check``), and with
+    dropout up to ``dropout_max_head_dim`` (its mask's registers; dropout runs on sm_90 only).
 
-    ``max_head_dim`` lives in a slot, outside the instance ``__dict__``: Triton's autotune disk cache
+    The two limits live in slots, outside the instance ``__dict__``: Triton's autotune disk cache
     (``cache_results``) writes ``config.__dict__`` and rebuilds ``triton.Config(**that)``, which
     takes Triton's own fields only."""
 
-    __slots__ = ("max_head_dim",)
+    __slots__ = ("max_head_dim", "dropout_max_head_dim")
 
     def __init__(self, block_m: int, block_n: int, warps: int, stages: int,
-                 max_head_dim: int = max(SUPPORTED_HEAD_DIMS)):
+                 max_head_dim: int = max(SUPPORTED_HEAD_DIMS), dropout_max_head_dim: Optional[int] = None):
         super().__init__({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         self.max_head_dim = max_head_dim
+        self.dropout_max_head_dim = max_head_dim if dropout_max_head_dim is None else dropout_max_head_dim
+
+    def head_dim_limit(self, dropout: bool) -> int:
+        return self.dropout_max_head_dim if dropout else self.max_head_dim
 
 
 # The interpreter ignores warps and stages; uneven blocks exercise the block-boundary logic.
@@ -490,8 +495,9 @@ _CUDA_FWD = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
     _Config(64, 64, 4, 3),
     # The smallest tiles and the deepest pipeline: the lightest footprint at every head dim.
     _Config(64, 32, 4, 4),
-    # Decoding (query bucket 16): one 16-row mma tile, long key blocks to stream the cache.
-    _Config(16, 64, 4, 3), _Config(16, 128, 4, 3),
+    # Decoding (query bucket 16): one 16-row mma tile, long key blocks to stream the cache. With
+    # dropout (training on sequences of <= 16) the 128-key block spilled 8 bytes at D = 128 on sm_90.
+    _Config(16, 64, 4, 3), _Config(16, 128, 4, 3, dropout_max_head_dim=64),
 ]
 _CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
     # 128 held key rows (two warpgroups) reuse K/V over the most queries. At D = 128 its two
@@ -514,8 +520,8 @@ _CUDA_DQ = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
     _Config(128, 32, 8, 2),
     # Longer key steps with 3 stages; (128, 64) with 2 stages spilled on sm_80 at D = 32 and 128.
     _Config(128, 64, 8, 3),
-    # One warpgroup.
-    _Config(64, 64, 4, 2),
+    # One warpgroup; with dropout at D = 128 it spilled 8 bytes on sm_90 under Triton 3.6.
+    _Config(64, 64, 4, 2, dropout_max_head_dim=64),
     # Backward of sequences up to 16 tokens; 3 stages, as the mma path keeps num_stages - 1 buffers.
     _Config(16, 64, 4, 3),
 ]
@@ -531,7 +537,7 @@ class _Prune:
     """``early_config_prune`` of one attention kernel: the configurations that fit the launch.
 
     Kept: BLOCK_M == 16 exactly when decoding (query bucket 16), head dim within the configuration's
-    ``max_head_dim``, and the shared-memory estimate within the device's per-block limit. fp32
+    ``max_head_dim`` (``dropout_max_head_dim`` with dropout), and the shared-memory estimate within the device's per-block limit. fp32
     (tests only: its dots run on FMA, compile slowly and spill) gets the one smallest of those.
     If none fits, the smallest configuration within its head dim.
     """
@@ -560,7 +566,7 @@ class _Prune:
         args = {**named_args, **kwargs}
         budget = _shared_memory_limit()
         decoding = args["TQ_BUCKET"] <= 16
-        within = [c for c in configs if args["HEAD_DIM"] <= c.max_head_dim]
+        within = [c for c in configs if args["HEAD_DIM"] <= c.head_dim_limit(bool(args.get("HAS_DROPOUT")))]
         fitting = [c for c in within
                    if self.estimate(c, args) <= budget and (c.kwargs["BLOCK_M"] == 16) == decoding]
         smallest = min(fitting or within, key=lambda c: self.estimate(c, args))

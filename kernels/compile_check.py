@@ -13,7 +13,7 @@ its own ``early_config_prune``. Signatures, the JIT's specialisation (unit strid
 divisibility hints) and configurations are therefore those of a GPU run, not hand-written.
 
 Compiled (``cases()``): attention in fp16 and bf16 for every supported head dim -- training forward
-and backward (T = 256, and T = 16 for the 16-row configurations; T = 256 with dropout, for sm_90
+and backward (T = 256, and T = 16 for the 16-row configurations; both with dropout too, for sm_90
 only, as the launchers refuse attention dropout below it), backward with kv_start, a prompt
 prefilled into the KV cache, one-token decode with and without kv_start; LayerNorm and add +
 LayerNorm forward and backward for N in {128, 512, 768, 1024, 4096, 8192} in fp32, fp16, bf16 and
@@ -300,6 +300,7 @@ ATTENTION_CASES = {
     "train T=16": "forward and backward of short sequences (query bucket 16: BLOCK_M = 16 configs)",
     "train T=256 dropout": "the same with dropout on the probabilities: the mask drawn in the forward and "
                            "drawn again in both backward kernels (sm_90 only: the launchers refuse it below)",
+    "train T=16 dropout": "short sequences with dropout (BLOCK_M = 16 configs; sm_90 only)",
     "backward kv_start T=37": "forward and backward with left padding masked (kv_start), odd T",
     "prefill T=37 cache": "a prompt written to the KV cache and attended with the cache's kv_start",
     "decode Tq=1 cache": "one token against the cache slice with kv_start, as the model decodes",
@@ -391,6 +392,7 @@ def _attention_call(case: Case) -> None:
         "train T=256": lambda: train(256),
         "train T=16": lambda: train(16),
         "train T=256 dropout": lambda: train(256, dropout_p=0.1),
+        "train T=16 dropout": lambda: train(16, dropout_p=0.1),
         "backward kv_start T=37": lambda: train(37, kv_start=torch.tensor([0, 5])),
         "prefill T=37 cache": lambda: cached(37, decode=False, kv_start=True),
         "decode Tq=1 cache": lambda: cached(37, decode=True, kv_start=True),

@@ -517,15 +517,18 @@ def test_model_training_drops_attention_probabilities_with_the_kernels_mask():
 def test_cuda_prune_rules(monkeypatch, prune, configs):
     """Which configurations the launch-time prune keeps (its estimate is checked against the compiled
     kernels in tests/test_compile_check.py): 16-row blocks exactly for short queries, none past its
-    max_head_dim, and one configuration for fp32."""
+    max_head_dim (dropout_max_head_dim with dropout), and one configuration for fp32."""
     monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 232_448)
     for d in SUPPORTED_HEAD_DIMS:
         for tq_bucket in (16, 256):
-            args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": d, "TQ_BUCKET": tq_bucket}
-            kept = prune(configs, args)
-            assert kept and all((c.kwargs["BLOCK_M"] == 16) == (tq_bucket == 16) for c in kept)
-            assert all(d <= c.max_head_dim and prune.estimate(c, args) <= 232_448 for c in kept)
-            assert len(prune(configs, {**args, "Q": torch.empty(0, dtype=torch.float32)})) == 1
+            for dropout in (False, True):
+                args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": d, "TQ_BUCKET": tq_bucket,
+                        "HAS_DROPOUT": dropout}
+                kept = prune(configs, args)
+                assert kept and all((c.kwargs["BLOCK_M"] == 16) == (tq_bucket == 16) for c in kept)
+                limit = [c.dropout_max_head_dim if dropout else c.max_head_dim for c in kept]
+                assert all(d <= m and prune.estimate(c, args) <= 232_448 for c, m in zip(kept, limit))
+                assert len(prune(configs, {**args, "Q": torch.empty(0, dtype=torch.float32)})) == 1
     monkeypatch.setattr(attention, "_shared_memory_limit", lambda: 1024)  # nothing fits: the smallest
     args = {"Q": torch.empty(0, dtype=torch.float16), "HEAD_DIM": 128, "TQ_BUCKET": 256}
     within = [c for c in configs if c.max_head_dim >= 128]

@@ -222,6 +222,40 @@ def test_graphed_evaluation_falls_back_to_eager_where_a_replay_would_differ(repl
     assert replays == ["eval"] * 2  # the capture's and the third call's: none of the fallbacks replayed
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a real CUDA graph: its replays' random draws")
+@pytest.mark.parametrize("dropout,attn_dropout", [(0.3, 0.0), (0.0, 0.3)], ids=["add_layer_norm", "attention"])
+def test_a_captured_training_forward_draws_new_dropout_masks_every_replay(dropout, attn_dropout):
+    """The dropout kernels take their seed from torch's generator inside the call, so a CUDA graph
+    that captured a training forward draws new masks on every replay (a seed fixed at capture would
+    train on one mask forever): two replays differ from each other, and with dropout off (eval)
+    the replays agree with the eager forward."""
+    cfg = GPTConfig(**{**CFG.to_dict(), "dropout": dropout, "attn_dropout": attn_dropout})
+    torch.manual_seed(0)
+    model = GPT2Model(cfg, impl="triton").to(DEVICE)
+    x = torch.randint(0, cfg.vocab_size, (3, 16), device=DEVICE)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            model.hidden_states(x)  # compile and autotune outside the capture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                model.hidden_states(x)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model.hidden_states(x)
+            replays = []
+            for _ in range(2):
+                graph.replay()
+                replays.append(out.clone())
+            if training:
+                assert not torch.equal(replays[0], replays[1])
+            else:
+                assert torch.equal(replays[0], replays[1])
+                torch.testing.assert_close(replays[0], model.hidden_states(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_graphed_eval_refuses_an_empty_batch_size():
     with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
         GraphedEval(eval_model(), device=DEVICE, dtype="fp32", batch_size=0)
