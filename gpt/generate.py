@@ -272,7 +272,7 @@ class Decoder:
         """Eval mode and the decode ops while decoding; the model's mode and ``impl`` restored after."""
         model = self.model
         was_training, impl = model.training, model.impl
-        model.impl = select_ops(self.source.impl, self.device, model.config)  # the copy follows the caller's choice
+        model.impl = select_ops(self.source.impl, self.device, model.config, training=False)  # the caller's choice
         model.eval()
         try:
             yield

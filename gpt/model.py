@@ -194,7 +194,7 @@ class GPT2Model(nn.Module):
         graph) and advances ``cache.length``; the caller adds 1 to the host ``cache.pos``.
         """
         self._check_input(idx, cache, static)
-        ops = select_ops(self.impl, idx.device, self.config)
+        ops = select_ops(self.impl, idx.device, self.config, self.training)
         B, T = idx.shape
         if static:
             pos = cache.length.view(1, 1)  # (1, 1)
@@ -231,5 +231,5 @@ class GPT2Model(nn.Module):
             return F.linear(h, weight)  # (B, T, vocab)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must match idx shape {tuple(idx.shape)}")
-        ops = select_ops(self.impl, idx.device, self.config)
+        ops = select_ops(self.impl, idx.device, self.config, self.training)
         return LMLoss(*ops.linear_cross_entropy(h, weight, targets, ignore_index, lm_head_dtype(h, weight)))

@@ -391,34 +391,37 @@ def triton_ops() -> Ops:
                kernels.causal_attention_qkv, kernels.bias_gelu)
 
 
-def resolve_impl(impl: str, device: torch.device, config=None) -> str:
+def resolve_impl(impl: str, device: torch.device, config=None, training: bool = True) -> str:
     """"torch" or "triton" for ``impl`` on ``device``. "auto": Triton on CUDA where the kernels cover
-    the model (``config``, a ``GPTConfig``: a supported head dim, and a Hopper GPU for attention
-    dropout), torch elsewhere, so a model the kernels cannot run still runs (e.g. the tiny preset's
-    head dim 8)."""
+    the model (``config``, a ``GPTConfig``: a supported head dim, and in ``training`` with attention
+    dropout a Hopper GPU), torch elsewhere, so a model the kernels cannot run still runs (e.g. the
+    tiny preset's head dim 8)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         if torch.device(device).type != "cuda":
             return "torch"
-        return "triton" if config is None or triton_covers(config, device) else "torch"
+        return "triton" if config is None or triton_covers(config, device, training) else "torch"
     return impl
 
 
-def triton_covers(config, device) -> bool:
+def triton_covers(config, device, training: bool = True) -> bool:
     """Whether the Triton kernels run this model (a ``GPTConfig``) on ``device``: a head dim they
-    have, and with attention dropout a device whose kernels draw it (``dropout_supported``)."""
+    have, and for training with attention dropout a device whose kernels draw it
+    (``kernels.attention.dropout_supported``; evaluation and decoding draw none)."""
     from kernels.attention import SUPPORTED_HEAD_DIMS, dropout_supported
 
-    return config.head_dim in SUPPORTED_HEAD_DIMS and (config.attn_dropout == 0 or dropout_supported(device))
+    return config.head_dim in SUPPORTED_HEAD_DIMS and (
+        not training or config.attn_dropout == 0 or dropout_supported(device))
 
 
-def select_ops(impl: str | Ops, device: torch.device, config=None) -> Ops:
-    """The one place that maps ``impl`` to an implementation of every hot op.
+def select_ops(impl: str | Ops, device: torch.device, config=None, training: bool = True) -> Ops:
+    """The one place that maps ``impl`` to an implementation of every hot op (``training``: whether
+    the forward applies dropout, which "auto" weighs with ``config``, see ``resolve_impl``).
 
     An ``Ops`` table is returned as is: tests mix implementations that way, e.g.
     ``TORCH_OPS._replace(name="attn-triton", attention=triton_ops().attention)``.
     """
     if isinstance(impl, Ops):
         return impl
-    return triton_ops() if resolve_impl(impl, device, config) == "triton" else TORCH_OPS
+    return triton_ops() if resolve_impl(impl, device, config, training) == "triton" else TORCH_OPS

@@ -73,20 +73,20 @@ def _dropout_keep(
     """Whether attention dropout keeps the probability of query ``offs_m[i]`` (BLOCK_M,) for key
     start_n + j, j < BLOCK_N, in head ``bh``: a (BLOCK_M, BLOCK_N) mask that depends on the seed and
     the element only, never on the block shape, so the forward and both backward kernels draw the
-    same one. One Philox4x32-10 draw, counter (key // 8, query, bh, 0), gives 4 x 32 random bits: 8
-    16-bit uniforms, for keys 8 g .. 8 g + 7 (two from each word, low half first). A probability is
-    kept when its uniform is >= ``threshold`` = dropout_p * 2^16 (rounded), i.e. with probability
-    1 - threshold / 2^16. Eight decisions a draw, not ``tl.rand``'s one or ``tl.rand4x``'s four:
-    Philox's ~100 integer instructions a draw would otherwise outweigh the tile's dots. start_n is
-    a multiple of BLOCK_N (a multiple of 8)."""
-    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    zero = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.int32)
+    same one. One Philox4x32-10 draw, counter (key // 16, query, bh, 0), gives 4 x 32 random bits:
+    16 8-bit uniforms, for keys 16 g .. 16 g + 15 (four from each word, low byte first). A
+    probability is kept when its uniform is >= ``threshold`` = dropout_p * 2^8 (rounded), i.e. with
+    probability 1 - threshold / 2^8. Sixteen decisions a draw, as FlashAttention makes them, not
+    ``tl.rand``'s one or ``tl.rand4x``'s four: Philox's ~100 integer instructions a draw would
+    otherwise outweigh the tile's softmax. start_n is a multiple of BLOCK_N (a multiple of 16)."""
+    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    zero = tl.zeros((BLOCK_M, BLOCK_N // 16), dtype=tl.int32)
     r0, r1, r2, r3 = tl.philox(seed, zero + groups[None, :], zero + offs_m[:, None], zero + bh, zero)
-    # tl.join stacks on a new last axis: the last join's is the half, the one before the word's index
-    # (k = 2 x + y for join(join(w0, w2), join(w1, w3))), so key 8 g + 2 k + h gets half h of r_k[g].
-    low = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))  # (M, N // 8, 2, 2)
-    high = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
-    u = tl.reshape(tl.join(low, high), (BLOCK_M, BLOCK_N)).to(tl.int32)  # 16-bit values
+    # tl.join stacks on a new last axis, so join(join(a0, a2), join(a1, a3)) holds a_(2 x + y) at
+    # [..., x, y]: the words' index k, then the bytes' b, make key 16 g + 4 k + b byte b of r_k[g].
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # (M, N // 16, 2, 2)
+    u = tl.join(tl.join(words & 0xFF, (words >> 16) & 0xFF), tl.join((words >> 8) & 0xFF, words >> 24))
+    u = tl.reshape(u, (BLOCK_M, BLOCK_N)).to(tl.int32)  # 8-bit values
     return u >= threshold
 
 
@@ -149,8 +149,8 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, Tq, Tk, sm_scale_log2,
-    drop_threshold,  # dropout_p * 2^16: a probability is kept when its 16-bit uniform is >= this
-    keep_scale,  # 1 / (1 - drop_threshold / 2^16): the kept probabilities' scale
+    drop_threshold,  # dropout_p * 2^8: a probability is kept when its 8-bit uniform is >= this
+    keep_scale,  # 1 / (1 - drop_threshold / 2^8): the kept probabilities' scale
     TQ_BUCKET, TK_BUCKET,  # autotuning key only
     HEAD_DIM: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -496,8 +496,9 @@ _CUDA_FWD = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
     # The smallest tiles and the deepest pipeline: the lightest footprint at every head dim.
     _Config(64, 32, 4, 4),
     # Decoding (query bucket 16): one 16-row mma tile, long key blocks to stream the cache. With
-    # dropout (training on sequences of <= 16) the 128-key block spilled 8 bytes at D = 128 on sm_90.
-    _Config(16, 64, 4, 3), _Config(16, 128, 4, 3, dropout_max_head_dim=64),
+    # dropout (training on sequences of <= 16) both spilled 8 bytes at D = 128 on sm_90 (Triton 3.6
+    # or 3.9): there the prune falls back to its smallest configuration.
+    _Config(16, 64, 4, 3, dropout_max_head_dim=64), _Config(16, 128, 4, 3, dropout_max_head_dim=64),
 ]
 _CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
     # 128 held key rows (two warpgroups) reuse K/V over the most queries. At D = 128 its two
@@ -518,8 +519,9 @@ _CUDA_DKDV = [  # BLOCK_N key rows are held; BLOCK_M query rows stream
 _CUDA_DQ = [  # BLOCK_M query rows are held; BLOCK_N key rows stream
     # Two warpgroups of query rows, short key steps.
     _Config(128, 32, 8, 2),
-    # Longer key steps with 3 stages; (128, 64) with 2 stages spilled on sm_80 at D = 32 and 128.
-    _Config(128, 64, 8, 3),
+    # Longer key steps with 3 stages; (128, 64) with 2 stages spilled on sm_80 at D = 32 and 128, and
+    # this one with dropout at D = 128 on sm_90 (16 bytes, Triton 3.9).
+    _Config(128, 64, 8, 3, dropout_max_head_dim=64),
     # One warpgroup; with dropout at D = 128 it spilled 8 bytes on sm_90 under Triton 3.6.
     _Config(64, 64, 4, 2, dropout_max_head_dim=64),
     # Backward of sequences up to 16 tokens; 3 stages, as the mma path keeps num_stages - 1 buffers.
@@ -700,13 +702,14 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided((B, H, Tq, D), (Tq * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
 
 
-DROPOUT_BITS = 16  # dropout_p is rounded to a multiple of 2^-16 (see _dropout_keep)
+DROPOUT_BITS = 8  # dropout_p is rounded to a multiple of 2^-8 (see _dropout_keep)
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     """The kernels' (threshold, keep scale) for ``dropout_p`` in [0, 1): a probability is dropped with
-    probability threshold / 2^16, dropout_p rounded to a multiple of 2^-16 (0.1 -> 0.100006), and
-    the kept ones are scaled by the inverse of the exact keep rate."""
+    probability threshold / 2^8, dropout_p rounded to a multiple of 2^-8 (0.1 -> 26 / 256 =
+    0.1016), and the kept ones are scaled by the inverse of that exact keep rate (FlashAttention
+    rounds the keep rate to 1/255 and scales by 1 / (1 - dropout_p))."""
     threshold = min(round(dropout_p * (1 << DROPOUT_BITS)), (1 << DROPOUT_BITS) - 1)
     return threshold, (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
 
@@ -930,8 +933,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
     the kept ones are scaled by 1 / (1 - p)), as the reference's ``F.dropout`` but drawn in the
     kernels: the mask comes from Philox with a seed the call takes from torch's generator (so
     ``torch.manual_seed`` reproduces it and a CUDA graph draws a new one every replay), it is drawn
-    again in the backward and never stored, and dropout_p is rounded to a multiple of 2^-16
-    (``_dropout_keep``). Not the stream ``F.dropout`` draws.
+    again in the backward and never stored, and dropout_p is rounded to a multiple of 2^-8
+    (``_dropout_keep``: 16 decisions a Philox draw, as FlashAttention's). Not the stream ``F.dropout`` draws.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p, seed = _dropout(dropout_p, q.device)

@@ -73,7 +73,9 @@ def test_prune_keeps_16_row_blocks_for_short_queries_only(rows):
     for r in rows:
         if r["estimate"] is None:
             continue
-        short = {bool(re.search(r"Tq=1 |T=16 ", c)) for c in r["cases"]}
+        # (no 16-row forward compiles without spills with dropout at D = 128: the prune's fallback)
+        short = {bool(re.search(r"Tq=1 |T=16 ", c)) and not (r["kernel"] == "_attn_fwd_kernel" and "dropout" in c
+                                                            and c.endswith("D=128")) for c in r["cases"]}
         assert short == {r["config"]["BLOCK_M"] == 16}, (r["kernel"], r["config"], r["cases"])
 
 

@@ -231,6 +231,7 @@ def test_auto_impl_runs_triton_only_where_the_kernels_cover_the_model(monkeypatc
     for capability, impl in (((9, 0), "triton"), ((8, 0), "torch")):  # dropout in the kernels: Hopper on
         monkeypatch.setattr(kernels.attention, "_capability", lambda index: capability)
         assert resolve_impl("auto", torch.device("cuda:0"), GPTConfig(attn_dropout=0.1)) == impl
+        assert resolve_impl("auto", torch.device("cuda:0"), GPTConfig(attn_dropout=0.1), training=False) == "triton"
         assert resolve_impl("auto", torch.device("cuda:0"), GPTConfig()) == "triton"
     assert resolve_impl("triton", cuda, GPTConfig(d_model=32, num_heads=4)) == "triton"  # asked for: its error
     with pytest.raises(ValueError, match="impl must be one of"):
