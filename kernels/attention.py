@@ -709,7 +709,7 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     """The kernels' (threshold, keep scale) for ``dropout_p`` in [0, 1): a probability is dropped with
     probability threshold / 2^8, dropout_p rounded to a multiple of 2^-8 (0.1 -> 26 / 256 =
     0.1016), and the kept ones are scaled by the inverse of that exact keep rate (FlashAttention
-    rounds the keep rate to 1/255 and scales by 1 / (1 - dropout_p))."""
+    keeps where an 8-bit uniform is <= floor(255 (1 - dropout_p)) and scales by 1 / (1 - dropout_p))."""
     threshold = min(round(dropout_p * (1 << DROPOUT_BITS)), (1 << DROPOUT_BITS) - 1)
     return threshold, (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
 
