@@ -2,8 +2,9 @@
 
 ``kernels.compile_check`` calls the public launchers under a stand-in Triton driver, compiles with
 the JIT's own specialisation (in two worker processes, with Triton's JIT rather than this process's
-interpreter) and reads each cubin's resources. Once per session: about 11 CPU-minutes of compiling
-the first time (5 min 45 s on 2 cores, 944 variants), 10-30 seconds from Triton's on-disk cache after.
+interpreter) and reads each cubin's resources. Once per session: the attention kernels alone took
+11 CPU-minutes to compile after a change to them (5 min 45 s on 2 cores), 10-30 seconds from
+Triton's on-disk cache after.
 Skipped only when the installed Triton has no NVIDIA backend.
 """
 
