@@ -881,7 +881,9 @@ def _dropout(dropout_p: float, device: torch.device) -> tuple[float, Optional[to
         return p, None
     if not 0.0 < p < 1.0:
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if not dropout_supported(device):
+    # Not under torch.compile, whose graph the device query would break: train.py's --compile runs
+    # checked the device before tracing (gpt.ops.triton_covers).
+    if not torch.compiler.is_compiling() and not dropout_supported(device):
         have = ".".join(map(str, _cuda_capability(torch.device(device))))
         raise ValueError(f"causal_attention: dropout_p > 0 needs compute capability "
                          f"{'.'.join(map(str, DROPOUT_MIN_CAPABILITY))} or newer (Hopper); this GPU has {have}")
