@@ -9,6 +9,10 @@ FlashAttention does: 4 * B * H * T^2 * D for the two matmuls, halved for causal,
 backward (x 3.5 for forward+backward); every implementation is credited the same FLOPs, so TFLOP/s
 ratios are time ratios.
 
+Dropout (``test_attention_dropout``): dropout_p = 0.1 on the probabilities at the goal's two shapes,
+forward and forward+backward, against SDPA-FA2 with the same dropout_p and against our kernels
+without dropout (the mask's cost: Philox draws in the forward and again in both backward kernels).
+
 Decode: one query (Tq = 1) against K/V cache slices of length 64..1024 (B = 32, H = 16, D = 64),
 against SDPA (default backend, is_causal=False: the one query sits after every cached key). Memory
 bound, so GB/s counts the K and V bytes read.
