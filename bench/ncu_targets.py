@@ -10,6 +10,9 @@ profiled kernel says which target launched it. Targets (bf16):
 
 * ``attention`` / ``sdpa_flash``: causal attention forward + backward at (B, H, T, D) = (16, 8, 256, 64),
   ours (forward, delta pre-pass, dK/dV, dQ kernels) and SDPA's FlashAttention-2 backend (0.66x there);
+* ``attention_dropout``: ours again with dropout_p = 0.1 on the probabilities (the Philox mask drawn in
+  the forward and again in both backward kernels): its pipe utilisation against ``attention``'s says
+  what the mask's integer work and layout conversions cost (not yet profiled);
 * ``layer_norm`` / ``f_layer_norm``: LayerNorm forward + backward at 16,384 x 512 (0.48x eager);
 * ``add_layer_norm_autocast``: the model's add + LayerNorm under autocast at 16,384 x 512 (bf16
   branch, fp32 residual stream, the LayerNorm written in bf16: ``out_dtype``);
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 WARMUP = 3
-TARGETS = ("attention", "sdpa_flash", "layer_norm", "f_layer_norm", "add_layer_norm_autocast", "lm_head", "ce_rows",
+TARGETS = ("attention", "sdpa_flash", "attention_dropout", "layer_norm", "f_layer_norm", "add_layer_norm_autocast", "lm_head", "ce_rows",
            "ce_rows_persistent")
 
 
@@ -54,6 +57,9 @@ def targets() -> dict[str, Callable[[], None]]:
 
     def attention():
         kernels.causal_attention(q, k, v).backward(do)
+
+    def attention_dropout():
+        kernels.causal_attention(q, k, v, dropout_p=0.1).backward(do)
 
     def sdpa_flash():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -93,9 +99,9 @@ def targets() -> dict[str, Callable[[], None]]:
     def ce_rows_persistent():
         kce._ce_rows(chunk, 50257, chunk_targets, loss, hit, -1, True, block=16384, warps=32, programs=sms)
 
-    made = {"attention": attention, "sdpa_flash": sdpa_flash, "layer_norm": layer_norm,
-            "f_layer_norm": f_layer_norm, "add_layer_norm_autocast": add_layer_norm_autocast, "lm_head": lm_head,
-            "ce_rows": ce_rows, "ce_rows_persistent": ce_rows_persistent}
+    made = {"attention": attention, "sdpa_flash": sdpa_flash, "attention_dropout": attention_dropout,
+            "layer_norm": layer_norm, "f_layer_norm": f_layer_norm, "add_layer_norm_autocast": add_layer_norm_autocast,
+            "lm_head": lm_head, "ce_rows": ce_rows, "ce_rows_persistent": ce_rows_persistent}
     return {name: made[name] for name in TARGETS}
 
 
