@@ -12,6 +12,8 @@ Before timing, each model's loss on the batch is checked against ours (same weig
 model: a fresh model's loss is near ln(vocab)).
 
 Beside the step, the validation pass's forward (``test_eval_forward``): eager against CUDA-graphed.
+On a CPU, ``test_cpu_attention_training``: bf16 training's attention on fp32 copies against SDPA in
+bf16, alone and in the ``tiny`` preset's step.
 """
 
 import math
@@ -219,6 +221,72 @@ def test_eval_forward(benchmark, weights, graphed, default_batch):
     if default_batch and "eval_cuda_graph" in RESULTS:
         info[f"speedup_vs_batch_{B}"] = round(tps / RESULTS["eval_cuda_graph"], 2)
     record(benchmark, **info)
+
+
+def _sdpa_in_half(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: float = 0.0):
+    """The torch table's training attention before CPU calls in half precision ran in fp32: SDPA in
+    the inputs' (autocast's) dtype. Causal squares only (what a training step calls)."""
+    assert kv_start is None and kv_len is None and dropout_p == 0.0
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _alternating_best(fns, rounds: int) -> list[float]:
+    """Best wall time of each function, taking turns, so that a neighbour's load falls on both alike."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU's attention in training (gpt.ops._cpu_training_upcast)")
+@pytest.mark.parametrize("what", ["attention", "tiny_step"])
+def test_cpu_attention_training(benchmark, what):
+    """bf16 training on a CPU, the ``tiny`` preset's attention shape (16, 4, 128, 32): the torch
+    table's attention, which runs such calls on fp32 copies, against SDPA in bf16 (its kernel's
+    backward is the slow one there) -- the attention's forward + backward alone, and the ``tiny``
+    preset's whole optimizer step (train.py's CPU recipe, bf16 autocast, 16 x 128 tokens)."""
+    from gpt import get_preset
+    from gpt.ops import TORCH_OPS
+
+    g = torch.Generator().manual_seed(0)
+    if what == "attention":
+        base = torch.randn(16, 128, 3, 4, 32, generator=g, dtype=torch.bfloat16).requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in base.unbind(2))  # (B, nh, T, hs) strided views, the model's
+        dout = torch.randn(16, 4, 128, 32, generator=g, dtype=torch.bfloat16)
+
+        def run(attention):
+            return lambda: torch.autograd.grad(attention(q, k, v), base, dout)
+
+        ours, peer = run(TORCH_OPS.attention), run(_sdpa_in_half)
+        tokens, rounds = 16 * 128, 5
+    else:
+        preset = get_preset("tiny")
+        cfg, tc = preset.model, preset.train
+        x = torch.randint(0, cfg.vocab_size, (tc.batch_size, cfg.max_seq_length), generator=g)
+        y = torch.randint(0, cfg.vocab_size, x.shape, generator=g)
+        torch.manual_seed(0)
+        models = [GPT2Model(cfg, impl="torch") for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        models[1].impl = TORCH_OPS._replace(attention=_sdpa_in_half)
+        opts = [build_optimizer(m, tc, DEVICE) for m in models]
+        with torch.no_grad(), autocast(DEVICE, "bf16"):
+            losses = [m(x, y).loss for m in models]
+        assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-3)
+
+        def run(i):
+            return lambda: train_step(models[i], opts[i], [(x, y)], device=DEVICE, dtype="bf16", grad_clip=tc.grad_clip)
+
+        ours, peer = run(0), run(1)
+        tokens, rounds = x.numel(), 6
+    ours(), peer()  # warm-up
+    ours_s, peer_s = _alternating_best([ours, peer], rounds)
+    benchmark.pedantic(ours, rounds=1, iterations=1, warmup_rounds=0)
+    ours_s = min(ours_s, benchmark.stats.stats.min)
+    record(benchmark, tokens_per_s=round(tokens / ours_s, 1), half_sdpa_tokens_per_s=round(tokens / peer_s, 1),
+           ratio_vs_half_sdpa=round(peer_s / ours_s, 2), threads=torch.get_num_threads())
 
 
 @pytest.mark.skipif(not CUDA, reason="MFU is a GPU figure")

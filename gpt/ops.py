@@ -114,10 +114,37 @@ def causal_attention_torch(q, k, v, scale=None, kv_start=None, kv_len=None, drop
     if dropout_p > 0.0:
         return causal_attention_ref(q, k, v, scale, kv_start, kv_len, dropout_p)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    if kv_start is None and kv_len is None and (Tq == Tk or Tq == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scale)
-    mask = attention_mask(Tq, Tk, q.device, kv_start, kv_len)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = None
+    if not (kv_start is None and kv_len is None and (Tq == Tk or Tq == 1)):
+        mask = attention_mask(Tq, Tk, q.device, kv_start, kv_len)
+    half = _cpu_training_upcast(q, k, v)
+    if half is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1, scale=scale)
+    with torch.autocast("cpu", enabled=False):  # (autocast would cast the fp32 operands back)
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                           is_causal=mask is None and Tq > 1, scale=scale)
+    return y.to(half)
+
+
+def _cpu_training_upcast(q, k, v) -> Optional[torch.dtype]:
+    """The half dtype a CPU training call's attention would run in, where running it in fp32 is
+    faster; else None.
+
+    torch 2.13's CPU flash attention is slow to differentiate in half precision at small head dims
+    and short contexts: at the ``tiny`` preset's shape (16, 4, 128, 32), bf16 forward + backward took
+    15-20 ms against 4.7 ms for the same call on fp32 copies of q, k, v (casts included), 4.3x; bf16
+    won back only at head dim 64 from 256 tokens (1.0x at 256 and 0.6x at 1,024 tokens), and fp16
+    lost everywhere measured (1.3-2.8x; `bench/test_bench_train.py::test_cpu_attention_training`).
+    Inference calls (no gradient) stay in half precision, whose forward is the faster one.
+    fp32 is also the more exact: the result is rounded to the half dtype once.
+    """
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
+                                                                     or v.requires_grad):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and (q.shape[-1] <= 32 or k.shape[-2] <= 128)):
+        return dtype
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

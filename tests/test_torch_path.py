@@ -9,7 +9,7 @@ float64, values and every gradient.
 import pytest
 import torch
 
-from gpt.ops import TORCH_OPS, causal_attention_ref, layer_norm_ref
+from gpt.ops import TORCH_OPS, _cpu_training_upcast, attention_mask, causal_attention_ref, layer_norm_ref
 
 
 def qkv(B, H, Tq, Tk, D, seed=0, dtype=torch.float64):
@@ -70,6 +70,60 @@ def test_sdpa_shortcut_under_bf16_autocast_cpu_stays_close():
     exact = causal_attention_ref(q.double(), k.double(), v.double())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), exact, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype,kwargs", [(torch.bfloat16, {}), (torch.bfloat16, {"kv_start": [0, 5]}),
+                                          (torch.float16, {})], ids=["bf16", "bf16-padded", "fp16"])
+def test_cpu_training_attention_in_half_runs_in_fp32(dtype, kwargs):
+    """A CPU training call in half precision at a small head dim runs SDPA on fp32 copies and rounds
+    the output once (faster there, see ``_cpu_training_upcast``): the very values of that fp32 call,
+    and values and gradients within half precision of float64."""
+    kwargs = {k: torch.tensor(v) for k, v in kwargs.items()}
+    base, q, k, v = qkv(2, 3, 29, 29, 32, dtype=torch.float32)
+    half = base.detach().to(dtype).requires_grad_()
+    hq, hk, hv = (t.transpose(1, 2) for t in half.unbind(2))
+    out = TORCH_OPS.attention(hq, hk, hv, **kwargs)
+    assert out.dtype == dtype
+    mask = None if not kwargs else attention_mask(29, 29, "cpu", **kwargs)
+    fp32 = torch.nn.functional.scaled_dot_product_attention(hq.float(), hk.float(), hv.float(), attn_mask=mask,
+                                                            is_causal=mask is None)
+    assert torch.equal(out, fp32.to(dtype))
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, half, dout)
+    exact_base = half.detach().double().requires_grad_()
+    eq, ek, ev = (t.transpose(1, 2) for t in exact_base.unbind(2))
+    exact = causal_attention_ref(eq, ek, ev, **kwargs)
+    (exact_grad,) = torch.autograd.grad(exact, exact_base, dout.double())
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double(), exact, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad.double(), exact_grad, atol=4 * tol, rtol=4 * tol)
+
+
+def test_when_cpu_attention_upcasts():
+    """fp32 for CPU training calls in fp16, and in bf16 at head dim <= 32 or up to 128 keys; never
+    without a gradient, on fp32 inputs or at bf16's large shapes (where its kernel is as fast)."""
+    def rule(T, D, dtype=torch.bfloat16, grad=True, autocast=False):
+        x = torch.zeros(1, 1, T, D, dtype=dtype, requires_grad=grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _cpu_training_upcast(x, x, x)
+
+    assert rule(128, 64) == rule(512, 32) == rule(1024, 16) == torch.bfloat16
+    assert rule(256, 64) is None and rule(1024, 128) is None
+    assert rule(1024, 64, torch.float16) == torch.float16
+    assert rule(128, 32, grad=False) is None and rule(128, 32, torch.float32) is None
+    assert rule(128, 32, torch.float32, autocast=True) == torch.bfloat16  # what autocast would run
+    with torch.no_grad():
+        assert rule(128, 32) is None
+
+
+def test_cpu_training_attention_under_autocast_keeps_autocasts_dtypes():
+    """Under bf16 autocast fp32 leaves give a bf16 output (as autocast's SDPA would) and fp32 gradients."""
+    base, q, k, v = qkv(2, 3, 17, 17, 32, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = TORCH_OPS.attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(out.float().sum(), base)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def explicit_layer_norm(x, weight, bias, eps):
