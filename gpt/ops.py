@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -260,6 +261,30 @@ def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, counted: to
     return loss, hits
 
 
+_CPU_CHUNKS = threading.local()  # this thread's logits buffer for each dtype (``_chunk_buffer``)
+
+
+def _chunk_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (M, Vp) tensor for a chunk of logits. On a CPU, one buffer per thread and
+    dtype, kept from call to call: glibc serves every allocation above 32 MiB with fresh pages, and
+    faulting in a fresh 128 MiB chunk took 45-50 ms on this project's CPU (a bf16 chunk's logits
+    GEMM itself: 36 ms), once per training step and per validation forward. The buffer only lives
+    inside one call's forward (nothing returned or saved views it), so reusing it is safe; the
+    thread-local keeps concurrent calls apart. Held for the process's life (at most
+    LCE_CHUNK_BYTES). Elsewhere (a GPU's caching allocator does this already, and under
+    ``torch.compile``) a plain allocation."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
+    held = getattr(_CPU_CHUNKS, "buffers", None)
+    if held is None:
+        held = _CPU_CHUNKS.buffers = {}
+    numel = shape[0] * shape[1]
+    if dtype not in held or held[dtype].numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            held[dtype] = torch.empty(numel, dtype=dtype)
+    return held[dtype][:numel].view(shape)
+
+
 class _LinearCrossEntropyRef(torch.autograd.Function):
     """Row chunks of logits; dh and dweight computed in the same pass (see linear_cross_entropy_ref)."""
 
@@ -282,9 +307,9 @@ class _LinearCrossEntropyRef(torch.autograd.Function):
         dw_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation across chunks
         dw = torch.zeros(Vp, C, dtype=dw_dtype, device=h.device) if need_dw and N == 0 else None
         rows = max(1, LCE_CHUNK_BYTES // (Vp * w.element_size()))
-        # One chunk of logits, reused chunk after chunk (on a CPU every fresh 100 MB costs ~25,000
-        # page faults), and the half-precision dW partial likewise.
-        buf = h.new_empty((min(rows, N), Vp), dtype=dtype)
+        # One chunk of logits, reused chunk after chunk and, on a CPU, call after call
+        # (``_chunk_buffer``), and the half-precision dW partial likewise.
+        buf = _chunk_buffer((min(rows, N), Vp), dtype, h.device)
         part = None
         with torch.autocast(h.device.type, enabled=False):  # every dtype here is chosen explicitly
             for r0 in range(0, N, rows):

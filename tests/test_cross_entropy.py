@@ -13,6 +13,8 @@ float16 4e-3 (logits and the stored gradient softmax - onehot rounded to 2**-11;
 all rows), bfloat16 (the reference only) 3e-2.
 """
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,45 @@ class GemmShapes(torch.overrides.TorchFunctionMode):
             a, b = args[-2:]
             self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_keeps_its_cpu_logits_buffer_across_calls(monkeypatch, dtype):
+    """On a CPU the reference's chunk of logits lives in one buffer per thread and dtype, kept from
+    call to call (fresh pages of a 128 MiB chunk cost ~50 ms of faults): the next call writes the
+    same memory and is still right against float64 (nothing of the last call's logits leaks in, the
+    bf16 vocabulary padding included); a call under inference mode shares it with training calls;
+    another thread gets its own."""
+    set_chunk_rows(monkeypatch, 97)
+    seen = []
+
+    def spy(shape, dtype, device):
+        buf = chunk_buffer(shape, dtype, device)
+        seen.append(buf)  # held: a new allocation could not take its address
+        return buf
+
+    chunk_buffer = ops._chunk_buffer
+    monkeypatch.setattr(ops, "_chunk_buffer", spy)
+    monkeypatch.setattr(ops, "_CPU_CHUNKS", threading.local())
+    cases = [[t.cpu() for t in make_case(37, 24, 97, dtype, seed=s, ignored=(2,), hits=(0, 5))] for s in (0, 1)]
+    for h, weight, targets in cases:
+        with torch.inference_mode():
+            first = linear_cross_entropy_ref(h, weight, targets)
+        h = h.clone().requires_grad_()
+        weight = weight.clone().requires_grad_()
+        loss, correct, count = linear_cross_entropy_ref(h, weight, targets)
+        loss.backward()
+        e_loss, e_correct, e_count, e_dh, e_dw = float64_expectation(h, weight, targets, dtype)
+        assert correct.item() == e_correct.item() == first[1].item() >= 2 and count.item() == e_count.item()
+        close(loss, e_loss, dtype, "loss")
+        assert loss.item() == first[0].item()
+        close(h.grad, e_dh, dtype, "dh")
+        close(weight.grad, e_dw, dtype, "dweight")
+    assert len(seen) == 4 and len({t.data_ptr() for t in seen}) == 1
+    thread = threading.Thread(target=lambda: linear_cross_entropy_ref(*cases[0]))
+    thread.start()
+    thread.join()
+    assert len(seen) == 5 and seen[-1].data_ptr() != seen[0].data_ptr()
 
 
 @pytest.mark.parametrize("impl,dtype", [("ref", torch.bfloat16), ("triton", torch.float32)])
