@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 import torch
@@ -101,6 +102,18 @@ def kernel_groups_ms(times: dict[str, float]) -> dict[str, float]:
     for name, ms in times.items():
         groups[kernel_group(name)] += ms
     return {group: round(ms, 3) for group, ms in groups.items()}
+
+
+def best_seconds(*fns, rounds: int = 3) -> list[float]:
+    """Best wall time of each function over ``rounds`` rounds, taking turns (fn1, fn2, fn1, ...), so
+    that a neighbour's load on a shared machine falls on every contender alike."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def record(benchmark, **info) -> None:

@@ -41,7 +41,7 @@ import time
 import pytest
 import torch
 
-from bench.common import cuda_time_ms, record, requires_cuda
+from bench.common import best_seconds, cuda_time_ms, record, requires_cuda
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.generate import Decoder, generate
 from gpt.hf import to_transformers
@@ -72,18 +72,6 @@ def cpu_copy_gbs(nbytes: int = 1 << 28) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9
-
-
-def best_seconds(*fns, rounds: int = 3) -> list[float]:
-    """Best wall time of each function over ``rounds`` rounds, taking turns (fn1, fn2, fn1, ...), so
-    that a neighbour's load on a shared machine falls on every contender alike."""
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 def bytes_per_token(dec: Decoder) -> int:

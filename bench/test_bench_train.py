@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from bench.common import kernel_groups_ms, kernel_times_ms, record, top_kernels
+from bench.common import best_seconds, kernel_groups_ms, kernel_times_ms, record, top_kernels
 from bench.seed_recipe import SEED_IGNORE_INDEX, SeedGPT, seed_loss, seed_optimizer
 from gpt import GPT2Model, GPTConfig, TrainConfig
 from gpt.hardware import autocast
@@ -230,17 +230,6 @@ def _sdpa_in_half(q, k, v, scale=None, kv_start=None, kv_len=None, dropout_p: fl
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _alternating_best(fns, rounds: int) -> list[float]:
-    """Best wall time of each function, taking turns, so that a neighbour's load falls on both alike."""
-    best = [math.inf] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 @pytest.mark.skipif(CUDA, reason="the CPU's attention in training (gpt.ops._cpu_training_upcast)")
 @pytest.mark.parametrize("what", ["attention", "tiny_step"])
 def test_cpu_attention_training(benchmark, what):
@@ -282,7 +271,7 @@ def test_cpu_attention_training(benchmark, what):
         ours, peer = run(0), run(1)
         tokens, rounds = x.numel(), 6
     ours(), peer()  # warm-up
-    ours_s, peer_s = _alternating_best([ours, peer], rounds)
+    ours_s, peer_s = best_seconds(ours, peer, rounds=rounds)
     benchmark.pedantic(ours, rounds=1, iterations=1, warmup_rounds=0)
     ours_s = min(ours_s, benchmark.stats.stats.min)
     record(benchmark, tokens_per_s=round(tokens / ours_s, 1), half_sdpa_tokens_per_s=round(tokens / peer_s, 1),
