@@ -9,7 +9,8 @@ The torch table runs attention through ``F.scaled_dot_product_attention`` wherev
 exactly what the explicit ``causal_attention_ref`` does (no ``kv_start``, no dropout, a full causal
 square or a single decode query): no (T, T) mask or score tensor in memory, which made the reference
 attention a large part of a CPU training step. The explicit math stays the documented definition
-and the fallback for everything else.
+and the fallback for everything else. A CPU training call in half precision runs SDPA on fp32
+copies where torch's half-precision backward is the slower one (``_cpu_training_upcast``).
 """
 
 from __future__ import annotations
