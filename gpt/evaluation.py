@@ -83,7 +83,7 @@ def run(args) -> dict:
     from gpt.data import prepare_data
     from gpt.errors import UserError
     from gpt.graphstep import GraphedEval
-    from gpt.hardware import default_dtype, tf32_matmuls
+    from gpt.hardware import default_dtype, host_memory_kept, tf32_matmuls
     from gpt.hf import load_pretrained
     from gpt.step import TEST_PROTOCOL, default_eval_batch, evaluate, evaluate_seed_protocol
     from gpt.tokenizer import get_tokenizer
@@ -115,7 +115,7 @@ def run(args) -> dict:
     context = model.config.max_seq_length
     batch = args.batch_size or default_eval_batch(16, context, device, args.max_tokens)
     forward = GraphedEval(model, device=device, dtype=dtype, batch_size=batch) if graphed else None
-    with tf32_matmuls(device):  # as train.py scores its runs: the same figures for the same model
+    with tf32_matmuls(device), host_memory_kept(device):  # as train.py scores its runs: the same figures
         scores = evaluate(model, tokens, context, batch, device, dtype, args.max_tokens,
                           forward=forward)  # under autocast
         seed = (evaluate_seed_protocol(model, tokens, batch, device, dtype, forward=forward)

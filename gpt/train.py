@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .checkpoint import load_checkpoint
 from .config import PRESETS, WEIGHT_DECAY_ON, GPTConfig, TrainConfig, get_preset
 from .errors import UserError
-from .hardware import CPU_DEFAULT_DTYPE, DTYPES, tf32_matmuls
+from .hardware import CPU_DEFAULT_DTYPE, DTYPES, host_memory_kept, tf32_matmuls
 from .ops import IMPLS, resolve_impl
 from .step import merge_factor
 from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOptions, TrainError, Trainer,
@@ -384,7 +384,7 @@ def run(ns: argparse.Namespace) -> int:
         tensorboard_writer_class()
         _check_writable(Path(opts.tensorboard), "--tensorboard")
     trainer = Trainer(opts, model_cfg, tc, start_weights)
-    with tf32_matmuls(trainer.device):
+    with tf32_matmuls(trainer.device), host_memory_kept(trainer.device):
         return _train(trainer, ck, ns, out)
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import gpt.checkpoint
 import gpt.curves
+import gpt.hardware
+import gpt.train as train_mod
 import gpt.trainer as trainer_mod
 from gpt.checkpoint import load_checkpoint
 from gpt.config import PRESETS, GPTConfig, TrainConfig
@@ -269,6 +271,42 @@ def test_tf32_is_switched_on_for_a_cuda_run_only_and_back_after_it():
             assert switches() == (True, True)
             raise RuntimeError("the run failed")
     assert switches() == before
+
+
+@pytest.mark.skipif(gpt.hardware._glibc() is None, reason="glibc's allocator settings")
+def test_a_cpu_run_keeps_freed_memory_for_its_next_tensors_and_gives_it_back_after(base_args, tmp_path, monkeypatch):
+    """In a CPU run glibc serves a 64 MiB tensor from memory it keeps (no fresh mapping: its pages
+    need no faulting in again), in train.py's run itself too; outside the run, and in a CUDA run's
+    host memory, glibc maps such a tensor afresh as by default."""
+    import ctypes
+
+    from gpt.hardware import host_memory_kept
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = gpt.hardware._glibc()
+    libc.mallinfo2.restype = Mallinfo2
+
+    def mapped_while_holding_64_mib() -> int:
+        held = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        assert held.numel() == 64 << 20
+        return libc.mallinfo2().hblkhd  # bytes in separately mapped blocks
+
+    assert mapped_while_holding_64_mib() >= 64 << 20
+    with host_memory_kept(torch.device("cuda")):  # a device object: no GPU needed
+        assert mapped_while_holding_64_mib() >= 64 << 20
+    with host_memory_kept("cpu"):
+        assert mapped_while_holding_64_mib() < 64 << 20
+    assert mapped_while_holding_64_mib() >= 64 << 20
+
+    seen = []
+    real = train_mod._train
+    monkeypatch.setattr(train_mod, "_train", lambda *a: (seen.append(mapped_while_holding_64_mib()), real(*a))[1])
+    assert main(base_args + ["--max-steps", "1", "--out-dir", str(tmp_path / "run")]) == 0
+    assert len(seen) == 1 and seen[0] < 64 << 20
+    assert mapped_while_holding_64_mib() >= 64 << 20
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(base_args, tmp_path, capsys, monkeypatch):
