@@ -244,10 +244,13 @@ def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, counted: to
         m = x.amax(dim=-1)  # (B,) row maxima, exact in any dtype
         if blocked:
             # A hit needs the target at the row's maximum, and no earlier token there (torch.argmax's
-            # first index). Only such rows need the (slow on a CPU, indexed) argmax.
+            # first index): the row's maximum over the tokens before the target is below m. Only
+            # rows with the target at m are looked at, one slice each: on a CPU a max with indices
+            # (argmax) is ~5x slower than amax, and 11 such rows of a 41-row block took 0.9 ms
+            # through ``x[maybe].max(dim=-1)`` against 0.3 ms so.
             maybe = (keep & (x_t == m)).nonzero().squeeze(1)
-            if len(maybe):
-                hits += (x[maybe].max(dim=-1).indices == t[maybe]).sum()
+            hits += sum(target == 0 or bool(x[r, :target].amax() < m[r])
+                        for r, target in zip(maybe.tolist(), t[maybe].tolist()))
         else:
             hits += ((x.argmax(dim=-1) == t) & keep).sum()
         z = x.sub_(m[:, None]) if buf is None else buf[: len(t)].copy_(x).sub_(m.to(stat)[:, None])  # (B, V), stat
