@@ -96,8 +96,8 @@ def host_memory_kept(device: torch.device | str):
     the embedding's gradient, a GEMM's outputs -- each came back as new pages: ~15,000-27,000 page
     faults and as many unmappings a ``tiny`` step on this project's 2-core VM. With mmap off
     (``M_MMAP_MAX`` 0) and no trimming (``M_TRIM_THRESHOLD`` beyond any size) a ``tiny`` step took
-    0.31-0.33 s instead of 0.45-0.48, and ``train.py --preset tiny`` (200 steps) ran 1.16x the
-    tokens/s for 3.5% more peak memory (README, "Measured"). Process-wide, like ``tf32_matmuls``:
+    0.31-0.33 s instead of 0.45-0.48, and ``train.py --preset tiny`` (200 steps) ran 1.07-1.16x the
+    tokens/s for at most 3.5% more peak memory (README, "Measured"). Process-wide, like ``tf32_matmuls``:
     scoped to a run so that a longer process (the tests, a notebook) gets glibc's behaviour back.
     """
     libc = _glibc() if torch.device(device).type == "cpu" else None

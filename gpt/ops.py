@@ -136,7 +136,7 @@ def _cpu_training_upcast(q, k, v) -> Optional[torch.dtype]:
     and short contexts: at the ``tiny`` preset's shape (16, 4, 128, 32), bf16 forward + backward took
     15-20 ms against 4.7 ms for the same call on fp32 copies of q, k, v (casts included), 4.3x; bf16
     won back only at head dim 64 from 256 tokens (1.0x at 256 and 0.6x at 1,024 tokens), and fp16
-    lost everywhere measured (1.3-2.8x; `bench/test_bench_train.py::test_cpu_attention_training`).
+    was never the faster (fp32 1.0-2.8x faster; `bench/test_bench_train.py::test_cpu_attention_training`).
     Inference calls (no gradient) stay in half precision, whose forward is the faster one.
     fp32 is also the more exact: the result is rounded to the half dtype once.
     """
