@@ -173,9 +173,9 @@ def model_of(ckpt: dict, path: str | os.PathLike, impl: str = "auto"):
     """The ``GPT2Model`` of a checkpoint ``load_checkpoint`` read from ``path`` (named in errors)."""
     from .model import GPT2Model
 
-    model = GPT2Model(GPTConfig.from_dict(ckpt["config"]), impl=impl)
+    model = GPT2Model.uninitialized(GPTConfig.from_dict(ckpt["config"]), impl=impl)
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(ckpt["model_state_dict"])  # strict: every weight gets its value
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the stored config: {one_line(e)}") from None
     return model

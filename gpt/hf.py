@@ -58,7 +58,7 @@ def _hf_key(ours: str) -> str:
 
 def from_transformers(hf_model, impl: str = "auto") -> GPT2Model:
     """Our model with exactly the weights of a ``GPT2LMHeadModel``."""
-    model = GPT2Model(config_from_hf(hf_model.config), impl=impl)
+    model = GPT2Model.uninitialized(config_from_hf(hf_model.config), impl=impl)
     hf_sd = hf_model.state_dict()
     sd = {}
     for name in model.state_dict():

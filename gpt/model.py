@@ -129,15 +129,31 @@ class GPT2Model(nn.Module):
             raise TypeError("pass either a GPTConfig or keyword sizes, not both")
         self.config = config
         self.impl = impl
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)  # also the LM head (tied)
-        self.wpe = nn.Embedding(config.max_seq_length, config.d_model)
+        # (the embeddings' own init is skipped: the loop below draws them; on the meta device a
+        # normal_ would import torch._dynamo, ~1.3 s)
+        self.wte = nn.Embedding(config.vocab_size, config.d_model,  # also the LM head (tied)
+                                _weight=torch.empty(config.vocab_size, config.d_model))
+        self.wpe = nn.Embedding(config.max_seq_length, config.d_model,
+                                _weight=torch.empty(config.max_seq_length, config.d_model))
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = LayerNormParams(config.d_model, config.layer_norm_eps)
+        if self.wte.weight.is_meta:  # shapes only (``GPT2Model.uninitialized``): no values to draw
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2L)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @classmethod
+    def uninitialized(cls, config: GPTConfig, *, impl: str = "auto", device: torch.device | str = "cpu") -> GPT2Model:
+        """A model whose weights are allocated on ``device`` but hold no values yet, for loading
+        weights into at once (``gpt.checkpoint``, ``gpt.hf``): no random draws, so ~10x faster to
+        build than ``GPT2Model(config)`` (0.07 s against 0.8 s at the seed's size on a 2-core CPU)."""
+        with torch.device("meta"):
+            model = cls(config, impl=impl)
+        # (``to_empty`` would do, but its meta ``empty_like`` imports sympy on first use: ~0.8 s)
+        return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -55,30 +55,29 @@ def ranks_from_files(vocab_path: Path, merges_path: Path) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from GPT-2's vocab.json and merges.txt, checked against each other.
 
     Ranks are the 256 single bytes in vocab order, then one token per merge line; GPT-2's vocab.json
-    gives every such token exactly that id (checked), so BPE ranks and token ids coincide.
+    gives every such token exactly that id (checked), so BPE ranks and token ids coincide. Tokens are
+    matched as the files spell them (one stand-in character a byte) and turned into bytes once.
     """
-    char_to_byte = _byte_alphabet()
-
-    def to_bytes(token: str) -> bytes:
-        return bytes(char_to_byte[c] for c in token)
-
+    alphabet = _byte_alphabet()
+    # Each stand-in character to the character of its byte value, which latin-1 encodes as that byte.
+    table = {ord(c): b for c, b in alphabet.items()}
     try:
         vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
         merge_lines = merges_path.read_text(encoding="utf-8").split("\n")
-        single = sorted((i, to_bytes(t)) for t, i in vocab.items() if t != EOS_TOKEN and len(to_bytes(t)) == 1)
-        ranks = {b: i for i, b in single}
+        ranks = {t: i for i, t in sorted((i, t) for t, i in vocab.items() if len(t) == 1)}  # the 256 bytes
         for line in merge_lines[1:]:  # line 0 is the "#version" header
             if line.strip():
                 left, right = line.split()
-                ranks[to_bytes(left) + to_bytes(right)] = len(ranks)
-        expected = {to_bytes(t): i for t, i in vocab.items() if t != EOS_TOKEN}
-    except (OSError, ValueError, KeyError) as e:
+                ranks[left + right] = len(ranks)
+        expected = {t: i for t, i in vocab.items() if t != EOS_TOKEN}
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # (a vocab.json not a dict of ids)
         raise TokenizerNotFound(f"cannot read GPT-2 tokenizer files {vocab_path} / {merges_path}: {e}") from e
-    if ranks != expected or vocab.get(EOS_TOKEN) != EOS_ID or len(ranks) != EOS_ID:
+    if (ranks != expected or vocab.get(EOS_TOKEN) != EOS_ID or len(ranks) != EOS_ID
+            or not set("".join(ranks)) <= alphabet.keys()):
         raise TokenizerNotFound(
             f"{vocab_path} and {merges_path} are not GPT-2's vocabulary and merges (ids do not match merge order)"
         )
-    return ranks
+    return {t.translate(table).encode("latin-1"): i for t, i in ranks.items()}
 
 
 def _ranks_hash(ranks: dict[bytes, int]) -> str:

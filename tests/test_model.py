@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import gpt.checkpoint
 from gpt import GPT2Model, GPTConfig, get_preset
 from gpt.hf import export_hf, from_transformers, to_transformers
 from gpt.ops import TORCH_OPS
@@ -80,6 +81,52 @@ def test_seed_constructor_and_checkpoint_load(tmp_path):
     again = GPT2Model(GPTConfig.from_dict(ckpt["config"]))
     again.load_state_dict(ckpt["model_state_dict"])
     assert again.config == model.config
+
+
+def test_initial_weights_follow_gpt2s_scheme():
+    """Normal(0, 0.02) embeddings and Linear weights, residual projections 0.02/sqrt(2 * layers),
+    zero biases, unit LayerNorm weights; each weight drawn once, so the same seed gives the same model."""
+    config = GPTConfig(vocab_size=3001, max_seq_length=300, num_layers=4, num_heads=4, d_model=128, d_ff=512)
+    torch.manual_seed(1)
+    model = GPT2Model(config)
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), GPT2Model(config).parameters()))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif ".ln_" in name or name.startswith("ln_f"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            std = 0.02 / (2 * config.num_layers) ** 0.5 if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.mean().item()) < 3 * std / p.numel() ** 0.5, name
+            assert p.std().item() == pytest.approx(std, rel=0.02), name
+
+
+def test_an_uninitialized_model_draws_nothing_and_loads_a_checkpoint_exactly(tmp_path):
+    """``GPT2Model.uninitialized`` (what checkpoint and transformers loads build): the parameters of
+    ``GPT2Model(config)`` (names, shapes, dtypes, device, requires_grad) without a random draw, and
+    without importing torch._dynamo or sympy (~2 s on first use, the meta device's normal_ and
+    empty_like); loaded from a checkpoint, it computes exactly what the saved model does."""
+    import subprocess
+    import sys
+
+    saved = perturbed_model(ODD, device="cpu", seed=5)
+    rng = torch.get_rng_state()
+    empty = GPT2Model.uninitialized(ODD, impl="torch")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert ([(n, p.shape, p.dtype, p.device, p.requires_grad) for n, p in empty.named_parameters()]
+            == [(n, p.shape, p.dtype, p.device, p.requires_grad) for n, p in saved.named_parameters()])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_state_dict": saved.state_dict(), "config": ODD.to_dict()}, path)
+    loaded = gpt.checkpoint.load_model(path, impl="torch").eval()
+    idx = torch.randint(0, ODD.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), saved(idx))
+    code = ("import sys, torch; from gpt import GPT2Model, GPTConfig; "
+            "m = GPT2Model.uninitialized(GPTConfig(vocab_size=101, max_seq_length=8, num_layers=1, num_heads=2, "
+            "d_model=8, d_ff=16)); print(m.wte.weight.device, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["cpu", "False", "False"]
 
 
 def test_config_dict_round_trip_and_presets():

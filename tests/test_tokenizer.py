@@ -97,6 +97,25 @@ def test_mismatched_files_are_rejected(tokenizer_dir, tmp_path):
         get_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("vocab", ["foreign character", "not a dict"])
+def test_a_vocabulary_outside_gpt2s_byte_alphabet_is_rejected_in_one_line(tokenizer_dir, tmp_path, vocab):
+    """Files that agree with each other but spell the space byte as U+00AD, a character that stands
+    for no byte in GPT-2's alphabet (its space is "\u0120"), or a vocab.json that is no token -> id
+    map, are not taken for GPT-2's vocabulary."""
+    vocab_text = (tokenizer_dir / "vocab.json").read_text(encoding="utf-8")
+    merges_text = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8")
+    if vocab == "foreign character":
+        ids = {token.replace("\u0120", "\u00ad"): i for token, i in json.loads(vocab_text).items()}
+        merges_text = merges_text.replace("\u0120", "\u00ad")
+    else:
+        ids = list(json.loads(vocab_text))
+    (tmp_path / "vocab.json").write_text(json.dumps(ids), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(merges_text, encoding="utf-8")
+    with pytest.raises(TokenizerNotFound) as err:
+        get_tokenizer(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
 def test_explicit_directory_without_files(tmp_path):
     with pytest.raises(TokenizerNotFound, match="does not hold vocab.json"):
         get_tokenizer(tmp_path / "nowhere")
