@@ -28,7 +28,7 @@ from .config import GPTConfig, TrainConfig
 from .data import DEFAULT_CACHE_DIR, TrainBatches
 from .errors import UserError, one_line
 from .graphstep import GraphedEval, GraphedTrainStep, GraphError, graph_refusal
-from .hardware import autocast, default_dtype, environment, peak_flops
+from .hardware import default_dtype, environment, peak_flops
 from .model import GPT2Model
 from .ops import triton_covers
 from .state import TrainState, data_identity, same_data
@@ -543,11 +543,12 @@ class Trainer:
             dist.barrier()
             return {}
         samples = {}
-        decoder = Decoder(self.raw, device=self.device)  # one for the four: on CUDA one graph, captured once
+        # One for the four (on CUDA one graph, captured once), in the run's dtype: a cast copy, not
+        # an autocast that would cast every weight again each token.
+        decoder = Decoder(self.raw, device=self.device, dtype=self.dtype)
         for prompt in SEED_PROMPTS:
-            with autocast(self.device, self.dtype):
-                samples[prompt] = generate_text(decoder, self.tokenizer, prompt=prompt,
-                                                max_length=self.opts.sample_length, device=self.device)
+            samples[prompt] = generate_text(decoder, self.tokenizer, prompt=prompt,
+                                            max_length=self.opts.sample_length, device=self.device)
         session_tokens = self.session_steps * self.tokens_per_step
         tps = self.steady_tokens_per_sec() or (session_tokens / self.train_time if self.train_time > 0 else 0.0)
         peak = peak_flops(self.device)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt.hardware
 from gpt import GPT2Model, GPTConfig, generate_text
 from gpt.checkpoint import save_checkpoint
 from gpt.generate import Decoder, TextStream, generate, left_pad, sample_next
@@ -425,13 +426,33 @@ def test_generate_text_with_transformers_and_our_tokenizer(tokenizer_dir):
     want, _ = windowed_greedy(model, ids, 12 - len(ids))  # max_length counts the prompt
     if 50256 in want:
         want = want[:want.index(50256)]
-    for tok in (ours, hf):
-        assert generate_text(model, tok, prompt, max_length=12, temperature=0) == prompt + ours.decode(want)
+    for tok in (ours, hf):  # (in fp32, the reference's dtype; the default is tested below)
+        assert generate_text(model, tok, prompt, max_length=12, temperature=0, dtype="fp32") == prompt + ours.decode(want)
     a = generate_text(model, ours, prompt, max_length=12, temperature=0.9, seed=3)
     assert a == generate_text(model, hf, prompt, max_length=12, temperature=0.9, seed=3)
     empty, _ = windowed_greedy(model, [50256], 4)  # an empty prompt starts from EOS, which counts
     text = ours.decode(empty[:empty.index(50256)] if 50256 in empty else empty)
-    assert generate_text(model, ours, "", max_length=5, temperature=0) == text
+    assert generate_text(model, ours, "", max_length=5, temperature=0, dtype="fp32") == text
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_generate_text_decodes_in_sample_pys_default_dtype(tokenizer_dir, monkeypatch, amx):
+    """``dtype="auto"`` (the default): bf16 on a CPU with AMX, else fp32, as ``sample.py``; the same
+    tokens as that dtype asked for by name, from the same seed; the fp32 model itself untouched."""
+    from gpt.tokenizer import get_tokenizer
+
+    monkeypatch.setattr(gpt.hardware, "cpu_has_amx", lambda: amx)
+    tok = get_tokenizer(tokenizer_dir)
+    torch.manual_seed(9)  # GPT-2's initial weights: near-even logits, which bf16's rounding reorders
+    model = GPT2Model(GPTConfig(max_seq_length=32, num_layers=1, num_heads=2, d_model=32, d_ff=64, dropout=0.0),
+                      impl="torch").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    by_name = {dtype: generate_text(model, tok, "Once upon a time", max_length=24, seed=4, dtype=dtype)
+               for dtype in ("fp32", "bf16")}
+    assert by_name["fp32"] != by_name["bf16"]
+    assert generate_text(model, tok, "Once upon a time", max_length=24, seed=4) == by_name["bf16" if amx else "fp32"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.wte.weight.dtype == torch.float32
 
 
 def test_emoji_prompt_and_streaming_partial_utf8(tokenizer_dir):

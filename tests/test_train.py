@@ -181,10 +181,20 @@ def test_checkpoint_interval(base_args, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("amx,dtype", [(True, "bf16"), (False, "fp32")], ids=["amx", "no-amx"])
 def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, capsys, history, monkeypatch, amx, dtype):
     """Without --dtype a CPU run autocasts to bf16 where the CPU has AMX (1.45x the fp32 tokens/s of
-    the tiny preset on this project's Xeon, same perplexity: gpt/hardware.py), else stays fp32."""
+    the tiny preset on this project's Xeon, same perplexity: gpt/hardware.py), else stays fp32; its
+    samples are decoded in that dtype too (a cast copy of the best model)."""
+    import gpt.generate
     import gpt.hardware
 
     monkeypatch.setattr(gpt.hardware, "cpu_has_amx", lambda: amx)
+    decoded_in = []
+
+    class Decoder(gpt.generate.Decoder):
+        def __init__(self, *args, **kwargs):
+            decoded_in.append(kwargs.get("dtype"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gpt.generate, "Decoder", Decoder)
     i = base_args.index("--dtype")
     args = base_args[:i] + base_args[i + 2:]  # no --dtype
     out = tmp_path / "run"
@@ -193,6 +203,7 @@ def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, caps
     assert rc == 0, err
     assert f"| cpu {dtype}, impl " in stdout.splitlines()[0]
     assert history(out)["run_options"]["dtype"] == dtype
+    assert decoded_in == [dtype] and len(history(out)["generated_texts"]) == 4
     assert gpt.hardware.default_dtype("cpu", "triton") == "fp32"  # the interpreter's bf16 dots are wrong
     assert gpt.hardware.default_dtype("cuda", "triton") == "bf16"
 
