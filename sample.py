@@ -3,6 +3,7 @@
     python sample.py --prompt "In a magical forest"
     python sample.py --prompt "Once upon a time" --prompt "The dog" --num-samples 2 --seed 0
     python sample.py --hf path/to/gpt2 --stream
+    python sample.py --prompt - < prompts.txt   # a prompt a line of stdin, each sampled as it is read
     python sample.py --quantize int8            # CPU: int8 weights, the fastest CPU decoding
     python sample.py --compile --num-samples 64 # GPU: the decode step compiled (and a CUDA graph)
     python sample.py --no-cuda-graph            # GPU: every decode step launched from Python
@@ -57,7 +58,9 @@ def _number(kind, ok, rule: str):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sample.py", description="Sample text from a GPT-2 checkpoint.",
                 formatter_class=_ShowDefaults)
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default 'Once upon a time')")
+    p.add_argument("--prompt", action="append",
+                   help="prompt text (repeatable; default 'Once upon a time'); '-': a prompt a line of stdin, each "
+                        "sampled as soon as it is read (the model loaded once; blank lines skipped), until EOF")
     p.add_argument("--checkpoint", default="out/gpt2_best_model.pt", help="checkpoint from train.py")
     p.add_argument("--hf", metavar="SOURCE", help="sample from a transformers GPT-2 directory or a Hugging Face hub "
                                                  "name (gpt2, ...) instead of --checkpoint (default: none)")
@@ -92,9 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.prompt = args.prompt or ["Once upon a time"]
+    if "-" in args.prompt and len(args.prompt) > 1:
+        parser.error("--prompt - reads every prompt from stdin: give no other --prompt")
     return args
+
+
+def prompt_groups(args):
+    """The prompts to sample together: every --prompt at once, or with ``--prompt -`` each non-blank
+    line of stdin as soon as it is read (typed, or piped from a file)."""
+    if args.prompt != ["-"]:
+        yield args.prompt
+        return
+    for line in sys.stdin:
+        if line.strip():
+            yield [line.rstrip("\r\n")]
 
 
 def load(args):
@@ -148,52 +165,59 @@ def run(args) -> None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=tokenizer.eos_id, generator=generator)
-    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    ids = [tokenizer.encode(p) for p in prompts]
     ctx = decoder.model.config.max_seq_length
-    for i, row in enumerate(ids):
-        if len(row) > ctx:
-            print(f"sample.py: prompt {i + 1} has {len(row)} tokens, more than the context of {ctx}: "
-                  f"kept its last {ctx}", file=sys.stderr)
-    print(f"sample.py: sampling {len(prompts)} x {args.max_new_tokens} tokens ({device}, "
+    rows = (f"{args.num_samples} for each line of stdin" if args.prompt == ["-"]
+            else len(args.prompt) * args.num_samples)
+    print(f"sample.py: sampling {rows} x {args.max_new_tokens} tokens ({device}, "
           f"{decoder.summary}, impl={args.impl})", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    outs = []
+    seconds, tokens, numbered = 0.0, 0, 0  # sampling time (not stdin's), new tokens, prompts so far
+    outs = []  # the current group's samples (new tokens), printed as they end
     try:
-        if args.stream:  # one row at a time, text printed as soon as it decodes cleanly
-            for prompt, row in zip(prompts, ids):
-                sys.stdout.write(prompt)
-                stream = TextStream(tokenizer, _write)
+        for group in prompt_groups(args):
+            prompts = [p for p in group for _ in range(args.num_samples)]
+            ids = [tokenizer.encode(p) for p in prompts]
+            for i, row in enumerate(ids, start=numbered + 1):
+                if len(row) > ctx:
+                    print(f"sample.py: prompt {i} has {len(row)} tokens, more than the context of {ctx}: "
+                          f"kept its last {ctx}", file=sys.stderr)
+            numbered += len(prompts)
+            t0 = time.perf_counter()
+            if args.stream:  # one row at a time, text printed as soon as it decodes cleanly
+                for prompt, row in zip(prompts, ids):
+                    sys.stdout.write(prompt)
+                    stream = TextStream(tokenizer, _write)
 
-                def on_token(tok, stream=stream):
-                    if int(tok[0]) != tokenizer.eos_id:
-                        stream.push(int(tok[0]))
+                    def on_token(tok, stream=stream):
+                        if int(tok[0]) != tokenizer.eos_id:
+                            stream.push(int(tok[0]))
 
+                    try:
+                        outs += generate(decoder, [row], args.max_new_tokens, **settings, on_token=on_token)
+                    except GenerationInterrupted as e:
+                        outs += e.tokens
+                        raise
+                    finally:
+                        stream.flush()
+                        sys.stdout.write(SEPARATOR)
+            else:
                 try:
-                    outs += generate(decoder, [row], args.max_new_tokens, **settings, on_token=on_token)
+                    outs = generate(decoder, ids, args.max_new_tokens, **settings)
                 except GenerationInterrupted as e:
-                    outs += e.tokens
+                    outs = e.tokens
                     raise
                 finally:
-                    stream.flush()
-                    sys.stdout.write(SEPARATOR)
-        else:
-            try:
-                outs = generate(decoder, ids, args.max_new_tokens, **settings)
-            except GenerationInterrupted as e:
-                outs = e.tokens
-                raise
-            finally:
-                for prompt, out in zip(prompts, outs):
-                    sys.stdout.write(prompt + tokenizer.decode(out) + SEPARATOR)
+                    for prompt, out in zip(prompts, outs):
+                        sys.stdout.write(prompt + tokenizer.decode(out) + SEPARATOR)
+                    sys.stdout.flush()  # (a line of stdin's samples, before the next line is read)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            tokens += sum(len(o) for o in outs)
+            outs = []
     except KeyboardInterrupt as e:
-        raise Interrupted(sum(len(o) for o in outs), _signal_of(e)) from None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    n = sum(len(o) for o in outs)
-    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {device}, impl={args.impl})",
-          file=sys.stderr)
+        raise Interrupted(tokens + sum(len(o) for o in outs), _signal_of(e)) from None
+    print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s, {device}, "
+          f"impl={args.impl})", file=sys.stderr)
 
 
 class Interrupted(Exception):

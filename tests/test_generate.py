@@ -1,8 +1,12 @@
 """The KV-cache sampler against full recomputation, sampling sets, padding, overflow, and sample.py."""
 
 import dataclasses
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -518,6 +522,7 @@ def test_sample_cli_errors(tmp_path, tiny_checkpoint, tokenizer_dir):
         "max-new-tokens": ok + ["--max-new-tokens", "0"],
         "tokenizer": ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tmp_path / "no-tokenizer")],
         "cuda_graph needs a CUDA device, got cpu": ok + ["--cuda-graph", "--device", "cpu"],
+        "--prompt - reads every prompt from stdin: give no other --prompt": ok + ["--prompt", "-", "--prompt", "x"],
     }
     procs = {match: _start(args) for match, args in cases.items()}  # all at once: startup dominates
     for match, proc in procs.items():
@@ -568,6 +573,57 @@ def test_sample_cli_runs_and_streams_the_same_text(tiny_checkpoint, tokenizer_di
     assert samples[0].startswith("Once upon a time") and samples[1].startswith("🦄 A dragon")
     assert len(samples[0]) > len("Once upon a time\n")
     assert "tokens/s" in results[0][1]
+
+
+def test_sample_cli_takes_a_prompt_a_line_of_stdin_and_answers_each_before_the_next(tiny_checkpoint, tokenizer_dir):
+    """``--prompt -``: each non-blank line of stdin is sampled as soon as it is read (its samples are
+    out before the next line is written), with the text ``--prompt`` gives for the same prompts; at
+    EOF the summary counts every line's tokens. Ctrl-C while it waits for a line: exit 130, the
+    tokens counted once."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--temperature", "0",
+              "--max-new-tokens", "6", "--impl", "torch", "--device", "cpu", "--num-samples", "2"]
+    separator = "-" * 40 + "\n"
+
+    def from_stdin():
+        return subprocess.Popen([sys.executable, "-u", str(ROOT / "sample.py"), *common, "--prompt", "-"], cwd=ROOT,
+                                text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def samples(proc, n=None):
+        """stdout up to the end of its n-th sample, or to its end (n None); what came within 60 s."""
+        data, end = b"", time.monotonic() + 60
+        while n is None or data.decode(errors="ignore").count(separator) < n:
+            if not select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))[0]:
+                break  # nothing more came: the assertions below say what is missing
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode()
+
+    given = _start(common + ["--prompt", "Once upon a time", "--prompt", "🦄 A dragon"])
+    proc = from_stdin()
+    proc.stdin.write("Once upon a time\n\n")
+    proc.stdin.flush()
+    first = samples(proc, 2)  # the line's two samples, while stdin is still open
+    assert first.count(separator) == 2 and first.startswith("Once upon a time"), first
+    proc.stdin.write("🦄 A dragon\r\n")
+    proc.stdin.close()
+    rest, err = samples(proc), proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    want, _ = given.communicate(timeout=120)
+    assert first + rest == want and rest.startswith("🦄 A dragon")
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("sample.py: sampling 2 for each line of stdin x 6 tokens (cpu, ")
+    assert lines[-1].startswith("24 tokens in ")  # 4 samples x 6 (no EOS from this model's greedy picks)
+
+    waiting = from_stdin()
+    waiting.stdin.write("Once upon a time\n")
+    waiting.stdin.flush()
+    assert samples(waiting, 2).count(separator) == 2
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "sample.py: interrupted after 12 new tokens"  # counted once
 
 
 def test_help_shows_every_default():
