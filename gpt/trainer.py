@@ -40,6 +40,7 @@ BEST_NAME, LAST_NAME = "gpt2_best_model.pt", "last.pt"
 HISTORY_NAME, CURVES_NAME = "training_history.json", "training_curves_with_accuracy.png"
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME, CURVES_NAME)  # what a run writes into --out-dir
 ETA_AFTER_STEPS = 3  # the start-up ETA line is printed after this many steps of a session
+CPU_HINT_AFTER_SECONDS = 3600  # a CPU run's ETA beyond this suggests --preset tiny (unless it is that)
 
 
 class TrainError(UserError):
@@ -418,9 +419,13 @@ class Trainer:
     def _eta_line(self) -> str:
         tps = self.steady_tokens_per_sec()
         steps_left = self.max_steps - self.state.step
+        seconds = steps_left * self.tokens_per_step / tps
+        # A GPU recipe started on a CPU (``python train.py`` without a GPU): say what fits a CPU.
+        hint = ("; on a CPU, `--preset tiny` trains a smaller model in minutes" if self.device.type == "cpu"
+                and self.opts.preset != "tiny" and seconds > CPU_HINT_AFTER_SECONDS else "")
         return (f"speed after {self.session_steps} steps: {tps:,.0f} tokens/s (first step {self.first_step_seconds:.1f} s); "
-                f"ETA {format_seconds(steps_left * self.tokens_per_step / tps)} for the {steps_left:,} steps left "
-                f"(training only: validation passes and the final test come on top)")
+                f"ETA {format_seconds(seconds)} for the {steps_left:,} steps left "
+                f"(training only: validation passes and the final test come on top){hint}")
 
     # -- the loop ------------------------------------------------------------------------------
 

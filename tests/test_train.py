@@ -208,6 +208,19 @@ def test_a_cpu_run_defaults_to_bf16_with_amx_else_fp32(base_args, tmp_path, caps
     assert gpt.hardware.default_dtype("cuda", "triton") == "bf16"
 
 
+@pytest.mark.parametrize("preset", ["seed", "tiny"])
+def test_a_long_cpu_run_of_a_gpu_preset_suggests_the_tiny_one(base_args, tmp_path, capsys, monkeypatch, preset):
+    """``python train.py`` on a CPU (the seed preset: days there): its ETA line says that
+    ``--preset tiny`` trains in minutes; a tiny run's line does not, however long its ETA."""
+    monkeypatch.setattr(trainer_mod, "CPU_HINT_AFTER_SECONDS", 0)  # any ETA counts as long
+    args = base_args + ["--preset", preset, "--grad-accum", "1", "--max-steps", "5", "--eval-interval", "0",
+                        "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0, err
+    eta = next(line for line in out.splitlines() if line.startswith("speed after 3 steps"))
+    assert eta.endswith("; on a CPU, `--preset tiny` trains a smaller model in minutes") == (preset == "seed"), eta
+
+
 def test_evaluation_takes_a_steps_sequences_per_forward_and_scores_the_same_at_any_batch(
         base_args, tmp_path, capsys, history, monkeypatch):
     """Validation and test passes run batch_size x grad_accum windows a forward unless
