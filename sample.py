@@ -170,6 +170,8 @@ def run(args) -> None:
             else len(args.prompt) * args.num_samples)
     print(f"sample.py: sampling {rows} x {args.max_new_tokens} tokens ({device}, "
           f"{decoder.summary}, impl={args.impl})", file=sys.stderr, flush=True)
+    if args.prompt == ["-"] and sys.stdin.isatty():  # someone typing: say that it waits, and for what
+        print("sample.py: type a prompt and press Enter (Ctrl-D ends)", file=sys.stderr, flush=True)
     seconds, tokens, numbered = 0.0, 0, 0  # sampling time (not stdin's), new tokens, prompts so far
     outs = []  # the current group's samples (new tokens), printed as they end
     try:

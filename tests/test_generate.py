@@ -626,6 +626,29 @@ def test_sample_cli_takes_a_prompt_a_line_of_stdin_and_answers_each_before_the_n
     assert err.strip().splitlines()[-1] == "sample.py: interrupted after 12 new tokens"  # counted once
 
 
+def test_sample_cli_tells_someone_typing_at_a_terminal_what_it_waits_for(tiny_checkpoint, tokenizer_dir, monkeypatch,
+                                                                       capsys):
+    """``--prompt -`` with a terminal on stdin says it waits for a prompt; piped input gets no such line."""
+    import io
+
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    args = ["--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_dir), "--temperature", "0",
+            "--max-new-tokens", "3", "--impl", "torch", "--device", "cpu", "--prompt", "-"]
+    monkeypatch.setattr(signal, "signal", lambda *handler: None)  # (main's SIGTERM handler: not this worker's)
+    for stdin, told in ((Terminal("Once upon a time\n"), True), (io.StringIO("Once upon a time\n"), False)):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert sample.main(args) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("Once upon a time") and out.count("-" * 40) == 1
+        assert ("sample.py: type a prompt and press Enter (Ctrl-D ends)" in err.splitlines()) == told, err
+
+
 def test_help_shows_every_default():
     sys.path.insert(0, str(ROOT))
     import sample
