@@ -247,9 +247,13 @@ class Trainer:
         self.max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(self.splits.train) / self.tokens_per_step))
 
         torch.manual_seed(opts.seed)  # same initial weights on every rank
-        self.raw = GPT2Model(cfg, impl=opts.impl).to(self.device)
-        if resume_ckpt is None and self.start_weights is not None:
-            self.raw.load_state_dict(self.start_weights)
+        if resume_ckpt is None and self.start_weights is None:
+            self.raw = GPT2Model(cfg, impl=opts.impl).to(self.device)
+        else:  # every weight comes from --init-from's source or, below, the restored checkpoint: none
+            # drawn (the gpt2 preset's 124M parameters: 0.02 s against 2.0 s on this project's CPU)
+            self.raw = GPT2Model.uninitialized(cfg, impl=opts.impl, device=self.device)
+            if resume_ckpt is None:
+                self.raw.load_state_dict(self.start_weights)
         self.optimizer = build_optimizer(self.raw, tc, self.device)
         # The optimizer update must never be torn by a second Ctrl-C: from here the step is committed.
         self.optimizer.register_step_pre_hook(self._enter_update)

@@ -97,8 +97,12 @@ def test_outputs_loss_and_one_flag_exact_resume(base_args, tmp_path, capsys, his
     assert torch.load(split / LAST_NAME, weights_only=True)["step"] == 10
     # One flag (+ the longer run): data, tokenizer, preset and every override come from the checkpoint.
     monkeypatch.delenv("GPT2_TOKENIZER_DIR", raising=False)
+    drawn = []  # initial weights drawn by the resumed run: none, the checkpoint has them all
+    real_normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: (drawn.append(t.shape), real_normal(t, *a, **k))[1])
     rc, out, err = run_main(["--resume", "--out-dir", str(split), "--max-steps", "20", "--no-progress"], capsys)
     assert rc == 0, err
+    assert drawn == []
     assert f"resuming at step 10 of {split / LAST_NAME}" in out and "from this command: --max-steps" in out
     hs = history(split)
     assert hs["val_losses"] == h["val_losses"]  # bitwise: same data, optimizer, RNG
