@@ -100,13 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.prompt = args.prompt or ["Once upon a time"]
     if "-" in args.prompt and len(args.prompt) > 1:
         parser.error("--prompt - reads every prompt from stdin: give no other --prompt")
+    args.from_stdin = args.prompt == ["-"]
     return args
 
 
 def prompt_groups(args):
     """The prompts to sample together: every --prompt at once, or with ``--prompt -`` each non-blank
     line of stdin as soon as it is read (typed, or piped from a file)."""
-    if args.prompt != ["-"]:
+    if not args.from_stdin:
         yield args.prompt
         return
     for line in sys.stdin:
@@ -166,11 +167,11 @@ def run(args) -> None:
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=tokenizer.eos_id, generator=generator)
     ctx = decoder.model.config.max_seq_length
-    rows = (f"{args.num_samples} for each line of stdin" if args.prompt == ["-"]
+    rows = (f"{args.num_samples} for each line of stdin" if args.from_stdin
             else len(args.prompt) * args.num_samples)
     print(f"sample.py: sampling {rows} x {args.max_new_tokens} tokens ({device}, "
           f"{decoder.summary}, impl={args.impl})", file=sys.stderr, flush=True)
-    if args.prompt == ["-"] and sys.stdin.isatty():  # someone typing: say that it waits, and for what
+    if args.from_stdin and sys.stdin.isatty():  # someone typing: say that it waits, and for what
         print("sample.py: type a prompt and press Enter (Ctrl-D ends)", file=sys.stderr, flush=True)
     seconds, tokens, numbered = 0.0, 0, 0  # sampling time (not stdin's), new tokens, prompts so far
     outs = []  # the current group's samples (new tokens), printed as they end
