@@ -577,6 +577,8 @@ def test_bad_input_one_line_exit_1(case, base_args, tmp_path, capsys, monkeypatc
     elif case in ("out_dir_under_a_file", "tensorboard_under_a_file"):  # found before the data is prepared
         (tmp_path / "notes.txt").write_text("mine")
         monkeypatch.setattr("gpt.data.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+        # The package check comes first: without tensorboard installed (a GPU image) it would answer instead.
+        monkeypatch.setattr("gpt.train.tensorboard_writer_class", lambda: None)
         args += (["--out-dir", str(tmp_path / "notes.txt" / "run")] if case == "out_dir_under_a_file"
                  else ["--tensorboard", str(tmp_path / "notes.txt" / "tb")])
     if case == "weight_decay_on":  # argparse's own one-line usage error, exit 2
