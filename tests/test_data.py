@@ -289,6 +289,16 @@ def test_cli(tmp_path, tokenizer_dir, texts, capsys):
     assert "does not hold vocab.json" in capsys.readouterr().err
 
 
+def test_cli_as_the_readme_runs_it(tmp_path, tokenizer_dir, texts):
+    """`python -m gpt.data ...` in a process of its own: its table and nothing on stderr (the package
+    once imported gpt.data itself, and runpy warned that it was imported already)."""
+    src = write_jsonl(tmp_path / "s.jsonl", texts[:40])
+    out = subprocess.run([sys.executable, "-m", "gpt.data", "--data", str(src), "--tokenizer", str(tokenizer_dir),
+                          "--cache-dir", str(tmp_path / "c"), "--quiet"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "" and "train:        28 stories" in out.stdout, out.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batches
 
