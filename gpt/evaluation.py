@@ -83,7 +83,7 @@ def run(args) -> dict:
     from gpt.data import prepare_data
     from gpt.errors import UserError
     from gpt.graphstep import GraphedEval
-    from gpt.hardware import default_dtype, host_memory_kept, tf32_matmuls
+    from gpt.hardware import default_dtype, host_memory_capped, host_memory_kept, tf32_matmuls
     from gpt.hf import load_pretrained
     from gpt.step import TEST_PROTOCOL, default_eval_batch, evaluate, evaluate_seed_protocol
     from gpt.tokenizer import get_tokenizer
@@ -115,7 +115,8 @@ def run(args) -> dict:
     context = model.config.max_seq_length
     batch = args.batch_size or default_eval_batch(16, context, device, args.max_tokens)
     forward = GraphedEval(model, device=device, dtype=dtype, batch_size=batch) if graphed else None
-    with tf32_matmuls(device), host_memory_kept(device):  # as train.py scores its runs: the same figures
+    # As train.py scores its runs (the same figures), and capped as its runs are.
+    with tf32_matmuls(device), host_memory_kept(device), host_memory_capped(device):
         scores = evaluate(model, tokens, context, batch, device, dtype, args.max_tokens,
                           forward=forward)  # under autocast
         seed = (evaluate_seed_protocol(model, tokens, batch, device, dtype, forward=forward)
@@ -140,6 +141,13 @@ def main(argv=None) -> int:
             atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     except (UserError, ValueError, OSError) as e:
         print(f"evaluate.py: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from gpt.hardware import is_out_of_memory, out_of_memory_line
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"evaluate.py: error: {out_of_memory_line(e)}: lower --batch-size", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("evaluate.py: interrupted", file=sys.stderr)

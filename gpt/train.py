@@ -29,13 +29,13 @@ import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from .checkpoint import load_checkpoint
 from .config import PRESETS, WEIGHT_DECAY_ON, GPTConfig, TrainConfig, get_preset
 from .errors import UserError
-from .hardware import CPU_DEFAULT_DTYPE, DTYPES, host_memory_kept, tf32_matmuls
+from .hardware import (CPU_DEFAULT_DTYPE, DTYPES, host_memory_capped, host_memory_kept, is_out_of_memory,
+                       out_of_memory_line, tf32_matmuls)
 from .ops import IMPLS, resolve_impl
 from .step import merge_factor
 from .trainer import (BEST_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, RunOptions, TrainError, Trainer,
@@ -384,7 +384,8 @@ def run(ns: argparse.Namespace) -> int:
         tensorboard_writer_class()
         _check_writable(Path(opts.tensorboard), "--tensorboard")
     trainer = Trainer(opts, model_cfg, tc, start_weights)
-    with tf32_matmuls(trainer.device), host_memory_kept(trainer.device):
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine
+    with tf32_matmuls(trainer.device), host_memory_kept(trainer.device), host_memory_capped(trainer.device, ranks_here):
         return _train(trainer, ck, ns, out)
 
 
@@ -434,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-        print(f"error: {first.split('. ')[0]}: lower --batch-size, --forward-tokens (0: one forward per "
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_line(e)}: lower --batch-size, --forward-tokens (0: one forward per "
               f"micro-batch) or --eval-batch-size; the checkpoints already written are kept (--resume "
               f"continues from {LAST_NAME})", file=sys.stderr)
         return 1

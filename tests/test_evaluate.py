@@ -93,6 +93,28 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, extra, message):
     assert capsys.readouterr().err.strip() == "evaluate.py: error: " + message.format(tmp=tmp_path)
 
 
+def test_running_out_of_memory_is_one_line(trained, capsys, monkeypatch):
+    """An allocation that fails mid-pass (the CPU cap of ``gpt.hardware.host_memory_capped``; CUDA's
+    likewise) is one line naming --batch-size, exit 1; another RuntimeError stays a traceback."""
+    out, _ = trained
+
+    def failing(error):
+        def evaluate(*args, **kwargs):
+            raise error
+        return evaluate
+
+    monkeypatch.setattr("gpt.step.evaluate", failing(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")))
+    assert main(["--model", str(out / BEST_NAME)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "evaluate.py: error: out of memory on the CPU (an allocation of 1,024 MiB failed; a run may use the memory "
+        "the machine had free when it started): lower --batch-size")
+    monkeypatch.setattr("gpt.step.evaluate", failing(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["--model", str(out / BEST_NAME)])
+
+
 def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none.pt")]) == 1
     assert capsys.readouterr().err.strip() == f"evaluate.py: error: {tmp_path / 'none.pt'}: no such checkpoint file or model directory"

@@ -6,9 +6,12 @@ directory, Ctrl-C, torchrun with a killed worker) are in test_train_cli.py.
 
 import math
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +402,54 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoints(base_args, tmp_path
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: CUDA out of memory: lower --batch-size, --forward-tokens"), lines[0]
     assert load_checkpoint(out_dir / LAST_NAME)["step"] == 5
+
+
+@pytest.mark.skipif(gpt.hardware.memory_available() is None, reason="Linux's MemAvailable")
+def test_a_cpu_run_larger_than_the_free_memory_is_one_line(base_args, tmp_path):
+    """A CPU run that needs more memory than the machine has free stops at the allocation that
+    crosses its cap, with one line and exit 1, instead of meeting the kernel's OOM killer (no
+    message) or swapping. The child process is told that 256 MiB are free; its step of 16,384 x 32
+    tokens needs more than 1 GB (64 MiB a (16,384, 32, 32) activation)."""
+    code = ("import sys, gpt.hardware as h; h.memory_available = lambda: 256 << 20; "
+            "from gpt.train import main; sys.exit(main(sys.argv[1:]))")
+    out_dir = tmp_path / "run"
+    args = base_args + ["--max-steps", "2", "--batch-size", "16384", "--out-dir", str(out_dir)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.match(r"error: out of memory on the CPU \(an allocation of \d+ MiB failed; a run may use the memory "
+                    r"the machine had free when it started\): lower --batch-size", lines[0]), lines[0]
+    assert not (out_dir / LAST_NAME).exists()
+
+
+@pytest.mark.skipif(gpt.hardware.memory_available() is None, reason="Linux's MemAvailable")
+def test_host_memory_cap_is_the_free_memory_for_the_block_only(monkeypatch):
+    """Inside the block an allocation beyond what was free fails as torch's allocator error
+    (recognised as out of memory); after it, the previous limit is back. A lower limit already set
+    stays, a GPU run's host memory is not capped, and ranks on one machine share what is free."""
+    import resource
+
+    from gpt.hardware import host_memory_capped, is_out_of_memory, out_of_memory_line
+
+    monkeypatch.setattr(gpt.hardware, "memory_available", lambda: 256 << 20)
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    with host_memory_capped("cpu", processes=2):
+        held = gpt.hardware._proc_kib("/proc/self/status", "VmData")
+        assert resource.getrlimit(resource.RLIMIT_DATA)[0] == pytest.approx(held + 0.9 * (128 << 20), abs=16 << 20)
+        with pytest.raises(RuntimeError) as failed:
+            torch.empty(256 << 20, dtype=torch.uint8)
+        assert is_out_of_memory(failed.value)
+        assert out_of_memory_line(failed.value).startswith("out of memory on the CPU (an allocation of 256 MiB failed")
+        small = torch.empty(16 << 20, dtype=torch.uint8).fill_(7)  # what fits still does
+        assert small[-1] == 7
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+    with host_memory_capped(torch.device("cuda")):  # a device object: no GPU needed
+        assert resource.getrlimit(resource.RLIMIT_DATA) == before
+    assert not is_out_of_memory(RuntimeError("could not create a primitive"))  # no cap reached
+    assert not is_out_of_memory(RuntimeError("the run failed"))
+    assert out_of_memory_line(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")) == \
+        "CUDA out of memory"
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(base_args, tmp_path, capsys, monkeypatch):
