@@ -89,8 +89,14 @@ def test_initial_weights_follow_gpt2s_scheme():
     config = GPTConfig(vocab_size=3001, max_seq_length=300, num_layers=4, num_heads=4, d_model=128, d_ff=512)
     torch.manual_seed(1)
     model = GPT2Model(config)
+    drawn = torch.get_rng_state()
     torch.manual_seed(1)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), GPT2Model(config).parameters()))
+    # One draw a weight matrix and no other (nn.Linear's own kaiming draws skipped): replaying
+    # them in order gives the first one (the token embedding) and leaves the generator where the model did.
+    torch.manual_seed(1)
+    replay = [torch.empty(p.shape).normal_(0.0, 0.02) for p in model.parameters() if p.dim() == 2]
+    assert torch.equal(replay[0], model.wte.weight) and torch.equal(torch.get_rng_state(), drawn)
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             assert torch.equal(p, torch.zeros_like(p)), name
@@ -123,10 +129,11 @@ def test_an_uninitialized_model_draws_nothing_and_loads_a_checkpoint_exactly(tmp
     with torch.no_grad():
         assert torch.equal(loaded(idx), saved(idx))
     code = ("import sys, torch; from gpt import GPT2Model, GPTConfig; "
-            "m = GPT2Model.uninitialized(GPTConfig(vocab_size=101, max_seq_length=8, num_layers=1, num_heads=2, "
-            "d_model=8, d_ff=16)); print(m.wte.weight.device, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+            "c = GPTConfig(vocab_size=101, max_seq_length=8, num_layers=1, num_heads=2, d_model=8, d_ff=16); "
+            "m, n = GPT2Model.uninitialized(c), GPT2Model(c); "
+            "print(m.wte.weight.device, n.wte.weight.device, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["cpu", "False", "False"]
+    assert out.split() == ["cpu", "cpu", "False", "False"]  # a new model's build too
 
 
 def test_config_dict_round_trip_and_presets():
