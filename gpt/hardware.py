@@ -150,13 +150,13 @@ def host_memory_capped(device: torch.device | str, processes: int = 1):
     once in ~20 runs with the cap set just under a run's need (SDPA's CPU kernel, a segmentation
     fault), where without the cap the OOM killer's SIGKILL would have come instead.
     """
-    import resource
-
     free = memory_available() if torch.device(device).type == "cpu" else None
     held = _proc_kib("/proc/self/status", "VmData")
     if free is None or held is None:
         yield
         return
+    import resource  # (Unix only: imported where /proc says this is Linux)
+
     before = soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     cap = held + int(free * CPU_MEMORY_SHARE) // max(1, processes)
     if hard != resource.RLIM_INFINITY:
@@ -184,11 +184,13 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def _at_data_limit(margin: int = 64 << 20) -> bool:
     """Whether this process's private memory is within ``margin`` bytes of its RLIMIT_DATA."""
+    held = _proc_kib("/proc/self/status", "VmData")
+    if held is None:  # not Linux
+        return False
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    held = _proc_kib("/proc/self/status", "VmData")
-    return soft != resource.RLIM_INFINITY and held is not None and held > soft - margin
+    return soft != resource.RLIM_INFINITY and held > soft - margin
 
 
 def out_of_memory_line(error: BaseException) -> str:

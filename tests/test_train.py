@@ -426,8 +426,9 @@ def test_a_cpu_run_larger_than_the_free_memory_is_one_line(base_args, tmp_path):
 @pytest.mark.skipif(gpt.hardware.memory_available() is None, reason="Linux's MemAvailable")
 def test_host_memory_cap_is_the_free_memory_for_the_block_only(monkeypatch):
     """Inside the block an allocation beyond what was free fails as torch's allocator error
-    (recognised as out of memory); after it, the previous limit is back. A lower limit already set
-    stays, a GPU run's host memory is not capped, and ranks on one machine share what is free."""
+    (recognised as out of memory, as is oneDNN's failure near the cap); after it, the previous limit
+    is back. A lower limit already set stays, a GPU run's host memory is not capped, and ranks on
+    one machine share what is free."""
     import resource
 
     from gpt.hardware import host_memory_capped, is_out_of_memory, out_of_memory_line
@@ -443,10 +444,22 @@ def test_host_memory_cap_is_the_free_memory_for_the_block_only(monkeypatch):
         assert out_of_memory_line(failed.value).startswith("out of memory on the CPU (an allocation of 256 MiB failed")
         small = torch.empty(16 << 20, dtype=torch.uint8).fill_(7)  # what fits still does
         assert small[-1] == 7
+        assert not is_out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN, far from the cap
+        near = torch.empty(72 << 20, dtype=torch.uint8)  # now within 64 MiB of it
+        assert is_out_of_memory(RuntimeError("could not create a primitive"))
+        del near
     assert resource.getrlimit(resource.RLIMIT_DATA) == before
     with host_memory_capped(torch.device("cuda")):  # a device object: no GPU needed
         assert resource.getrlimit(resource.RLIMIT_DATA) == before
-    assert not is_out_of_memory(RuntimeError("could not create a primitive"))  # no cap reached
+    lower = (gpt.hardware._proc_kib("/proc/self/status", "VmData") + (64 << 20), before[1])
+    resource.setrlimit(resource.RLIMIT_DATA, lower)
+    try:
+        with host_memory_capped("cpu"):
+            assert resource.getrlimit(resource.RLIMIT_DATA) == lower
+        assert resource.getrlimit(resource.RLIMIT_DATA) == lower
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, before)
+    assert not is_out_of_memory(RuntimeError("could not create a primitive"))  # no cap
     assert not is_out_of_memory(RuntimeError("the run failed"))
     assert out_of_memory_line(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")) == \
         "CUDA out of memory"
