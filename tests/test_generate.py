@@ -52,10 +52,14 @@ def windowed_greedy(model, prompt, new_tokens):
 
 
 def test_cached_logits_and_greedy_tokens_match_full_recompute():
-    model = spread_model()
-    prompt = torch.randint(0, EOS, (13,)).tolist()
-    want, want_logits = windowed_greedy(model, prompt, 20)
-    assert len(set(want)) >= 3  # a non-degenerate continuation
+    for seed in range(8):  # the first model whose greedy continuation is not degenerate (which one
+        model = spread_model(seed=seed)  # it is depends on torch's random streams: 2.11's differ)
+        prompt = torch.randint(0, EOS, (13,)).tolist()
+        want, want_logits = windowed_greedy(model, prompt, 20)
+        if len(set(want)) >= 3:
+            break
+    else:
+        pytest.fail("every model's greedy continuation repeats one or two tokens")
     dec = Decoder(model)
     cache = dec.new_cache(1, 40, padded=False)
     with torch.no_grad(), dec.running():
