@@ -196,8 +196,9 @@ def _at_data_limit(margin: int = 64 << 20) -> bool:
 def out_of_memory_line(error: BaseException) -> str:
     """What ran out, in a few words: CUDA's first sentence, or the CPU allocation that did not fit
     (``host_memory_capped``)."""
-    if isinstance(error, torch.OutOfMemoryError) and str(error).strip():
-        return str(error).strip().splitlines()[0].split(". ")[0]
+    if isinstance(error, torch.OutOfMemoryError):
+        text = str(error).strip()
+        return text.splitlines()[0].split(". ")[0] if text else "out of memory"
     tried = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error))
     size = f"an allocation of {int(tried.group(1)) / 2**20:,.0f} MiB failed; " if tried else ""
     return f"out of memory on the CPU ({size}a run may use the memory the machine had free when it started)"
