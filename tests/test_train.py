@@ -423,31 +423,42 @@ def test_a_cpu_run_larger_than_the_free_memory_is_one_line(base_args, tmp_path):
     assert not (out_dir / LAST_NAME).exists()
 
 
+# Run in a fresh process: in a longer one (the tests) freed heap memory that glibc keeps can serve
+# an allocation without growing the process, so it would not meet the cap.
+CAPPED_ALLOCATIONS = """
+import resource, torch, pytest
+import gpt.hardware as h
+h.memory_available = lambda: 256 << 20
+with h.host_memory_capped("cpu", processes=2):  # 90% of 256 MiB, shared by 2 ranks: ~115 MiB to grow by
+    held = h._proc_kib("/proc/self/status", "VmData")
+    assert resource.getrlimit(resource.RLIMIT_DATA)[0] == pytest.approx(held + 0.9 * (128 << 20), abs=16 << 20)
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(256 << 20, dtype=torch.uint8)
+    assert h.is_out_of_memory(failed.value)
+    assert h.out_of_memory_line(failed.value).startswith("out of memory on the CPU (an allocation of 256 MiB failed")
+    small = torch.empty(16 << 20, dtype=torch.uint8).fill_(7)  # what fits still does
+    assert small[-1] == 7
+    assert not h.is_out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN, far from the cap
+    near = torch.empty(72 << 20, dtype=torch.uint8)  # now within 64 MiB of it
+    assert h.is_out_of_memory(RuntimeError("could not create a primitive"))
+"""
+
+
 @pytest.mark.skipif(gpt.hardware.memory_available() is None, reason="Linux's MemAvailable")
-def test_host_memory_cap_is_the_free_memory_for_the_block_only(monkeypatch):
+def test_host_memory_cap_is_the_free_memory_for_the_block_only():
     """Inside the block an allocation beyond what was free fails as torch's allocator error
-    (recognised as out of memory, as is oneDNN's failure near the cap); after it, the previous limit
-    is back. A lower limit already set stays, a GPU run's host memory is not capped, and ranks on
-    one machine share what is free."""
+    (recognised as out of memory, as is oneDNN's failure near the cap), and ranks on one machine
+    share what is free (in a child process: ``CAPPED_ALLOCATIONS``); after it, the previous limit
+    is back. A lower limit already set stays, and a GPU run's host memory is not capped."""
     import resource
 
     from gpt.hardware import host_memory_capped, is_out_of_memory, out_of_memory_line
 
-    monkeypatch.setattr(gpt.hardware, "memory_available", lambda: 256 << 20)
+    done = subprocess.run([sys.executable, "-c", CAPPED_ALLOCATIONS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
     before = resource.getrlimit(resource.RLIMIT_DATA)
-    with host_memory_capped("cpu", processes=2):
-        held = gpt.hardware._proc_kib("/proc/self/status", "VmData")
-        assert resource.getrlimit(resource.RLIMIT_DATA)[0] == pytest.approx(held + 0.9 * (128 << 20), abs=16 << 20)
-        with pytest.raises(RuntimeError) as failed:
-            torch.empty(256 << 20, dtype=torch.uint8)
-        assert is_out_of_memory(failed.value)
-        assert out_of_memory_line(failed.value).startswith("out of memory on the CPU (an allocation of 256 MiB failed")
-        small = torch.empty(16 << 20, dtype=torch.uint8).fill_(7)  # what fits still does
-        assert small[-1] == 7
-        assert not is_out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN, far from the cap
-        near = torch.empty(72 << 20, dtype=torch.uint8)  # now within 64 MiB of it
-        assert is_out_of_memory(RuntimeError("could not create a primitive"))
-        del near
+    with host_memory_capped("cpu"):
+        assert resource.getrlimit(resource.RLIMIT_DATA)[0] != before[0]
     assert resource.getrlimit(resource.RLIMIT_DATA) == before
     with host_memory_capped(torch.device("cuda")):  # a device object: no GPU needed
         assert resource.getrlimit(resource.RLIMIT_DATA) == before
