@@ -16,7 +16,8 @@ The protocol is train.py's: the split's stories packed with one EOS between them
 model's context, every real token scored once, no padding (``gpt.step.TEST_PROTOCOL``).
 ``--seed-protocol`` adds the seed's (stories padded to 256 with EOS, padding counted), for
 comparison with the seed's reported figures. On CUDA the forward is replayed from a CUDA graph
-(``--no-cuda-graph``: eager), as train.py's validation and test passes are. Bad input is one line on
+(``--no-cuda-graph``: eager), as train.py's validation and test passes are. Each pass shows a progress
+bar with an ETA on stderr, as train.py's do (``--no-progress`` hides them). Bad input is one line on
 stderr and exit code 1.
 """
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the forward from a CUDA graph, one per window length, captured at its second "
                         "batch (gpt.graphstep.GraphedEval; default: on CUDA)")
     p.add_argument("--json", metavar="PATH", help="also write the scores to this JSON file")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bars (on stderr, with an ETA: tokenizing a new data source, each pass)")
     return p
 
 
@@ -108,7 +111,7 @@ def run(args) -> dict:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     splits = prepare_data(opts["data"], tokenizer, cache_dir=opts["cache_dir"], num_stories=opts["num_stories"],
-                          progress=False)
+                          progress=args.progress)
     tokens = getattr(splits, args.split)
     model.impl = args.impl
     model = model.to(device)
@@ -118,8 +121,9 @@ def run(args) -> dict:
     # As train.py scores its runs (the same figures), and capped as its runs are.
     with tf32_matmuls(device), host_memory_kept(device), host_memory_capped(device):
         scores = evaluate(model, tokens, context, batch, device, dtype, args.max_tokens,
-                          forward=forward)  # under autocast
-        seed = (evaluate_seed_protocol(model, tokens, batch, device, dtype, forward=forward)
+                          desc=args.split if args.progress else None, forward=forward)  # under autocast
+        seed = (evaluate_seed_protocol(model, tokens, batch, device, dtype, forward=forward,
+                                       desc=f"{args.split}, the seed's protocol" if args.progress else None)
                 if args.seed_protocol else None)
     result = {"model": args.model, "split": args.split, **scores, "protocol": TEST_PROTOCOL,
               "data": splits.meta.get("source"), "num_stories": opts["num_stories"], "context": context,

@@ -93,6 +93,21 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, extra, message):
     assert capsys.readouterr().err.strip() == "evaluate.py: error: " + message.format(tmp=tmp_path)
 
 
+def test_progress_bars_on_stderr_unless_hidden(trained, tmp_path, capsys):
+    """Each pass has a progress bar on stderr (train.py's kind), named after the split; the
+    results on stdout are the same with --no-progress, which leaves stderr empty."""
+    out, _ = trained
+    model = ["--model", str(out / BEST_NAME), "--dtype", "fp32", "--max-tokens", "300"]
+    assert main(model) == 0
+    shown = capsys.readouterr()
+    assert "test: " in shown.err and "batch/s" in shown.err
+    assert main(model + ["--no-progress", "--split", "val"]) == 0
+    hidden = capsys.readouterr()
+    assert hidden.err == "" and hidden.out.startswith("val perplexity")
+    assert main(model + ["--no-progress"]) == 0
+    assert capsys.readouterr().out == shown.out
+
+
 def test_running_out_of_memory_is_one_line(trained, capsys, monkeypatch):
     """An allocation that fails mid-pass (the CPU cap of ``gpt.hardware.host_memory_capped``; CUDA's
     likewise) is one line naming --batch-size, exit 1; another RuntimeError stays a traceback."""
