@@ -413,7 +413,7 @@ def test_a_cpu_run_larger_than_the_free_memory_is_one_line(base_args, tmp_path):
     code = ("import sys, gpt.hardware as h; h.memory_available = lambda: 256 << 20; "
             "from gpt.train import main; sys.exit(main(sys.argv[1:]))")
     out_dir = tmp_path / "run"
-    args = base_args + ["--max-steps", "2", "--batch-size", "16384", "--out-dir", str(out_dir)]
+    args = base_args + ["--device", "cpu", "--max-steps", "2", "--batch-size", "16384", "--out-dir", str(out_dir)]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     lines = done.stderr.strip().splitlines()
