@@ -385,17 +385,20 @@ def reference_distribution(logits, temperature, top_k, top_p):
     return torch.zeros_like(p).scatter(-1, order, sorted_p), torch.zeros_like(boundary).scatter(-1, order, boundary)
 
 
+@pytest.mark.parametrize("rows", [3, 1])  # a batch, and batch 1 (sample.py's default)
 @pytest.mark.parametrize("spread", [0.5, 3.0])  # a wide nucleus (hundreds of tokens) and a narrow one
-def test_sampling_distribution_is_the_documented_one(spread):
+def test_sampling_distribution_is_the_documented_one(spread, rows):
     from gpt.generate import sampling_distribution
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5000, generator=g) * spread
+    logits = torch.randn(rows, 5000, generator=g) * spread
     for temperature in (0.7, 1.5):
         for top_k in (0, 5, 300):
             for top_p in (1.0, 0.5, 0.9, 0.99):
                 probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
-                got = probs.double() if ids is None else torch.zeros(3, 5000, dtype=torch.float64).scatter(
+                if ids is not None:  # candidates sorted by descending probability
+                    assert bool((probs[:, :-1] >= probs[:, 1:]).all())
+                got = probs.double() if ids is None else torch.zeros(rows, 5000, dtype=torch.float64).scatter(
                     -1, ids, probs.double())
                 want, boundary = reference_distribution(logits, temperature, top_k, top_p)
                 assert boundary.float().mean() < 0.01  # the comparison leaves out few tokens
