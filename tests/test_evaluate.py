@@ -93,7 +93,7 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, extra, message):
     assert capsys.readouterr().err.strip() == "evaluate.py: error: " + message.format(tmp=tmp_path)
 
 
-def test_progress_bars_on_stderr_unless_hidden(trained, tmp_path, capsys):
+def test_progress_bars_on_stderr_unless_hidden(trained, capsys):
     """Each pass has a progress bar on stderr (train.py's kind), named after the split; the
     results on stdout are the same with --no-progress, which leaves stderr empty."""
     out, _ = trained
